@@ -1,0 +1,65 @@
+"""Chunk compression: zstd, or the bytes as they are when zstd does not pay.
+
+Compressors are not thread-safe, so each thread keeps its own (thread-local);
+python-zstandard releases the GIL while it works, which is what lets the
+backup pipeline compress on every core.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import zstandard
+
+from chunkstore.errors import IntegrityError
+
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+CODEC_NAMES = {CODEC_RAW: "raw", CODEC_ZSTD: "zstd"}
+
+
+class Codec:
+    """Compresses and decompresses chunks at one store's zstd level."""
+
+    def __init__(self, level: int):
+        self.level = level
+        self._local = threading.local()
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "c", None)
+        if c is None:
+            # Content size in the frame lets decompress() size its output
+            # exactly; no checksum, the pack record carries one already.
+            c = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+            self._local.c = c
+        return c
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        d = getattr(self._local, "d", None)
+        if d is None:
+            d = zstandard.ZstdDecompressor()
+            self._local.d = d
+        return d
+
+    def encode(self, raw) -> tuple[int, bytes]:
+        """(codec, payload).  Stored raw unless zstd saves at least 1/32."""
+        n = len(raw)
+        packed = self._compressor().compress(raw)
+        if len(packed) > n - (n >> 5):
+            return CODEC_RAW, bytes(raw)
+        return CODEC_ZSTD, packed
+
+    def decode(self, codec: int, payload, raw_len: int) -> bytes:
+        if codec == CODEC_RAW:
+            if len(payload) != raw_len:
+                raise IntegrityError(f"raw chunk holds {len(payload)} bytes, header says {raw_len}")
+            return bytes(payload)
+        if codec == CODEC_ZSTD:
+            try:
+                out = self._decompressor().decompress(payload, max_output_size=raw_len)
+            except zstandard.ZstdError as e:
+                raise IntegrityError(f"zstd frame does not decompress: {e}") from None
+            if len(out) != raw_len:
+                raise IntegrityError(f"chunk decompressed to {len(out)} bytes, header says {raw_len}")
+            return out
+        raise IntegrityError(f"unknown codec {codec}")

@@ -1,0 +1,158 @@
+"""The store's config file: the settings fixed when a store is created.
+
+``config.json`` is the one file a reader needs before anything else: it names
+the format version (so an old binary refuses a newer store instead of
+misreading it), the chunk size, the digest kind with its per-store seed and
+the compression level.  It is written once, atomically, by ``init``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass
+
+from chunkstore.errors import ConfigError, FormatVersionError, NotAStoreError
+
+FORMAT_NAME = "blockvault-store"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+
+DIGEST_KINDS = ("xxh3-128", "sha256")
+MIN_CHUNK_SIZE = 64 << 10
+MAX_CHUNK_SIZE = 8 << 20
+DEFAULT_CHUNK_SIZE = 1 << 20
+DEFAULT_COMPRESSION_LEVEL = 3
+# Packs are sealed near this size: large enough to amortise per-file costs,
+# small enough to be one object in S3-compatible storage later.
+DEFAULT_PACK_TARGET = 32 << 20
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    store_id: str
+    chunk_size: int
+    digest: str
+    seed: int
+    compression_level: int
+    pack_target_size: int = DEFAULT_PACK_TARGET
+    created: float = 0.0
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+
+    @classmethod
+    def new(
+        cls,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        digest: str = "xxh3-128",
+        compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+        pack_target_size: int = DEFAULT_PACK_TARGET,
+    ) -> "StoreConfig":
+        cfg = cls(
+            store_id=secrets.token_hex(16),
+            chunk_size=chunk_size,
+            digest=digest,
+            seed=secrets.randbits(64),
+            compression_level=compression_level,
+            pack_target_size=pack_target_size,
+            created=time.time(),
+        )
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        cs = self.chunk_size
+        if not isinstance(cs, int) or cs < MIN_CHUNK_SIZE or cs > MAX_CHUNK_SIZE or cs & (cs - 1):
+            raise ConfigError(
+                f"chunk size {cs} is not a power of two between 64K and 8M; "
+                "pick one of 64K, 128K, 256K, 512K, 1M, 2M, 4M, 8M"
+            )
+        if self.digest not in DIGEST_KINDS:
+            raise ConfigError(f"digest {self.digest!r} is unknown; use one of {', '.join(DIGEST_KINDS)}")
+        if not isinstance(self.compression_level, int) or not -7 <= self.compression_level <= 22:
+            raise ConfigError(f"zstd compression level {self.compression_level} is outside -7..22")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 64:
+            raise ConfigError("store seed must be a 64-bit unsigned integer")
+        if not isinstance(self.pack_target_size, int) or self.pack_target_size < 1 << 20:
+            raise ConfigError("pack target size must be at least 1 MiB")
+
+    def to_json(self) -> str:
+        doc = asdict(self)
+        doc["seed"] = f"{self.seed:016x}"
+        return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def load(cls, store_path: str) -> "StoreConfig":
+        path = os.path.join(store_path, CONFIG_FILE)
+        if not os.path.isdir(store_path):
+            raise NotAStoreError(f"{store_path}: no such directory; create a store with 'blockvault init {store_path}'")
+        try:
+            with open(path, "rb") as f:
+                doc = json.loads(f.read())
+        except FileNotFoundError:
+            raise NotAStoreError(
+                f"{store_path} is not a blockvault store (no {CONFIG_FILE}); "
+                f"create one with 'blockvault init DIR' or point at an existing store"
+            ) from None
+        except (OSError, ValueError) as e:
+            raise NotAStoreError(f"{path}: unreadable store config: {e}") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+            raise NotAStoreError(f"{path} is not a blockvault store config")
+        version = doc.get("version")
+        if version != FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{store_path} has store format version {version!r}, this blockvault reads version "
+                f"{FORMAT_VERSION}; use a blockvault release that supports it"
+            )
+        try:
+            cfg = cls(
+                store_id=str(doc["store_id"]),
+                chunk_size=int(doc["chunk_size"]),
+                digest=str(doc["digest"]),
+                seed=int(doc["seed"], 16),
+                compression_level=int(doc["compression_level"]),
+                pack_target_size=int(doc.get("pack_target_size", DEFAULT_PACK_TARGET)),
+                created=float(doc.get("created", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise NotAStoreError(f"{path}: malformed store config ({e})") from None
+        cfg.validate()
+        return cfg
+
+    def save(self, store_path: str) -> None:
+        path = os.path.join(store_path, CONFIG_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(self.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(store_path)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory entry (a created or renamed file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def parse_size(text: str) -> int:
+    """'64K', '1M', '1048576' → bytes (binary units)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    mult = 1
+    if t and t[-1] in units:
+        mult = units[t[-1]]
+        t = t[:-1]
+    try:
+        value = int(t) * mult
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a size; write it like 64K, 1M or 1048576") from None
+    if value < 0:
+        raise ConfigError(f"{text!r} is negative")
+    return value

@@ -1,0 +1,42 @@
+"""The ways a chunk store can refuse or fail.
+
+One root, ``StoreError``, so the CLI can turn every expected failure into a
+message and an exit code; everything else is a bug and keeps its traceback.
+Messages name the store, the object and the cause, and say what to do.
+"""
+
+
+class StoreError(Exception):
+    """Base of every expected chunk-store failure."""
+
+    exit_code = 1
+
+
+class NotAStoreError(StoreError):
+    """The directory holds no blockvault store."""
+
+
+class FormatVersionError(StoreError):
+    """The store was written by a newer (or unknown) format version."""
+
+
+class StoreExistsError(StoreError):
+    """init was pointed at a directory that is not empty."""
+
+
+class StoreLockedError(StoreError):
+    """Another writer holds the store."""
+
+    exit_code = 4
+
+
+class ChunkNotFound(StoreError):
+    """A digest that the index does not know."""
+
+
+class IntegrityError(StoreError):
+    """Bytes at rest do not match their checksum, digest or framing."""
+
+
+class ConfigError(StoreError):
+    """A store setting out of range or malformed."""

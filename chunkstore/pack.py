@@ -1,0 +1,263 @@
+"""Pack files: append-only containers of chunk records.
+
+Many chunks share one file so the store holds tens of files, not millions,
+and so a pack can later become one object in S3-compatible storage.  Every
+record carries its own header (digest, sizes, codec, checksums), which makes
+three things possible without the index: reading one chunk by itself from
+its offset (restores, later NBD access), rebuilding the index from the packs
+alone, and telling a torn tail left by a crash from good data.
+
+A pack is written by one session only, under a random name, and sealed with
+a trailer record when it is full or the session ends; sealed packs are never
+written again.  The byte layout is in docs/FORMAT.md ("Pack files").
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import xxhash
+
+from chunkstore.config import fsync_dir
+from chunkstore.digest import DIGEST_FIELD
+from chunkstore.errors import IntegrityError
+
+PACK_MAGIC = b"BVLTPACK"
+PACK_VERSION = 1
+# magic, version, reserved, store id, pack id, created (unix s), header checksum
+PACK_HEADER = struct.Struct("<8sII16s16sQQ")
+RECORD_MAGIC = b"BVCK"
+TRAILER_MAGIC = b"BVND"
+# magic, codec, digest length, reserved, raw length, stored length,
+# digest (zero padded), payload checksum, header checksum
+RECORD_HEADER = struct.Struct("<4sBBHII32sQQ")
+assert PACK_HEADER.size == 64 and RECORD_HEADER.size == 64
+RECORD_HEADER_SIZE = RECORD_HEADER.size
+MAX_PAYLOAD = 16 << 20  # above any chunk size: a larger length is corruption
+
+
+def _check64(data) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def pack_relpath(pack_id: bytes) -> str:
+    h = pack_id.hex()
+    return os.path.join("packs", h[:2], h + ".pack")
+
+
+def encode_pack_header(store_id: bytes, pack_id: bytes) -> bytes:
+    body = PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, 0, store_id, pack_id, int(time.time()), 0)
+    return body[:56] + struct.pack("<Q", _check64(body[:56]))
+
+
+def decode_pack_header(data: bytes, where: str) -> tuple[bytes, bytes]:
+    """(store id, pack id) of a pack header, or IntegrityError."""
+    if len(data) < PACK_HEADER.size:
+        raise IntegrityError(f"{where}: pack header truncated ({len(data)} bytes)")
+    magic, version, _, store_id, pack_id, _, check = PACK_HEADER.unpack_from(data)
+    if magic != PACK_MAGIC:
+        raise IntegrityError(f"{where}: not a blockvault pack (bad magic)")
+    if check != _check64(data[:56]):
+        raise IntegrityError(f"{where}: pack header checksum mismatch")
+    if version != PACK_VERSION:
+        raise IntegrityError(f"{where}: pack format version {version} is not supported")
+    return store_id, pack_id
+
+
+def encode_record(digest: bytes, codec: int, raw_len: int, payload) -> bytes:
+    head = RECORD_HEADER.pack(
+        RECORD_MAGIC, codec, len(digest), 0, raw_len, len(payload),
+        digest.ljust(DIGEST_FIELD, b"\0"), _check64(payload), 0,
+    )
+    return head[:56] + struct.pack("<Q", _check64(head[:56]))
+
+
+def encode_trailer(chunk_count: int) -> bytes:
+    head = RECORD_HEADER.pack(TRAILER_MAGIC, 0, 0, 0, chunk_count, 0, bytes(DIGEST_FIELD), 0, 0)
+    return head[:56] + struct.pack("<Q", _check64(head[:56]))
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    magic: bytes
+    codec: int
+    digest: bytes
+    raw_len: int
+    stored_len: int
+    payload_check: int
+
+
+def decode_record_header(data, where: str) -> RecordHeader:
+    """Parse and check one 64-byte record header; IntegrityError when it is not one."""
+    if len(data) < RECORD_HEADER_SIZE:
+        raise IntegrityError(f"{where}: record header truncated")
+    magic, codec, dlen, _, raw_len, stored_len, digest, pcheck, hcheck = RECORD_HEADER.unpack_from(data)
+    if magic not in (RECORD_MAGIC, TRAILER_MAGIC):
+        raise IntegrityError(f"{where}: no record here (bad magic)")
+    if hcheck != _check64(bytes(data[:56])):
+        raise IntegrityError(f"{where}: record header checksum mismatch")
+    if dlen > DIGEST_FIELD or stored_len > MAX_PAYLOAD or (magic == RECORD_MAGIC and raw_len > MAX_PAYLOAD):
+        raise IntegrityError(f"{where}: record header has impossible sizes")
+    return RecordHeader(magic, codec, digest[:dlen], raw_len, stored_len, pcheck)
+
+
+def check_payload(header: RecordHeader, payload, where: str) -> None:
+    if len(payload) != header.stored_len:
+        raise IntegrityError(f"{where}: payload truncated ({len(payload)} of {header.stored_len} bytes)")
+    if _check64(payload) != header.payload_check:
+        raise IntegrityError(f"{where}: payload checksum mismatch")
+
+
+class PackWriter:
+    """Appends records to one new pack file; owned by one thread of one session.
+
+    Nothing written here is referenced until the session commits its index
+    entries, and ``sync()`` must have returned before that commit: that is
+    the ordering that keeps the index from ever pointing at lost bytes.
+    """
+
+    def __init__(self, store_path: str, store_id: bytes):
+        self.pack_id = os.urandom(16)
+        self.relpath = pack_relpath(self.pack_id)
+        self.path = os.path.join(store_path, self.relpath)
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, exist_ok=True)
+        self._dir = directory
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._buf: list[bytes] = []
+        self._buffered = 0
+        self.size = 0
+        self.chunk_count = 0
+        self.sealed = False
+        self._dir_synced = False
+        self._append(encode_pack_header(store_id, self.pack_id))
+
+    def _append(self, data) -> None:
+        self._buf.append(data)
+        self._buffered += len(data)
+        self.size += len(data)
+        if self._buffered >= 4 << 20:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buf:
+            data = b"".join(self._buf)
+            self._buf.clear()
+            self._buffered = 0
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+
+    def add(self, digest: bytes, codec: int, raw_len: int, payload) -> int:
+        """Append one chunk; returns the record's offset in the pack."""
+        offset = self.size
+        self._append(encode_record(digest, codec, raw_len, payload))
+        self._append(payload)
+        self.chunk_count += 1
+        return offset
+
+    def seal(self) -> None:
+        """Write the trailer; the pack is immutable from here on."""
+        if not self.sealed:
+            self._append(encode_trailer(self.chunk_count))
+            self.sealed = True
+
+    def sync(self) -> None:
+        """Make every appended byte (and the file's name) durable."""
+        self._flush()
+        os.fsync(self._fd)
+        if not self._dir_synced:
+            fsync_dir(self._dir)
+            self._dir_synced = True
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._flush()
+            os.close(self._fd)
+            self._fd = -1
+
+    def discard(self) -> None:
+        """Close and delete: for a session that ends without committing."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+@dataclass(frozen=True)
+class ScannedRecord:
+    offset: int
+    header: RecordHeader
+
+
+@dataclass
+class PackScan:
+    """What a sequential read of a pack found."""
+
+    pack_id: bytes
+    size: int
+    records: list
+    sealed: bool = False
+    torn_at: int | None = None  # offset of the first byte that is not a good record
+    problem: str = ""
+
+
+def scan_pack(path: str, check_payloads: bool = True) -> PackScan:
+    """Walk a pack from its header; stop at the trailer or the first bad record.
+
+    A crash can leave a partial record at the end of an unsealed pack: the
+    scan reports where good data ends (``torn_at``) and ignores the rest.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(PACK_HEADER.size)
+        _, pack_id = decode_pack_header(head, path)
+        scan = PackScan(pack_id=pack_id, size=size, records=[])
+        pos = PACK_HEADER.size
+        while pos < size:
+            f.seek(pos)
+            raw = f.read(RECORD_HEADER_SIZE)
+            try:
+                hdr = decode_record_header(raw, f"{path}@{pos}")
+            except IntegrityError as e:
+                scan.torn_at, scan.problem = pos, str(e)
+                break
+            if hdr.magic == TRAILER_MAGIC:
+                scan.sealed = True
+                if hdr.raw_len != len(scan.records):
+                    scan.problem = f"trailer counts {hdr.raw_len} chunks, found {len(scan.records)}"
+                break
+            if pos + RECORD_HEADER_SIZE + hdr.stored_len > size:
+                scan.torn_at, scan.problem = pos, f"{path}@{pos}: record runs past the end of the file"
+                break
+            if check_payloads:
+                payload = f.read(hdr.stored_len)
+                try:
+                    check_payload(hdr, payload, f"{path}@{pos}")
+                except IntegrityError as e:
+                    scan.torn_at, scan.problem = pos, str(e)
+                    break
+            scan.records.append(ScannedRecord(pos, hdr))
+            pos += RECORD_HEADER_SIZE + hdr.stored_len
+    return scan
+
+
+def iter_pack_paths(store_path: str) -> Iterator[str]:
+    root = os.path.join(store_path, "packs")
+    if not os.path.isdir(root):
+        return
+    for sub in sorted(os.listdir(root)):
+        d = os.path.join(root, sub)
+        if not os.path.isdir(d):
+            continue
+        for name in sorted(os.listdir(d)):
+            if name.endswith(".pack"):
+                yield os.path.join(d, name)

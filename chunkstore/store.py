@@ -1,0 +1,272 @@
+"""ChunkStore: a directory of packs, one LMDB environment, one config.
+
+Layout (docs/FORMAT.md has the bytes)::
+
+    STORE/config.json      format version, chunk size, digest kind + seed, zstd level
+    STORE/lock             flock'ed by the one writer
+    STORE/index/           LMDB environment: the chunk index and, in databases
+                           of their own, whatever the layer above keeps
+    STORE/packs/XX/ID.pack pack files, XX = first byte of ID in hex
+
+The LMDB environment is shared with the engine on purpose: a backup's new
+index entries, its manifest and its catalog entry commit in one LMDB
+transaction, after the pack bytes they point at are durable.  That single
+commit is what makes a backup appear whole or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Callable, Iterable
+
+import lmdb
+
+from chunkstore.codec import Codec
+from chunkstore.config import StoreConfig, fsync_dir
+from chunkstore.digest import Digester
+from chunkstore.errors import (ChunkNotFound, IntegrityError, NotAStoreError, StoreError,
+                               StoreExistsError)
+from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry, PackInfo
+from chunkstore.lock import WriterLock
+from chunkstore.pack import (RECORD_HEADER_SIZE, PackWriter, check_payload, decode_record_header,
+                             pack_relpath)
+
+INDEX_DIR = "index"
+# Address space only: LMDB grows the file as data arrives.
+MAP_SIZE = 1 << 40
+MAX_DBS = 16
+
+
+class ChunkStore:
+    """A content-addressed store of chunks.  Thread-safe for reads."""
+
+    def __init__(self, path: str, config: StoreConfig, env: lmdb.Environment):
+        self.path = path
+        self.config = config
+        self.env = env
+        self.digester = Digester.for_config(config)
+        self.codec = Codec(config.compression_level)
+        self.chunk_size = config.chunk_size
+        self.store_id = bytes.fromhex(config.store_id)
+        self._dbs: dict[bytes, object] = {}
+        self._fds: dict[bytes, int] = {}
+        self._fd_lock = threading.Lock()
+        self.chunks_db = self.db(CHUNKS_DB)
+        self.packs_db = self.db(PACKS_DB)
+        self.meta_db = self.db(META_DB)
+
+    # -- opening ---------------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: str, **settings) -> "ChunkStore":
+        """Create a store in an empty (or missing) directory."""
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                raise StoreExistsError(f"{path} exists and is not a directory")
+            if os.listdir(path):
+                raise StoreExistsError(f"{path} is not empty; init needs a new or empty directory")
+        cfg = StoreConfig.new(**settings)
+        os.makedirs(os.path.join(path, "packs"), exist_ok=True)
+        env = _open_env(path, create=True)
+        store = cls(path, cfg, env)
+        # The config goes last: a directory without one is not a store, so a
+        # crash during init leaves nothing that looks half-made.
+        cfg.save(path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+        return store
+
+    @classmethod
+    def open(cls, path: str) -> "ChunkStore":
+        cfg = StoreConfig.load(path)
+        if not os.path.isdir(os.path.join(path, INDEX_DIR)):
+            raise NotAStoreError(f"{path}: store index directory '{INDEX_DIR}' is missing")
+        env = _open_env(path, create=False)
+        return cls(path, cfg, env)
+
+    def db(self, name: bytes):
+        """A named LMDB database of this store's environment (created on first use)."""
+        handle = self._dbs.get(name)
+        if handle is None:
+            handle = self.env.open_db(name, create=True)
+            self._dbs[name] = handle
+        return handle
+
+    def close(self) -> None:
+        with self._fd_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+        self.env.close()
+
+    def __enter__(self) -> "ChunkStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- reading ---------------------------------------------------------------
+
+    def read_txn(self) -> lmdb.Transaction:
+        return self.env.begin(buffers=False)
+
+    def lookup(self, txn, digest: bytes) -> IndexEntry | None:
+        value = txn.get(digest, db=self.chunks_db)
+        return IndexEntry.decode(value) if value is not None else None
+
+    def require(self, txn, digest: bytes) -> IndexEntry:
+        entry = self.lookup(txn, digest)
+        if entry is None:
+            raise ChunkNotFound(f"store {self.path}: chunk {digest.hex()} is not in the index")
+        return entry
+
+    def pack_path(self, pack_id: bytes) -> str:
+        return os.path.join(self.path, pack_relpath(pack_id))
+
+    def _pack_fd(self, pack_id: bytes) -> int:
+        fd = self._fds.get(pack_id)
+        if fd is None:
+            with self._fd_lock:
+                fd = self._fds.get(pack_id)
+                if fd is None:
+                    try:
+                        fd = os.open(self.pack_path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        raise IntegrityError(
+                            f"store {self.path}: pack {pack_id.hex()} is missing "
+                            f"({pack_relpath(pack_id)}); run 'blockvault verify' to see what it affects"
+                        ) from None
+                    self._fds[pack_id] = fd
+        return fd
+
+    def read_span(self, pack_id: bytes, offset: int, length: int) -> bytes:
+        """Raw bytes of a pack (several adjacent records at once); GIL released by pread."""
+        data = os.pread(self._pack_fd(pack_id), length, offset)
+        if len(data) != length:
+            raise IntegrityError(
+                f"store {self.path}: pack {pack_id.hex()} ends before offset {offset + length}"
+            )
+        return data
+
+    def decode_chunk(self, span, at: int, entry: IndexEntry, digest: bytes, check_digest: bool = True) -> bytes:
+        """The raw chunk whose record starts at ``span[at]``, checked at every level."""
+        where = f"store {self.path}: chunk {digest.hex()} (pack {entry.pack_id.hex()} offset {entry.offset})"
+        view = memoryview(span)
+        hdr = decode_record_header(view[at:at + RECORD_HEADER_SIZE], where)
+        if hdr.digest != digest or hdr.stored_len != entry.stored_len or hdr.raw_len != entry.raw_len:
+            raise IntegrityError(f"{where}: record header does not match the index")
+        start = at + RECORD_HEADER_SIZE
+        payload = view[start:start + hdr.stored_len]
+        check_payload(hdr, payload, where)
+        raw = self.codec.decode(hdr.codec, payload, hdr.raw_len)
+        if check_digest and self.digester(raw) != digest:
+            raise IntegrityError(f"{where}: content does not hash to its digest")
+        return raw
+
+    def read_chunk(self, digest: bytes, entry: IndexEntry | None = None) -> bytes:
+        if entry is None:
+            with self.read_txn() as txn:
+                entry = self.require(txn, digest)
+        span = self.read_span(entry.pack_id, entry.offset, RECORD_HEADER_SIZE + entry.stored_len)
+        return self.decode_chunk(span, 0, entry, digest)
+
+    # -- writing ---------------------------------------------------------------
+
+    def writer(self, wait: float = 0.0, purpose: str = "backup") -> "WriteSession":
+        return WriteSession(self, wait, purpose)
+
+
+class WriteSession:
+    """The one writer of a store: new chunks go to fresh packs, then one commit.
+
+    Until ``commit`` nothing is visible to anybody: index entries wait in
+    memory, pack bytes sit in files nothing references.  ``commit`` seals and
+    fsyncs the packs first and only then commits the LMDB transaction, so the
+    index never points at bytes a crash could lose.  Leaving the ``with``
+    block without committing deletes this session's packs.  Not thread-safe:
+    the pipeline's main thread owns it.
+    """
+
+    def __init__(self, store: ChunkStore, wait: float, purpose: str):
+        self.store = store
+        self._lock = WriterLock(store.path)
+        self._lock.acquire(wait, purpose)
+        self.pending: dict[bytes, IndexEntry] = {}
+        self._packs: list[PackWriter] = []
+        self._current: PackWriter | None = None
+        self.committed = False
+
+    def __enter__(self) -> "WriteSession":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed:
+            self.abort()
+
+    def unknown(self, digests: Iterable[bytes]) -> list[bytes]:
+        """The digests neither in the index nor written by this session (order kept)."""
+        out = []
+        with self.store.read_txn() as txn:
+            for d in digests:
+                if d not in self.pending and txn.get(d, db=self.store.chunks_db) is None:
+                    out.append(d)
+        return out
+
+    def add(self, digest: bytes, codec: int, raw_len: int, payload) -> None:
+        if digest in self.pending:
+            return
+        pack = self._current
+        if pack is None:
+            pack = self._current = PackWriter(self.store.path, self.store.store_id)
+            self._packs.append(pack)
+        offset = pack.add(digest, codec, raw_len, payload)
+        self.pending[digest] = IndexEntry(pack.pack_id, offset, len(payload), raw_len, codec)
+        if pack.size >= self.store.config.pack_target_size:
+            # Sealed packs are synced and closed at once, spreading the fsync
+            # cost over the backup instead of piling it up at commit.
+            pack.seal()
+            pack.sync()
+            pack.close()
+            self._current = None
+
+    def commit(self, extra: Callable[[lmdb.Transaction], None] | None = None) -> None:
+        """Make this session's chunks, plus whatever ``extra`` writes, visible at once."""
+        if self.committed:
+            raise StoreError("write session committed twice")
+        for pack in self._packs:
+            if not pack.sealed:
+                pack.seal()
+                pack.sync()
+                pack.close()
+        store = self.store
+        with store.env.begin(write=True) as txn:
+            for digest, entry in self.pending.items():
+                txn.put(digest, entry.encode(), db=store.chunks_db)
+            for pack in self._packs:
+                txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True).encode(), db=store.packs_db)
+            if extra is not None:
+                extra(txn)
+        self.committed = True
+        self._lock.release()
+
+    def abort(self) -> None:
+        for pack in self._packs:
+            pack.discard()
+        self._packs.clear()
+        self.pending.clear()
+        self._lock.release()
+
+    @property
+    def new_bytes_stored(self) -> int:
+        return sum(p.size for p in self._packs)
+
+
+def _open_env(path: str, create: bool) -> lmdb.Environment:
+    index = os.path.join(path, INDEX_DIR)
+    try:
+        env = lmdb.open(index, map_size=MAP_SIZE, max_dbs=MAX_DBS, subdir=True, create=create,
+                        readahead=False, max_readers=256)
+    except lmdb.Error as e:
+        raise NotAStoreError(f"{path}: cannot open the store index: {e}") from None
+    env.reader_check()  # clear reader slots left by killed processes
+    return env

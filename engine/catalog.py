@@ -1,0 +1,131 @@
+"""The backup catalog: which backups exist, per disk, in order.
+
+Each disk has a sequence T1..Tn; a backup is called ``DISK@N``.  Entries are
+JSON documents in LMDB database ``catalog`` keyed by disk name and sequence
+number, so listing one disk is a range scan and the newest backup is the last
+key of its range.  An entry is written in the same transaction as its
+manifest and its new chunks: if it is in the catalog, it is restorable.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+from engine.errors import BadInputError, NotFoundError
+
+CATALOG_DB = b"catalog"
+KINDS = ("full", "incremental", "differential")
+_DISK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,199}$")
+
+
+def check_disk_name(name: str) -> str:
+    if not _DISK_NAME.match(name or ""):
+        raise BadInputError(
+            f"disk name {name!r} is not allowed: use 1-200 characters from letters, digits and ._:/+- "
+            "starting with a letter or digit (no '@')"
+        )
+    return name
+
+
+def catalog_key(disk: str, seq: int) -> bytes:
+    return disk.encode() + b"\0" + struct.pack(">I", seq)
+
+
+def split_key(key: bytes) -> tuple[str, int]:
+    name, _, seq = bytes(key).rpartition(b"\0")
+    return name.decode(), struct.unpack(">I", seq)[0]
+
+
+@dataclass
+class BackupRecord:
+    disk: str
+    seq: int
+    time: float
+    kind: str
+    base: str | None
+    size: int
+    chunk_size: int
+    change_id: str | None = None
+    stats: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.disk}@{self.seq}"
+
+    @property
+    def key(self) -> bytes:
+        return catalog_key(self.disk, self.seq)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data) -> "BackupRecord":
+        return cls(**json.loads(bytes(data)))
+
+    def summary(self) -> dict:
+        doc = asdict(self)
+        doc["id"] = self.id
+        return doc
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """'disk@3' → ('disk', '3'); 'disk@latest' → ('disk', 'latest')."""
+    disk, sep, which = ref.rpartition("@")
+    if not sep or not disk or not (which.isdigit() or which == "latest"):
+        raise BadInputError(f"{ref!r} is not a backup id; write DISK@N (e.g. vm1-disk0@3) or DISK@latest")
+    return check_disk_name(disk), which
+
+
+class Catalog:
+    def __init__(self, db):
+        self.db = db
+
+    def put(self, txn, record: BackupRecord) -> None:
+        if not txn.put(record.key, record.to_json(), db=self.db, overwrite=False):
+            raise NotFoundError(f"backup {record.id} already exists")  # lock makes this a bug
+
+    def get(self, txn, disk: str, seq: int) -> BackupRecord | None:
+        value = txn.get(catalog_key(disk, seq), db=self.db)
+        return BackupRecord.from_json(value) if value is not None else None
+
+    def for_disk(self, txn, disk: str) -> Iterator[BackupRecord]:
+        prefix = disk.encode() + b"\0"
+        with txn.cursor(db=self.db) as cur:
+            if not cur.set_range(prefix):
+                return
+            for key, value in cur:
+                # Names hold no NUL, so the prefix matches this disk only.
+                if not bytes(key).startswith(prefix):
+                    break
+                yield BackupRecord.from_json(value)
+
+    def all(self, txn) -> Iterator[BackupRecord]:
+        with txn.cursor(db=self.db) as cur:
+            for _, value in cur:
+                yield BackupRecord.from_json(value)
+
+    def latest(self, txn, disk: str, kind: str | None = None) -> BackupRecord | None:
+        found = None
+        for rec in self.for_disk(txn, disk):
+            if kind is None or rec.kind == kind:
+                found = rec
+        return found
+
+    def resolve(self, txn, ref: str) -> BackupRecord:
+        disk, which = parse_ref(ref)
+        rec = self.latest(txn, disk) if which == "latest" else self.get(txn, disk, int(which))
+        if rec is None:
+            known = [r.id for r in self.for_disk(txn, disk)]
+            hint = f"backups of {disk}: {', '.join(known[-5:])}" if known else f"there are no backups of disk {disk!r}"
+            raise NotFoundError(f"no backup {ref}; {hint} (see 'blockvault list')")
+        return rec
+
+    def next_seq(self, txn, disk: str) -> int:
+        last = self.latest(txn, disk)
+        return last.seq + 1 if last else 1

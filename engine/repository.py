@@ -1,0 +1,37 @@
+"""Repository: a chunk store plus the engine's own LMDB databases.
+
+The engine keeps its catalog, manifests and manifest segments in the store's
+LMDB environment (databases of their own), which is what lets one
+transaction commit a backup's chunks, manifest and catalog entry together.
+"""
+
+from __future__ import annotations
+
+from chunkstore import ChunkStore
+from engine.catalog import CATALOG_DB, Catalog
+from engine.manifest import MANIFESTS_DB, SEGMENTS_DB, ManifestStore
+
+
+class Repository:
+    def __init__(self, store: ChunkStore):
+        self.store = store
+        self.path = store.path
+        self.catalog = Catalog(store.db(CATALOG_DB))
+        self.manifests = ManifestStore(store.db(MANIFESTS_DB), store.db(SEGMENTS_DB))
+
+    @classmethod
+    def init(cls, path: str, **settings) -> "Repository":
+        return cls(ChunkStore.init(path, **settings))
+
+    @classmethod
+    def open(cls, path: str) -> "Repository":
+        return cls(ChunkStore.open(path))
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "Repository":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

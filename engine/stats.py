@@ -1,0 +1,50 @@
+"""Store-wide figures: what is protected, what it costs on disk, and why."""
+
+from __future__ import annotations
+
+from chunkstore.index import IndexEntry
+from chunkstore.pack import RECORD_HEADER_SIZE
+from chunkstore.verify import pack_totals
+from engine.repository import Repository
+
+
+def store_stats(repo: Repository) -> dict:
+    store = repo.store
+    backups = disks = logical = logical_nonzero = 0
+    names = set()
+    unique_raw = stored_payload = chunks = 0
+    with store.read_txn() as txn:
+        for rec in repo.catalog.all(txn):
+            backups += 1
+            names.add(rec.disk)
+            logical += rec.size
+            logical_nonzero += min(rec.stats.get("nonzero_chunks", 0) * rec.chunk_size, rec.size)
+        with txn.cursor(db=store.chunks_db) as cur:
+            for _, value in cur:
+                entry = IndexEntry.decode(value)
+                chunks += 1
+                unique_raw += entry.raw_len
+                stored_payload += RECORD_HEADER_SIZE + entry.stored_len
+        packs, pack_bytes = pack_totals(store, txn)
+    disks = len(names)
+
+    def ratio(a: int, b: int) -> float | None:
+        return round(a / b, 3) if b else None
+
+    return {
+        "store": store.path,
+        "chunk_size": store.chunk_size,
+        "digest": store.config.digest,
+        "compression_level": store.config.compression_level,
+        "disks": disks,
+        "backups": backups,
+        "logical_bytes": logical,
+        "logical_allocated_bytes": logical_nonzero,
+        "chunks": chunks,
+        "unique_bytes": unique_raw,
+        "stored_bytes": pack_bytes,
+        "packs": packs,
+        "dedup_ratio": ratio(logical_nonzero, unique_raw),
+        "compression_ratio": ratio(unique_raw, stored_payload),
+        "reduction_ratio": ratio(logical_nonzero, pack_bytes),
+    }

@@ -1,0 +1,533 @@
+/*
+ * native._native: the Python face of blockvault's disk readers.
+ *
+ * One type, Disk, wraps any disk_ops implementation (disk.h).  The methods
+ * that move data (read_chunks, read, write) and zero_chunks release the GIL
+ * so a thread pool in the engine keeps both cores busy.  A Disk counts the
+ * calls in flight and refuses to close under them, so a thread that is still
+ * reading can never touch a freed handle.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "disk.h"
+#include "rawdisk.h"
+
+typedef struct {
+    PyObject_HEAD
+    const disk_ops *ops;
+    void *impl;
+    uint64_t size;
+    PyObject *path;
+    Py_ssize_t active; /* calls running with the GIL released */
+} DiskObject;
+
+static PyTypeObject DiskType;
+
+/* OSError(errno, message, path): the engine reports both to the user. */
+static PyObject *raise_oserror(int err, const char *msg, PyObject *path)
+{
+    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "isO", err ? err : EIO, msg,
+                                          path ? path : Py_None);
+    if (exc) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+static int disk_check_open(DiskObject *self)
+{
+    if (self->impl == NULL) {
+        PyErr_SetString(PyExc_ValueError, "I/O operation on a closed disk");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- raw images -------------------------------------------------------- */
+
+typedef struct {
+    int fd;
+} raw_impl;
+
+static int raw_read(void *impl, void *buf, size_t len, uint64_t off, char *err, size_t errlen)
+{
+    if (rd_pread_full(((raw_impl *)impl)->fd, buf, len, off) != 0) {
+        int e = errno;
+        snprintf(err, errlen, "read of %zu bytes at offset %llu failed: %s", len,
+                 (unsigned long long)off, strerror(e));
+        errno = e;
+        return -1;
+    }
+    return 0;
+}
+
+static int raw_write(void *impl, const void *buf, size_t len, uint64_t off, char *err,
+                     size_t errlen)
+{
+    if (rd_pwrite_full(((raw_impl *)impl)->fd, buf, len, off) != 0) {
+        int e = errno;
+        snprintf(err, errlen, "write of %zu bytes at offset %llu failed: %s", len,
+                 (unsigned long long)off, strerror(e));
+        errno = e;
+        return -1;
+    }
+    return 0;
+}
+
+static uint64_t raw_size_of(int fd)
+{
+    off_t end = lseek(fd, 0, SEEK_END);
+    return end < 0 ? 0 : (uint64_t)end;
+}
+
+static int raw_extents(void *impl, rd_extent **out, size_t *count, char *err, size_t errlen)
+{
+    int fd = ((raw_impl *)impl)->fd;
+    if (rd_extents(fd, raw_size_of(fd), out, count) != 0) {
+        int e = errno;
+        snprintf(err, errlen, "cannot list allocated extents: %s", strerror(e));
+        errno = e;
+        return -1;
+    }
+    return 0;
+}
+
+static int raw_finish(void *impl, char *err, size_t errlen)
+{
+    if (fsync(((raw_impl *)impl)->fd) != 0 && errno != EINVAL) {
+        int e = errno;
+        snprintf(err, errlen, "fsync failed: %s", strerror(e));
+        errno = e;
+        return -1;
+    }
+    return 0;
+}
+
+static void raw_close(void *impl)
+{
+    close(((raw_impl *)impl)->fd);
+    free(impl);
+}
+
+static const disk_ops raw_ops = {"raw", raw_read, raw_write, raw_extents, raw_finish, raw_close};
+
+/* ---- Disk ---------------------------------------------------------------- */
+
+static PyObject *disk_new_from(const disk_ops *ops, void *impl, uint64_t size, PyObject *path)
+{
+    DiskObject *d = PyObject_New(DiskObject, &DiskType);
+    if (!d) {
+        ops->close(impl);
+        return NULL;
+    }
+    d->ops = ops;
+    d->impl = impl;
+    d->size = size;
+    d->active = 0;
+    Py_INCREF(path);
+    d->path = path;
+    return (PyObject *)d;
+}
+
+static void disk_dealloc(DiskObject *self)
+{
+    if (self->impl)
+        self->ops->close(self->impl);
+    Py_XDECREF(self->path);
+    PyObject_Free(self);
+}
+
+PyDoc_STRVAR(read_chunks_doc,
+"read_chunks(offsets, chunk_size, buffer)\n\n"
+"Read len(offsets) chunks of chunk_size bytes into consecutive slots of the\n"
+"writable buffer; adjacent offsets are merged into one large read.  Bytes\n"
+"past the end of the disk read as zeros.");
+
+static PyObject *disk_read_chunks(DiskObject *self, PyObject *args)
+{
+    PyObject *offsets_obj;
+    Py_ssize_t chunk_size;
+    Py_buffer view;
+    if (!PyArg_ParseTuple(args, "Onw*", &offsets_obj, &chunk_size, &view))
+        return NULL;
+    PyObject *result = NULL;
+    uint64_t *offs = NULL;
+    PyObject *seq = NULL;
+    if (disk_check_open(self) != 0)
+        goto out;
+    if (chunk_size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "chunk_size must be positive");
+        goto out;
+    }
+    seq = PySequence_Fast(offsets_obj, "offsets must be a sequence of integers");
+    if (!seq)
+        goto out;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > view.len / chunk_size) {
+        PyErr_Format(PyExc_ValueError, "buffer of %zd bytes cannot hold %zd chunks of %zd bytes",
+                     view.len, n, chunk_size);
+        goto out;
+    }
+    offs = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(uint64_t));
+    if (!offs) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (PyErr_Occurred())
+            goto out;
+        offs[i] = v;
+    }
+    char err[RD_ERRLEN] = "";
+    int rc = 0, saved = 0;
+    self->active++;
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t i = 0;
+    while (i < n && rc == 0) {
+        Py_ssize_t j = i + 1;
+        /* Merge runs of adjacent chunks, capped so one call stays bounded. */
+        while (j < n && offs[j] == offs[j - 1] + (uint64_t)chunk_size &&
+               (j - i) * chunk_size < (64 << 20))
+            j++;
+        rc = self->ops->read(self->impl, (char *)view.buf + i * chunk_size,
+                             (size_t)((j - i) * chunk_size), offs[i], err, sizeof err);
+        if (rc != 0)
+            saved = errno;
+        i = j;
+    }
+    Py_END_ALLOW_THREADS
+    self->active--;
+    if (rc != 0) {
+        raise_oserror(saved, err, self->path);
+        goto out;
+    }
+    result = Py_NewRef(Py_None);
+out:
+    PyMem_Free(offs);
+    Py_XDECREF(seq);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+PyDoc_STRVAR(read_doc, "read(offset, length) -> bytes\n\nSmall positional read; zeros past the end.");
+
+static PyObject *disk_read(DiskObject *self, PyObject *args)
+{
+    unsigned long long off;
+    Py_ssize_t len;
+    if (!PyArg_ParseTuple(args, "Kn", &off, &len))
+        return NULL;
+    if (disk_check_open(self) != 0)
+        return NULL;
+    if (len < 0) {
+        PyErr_SetString(PyExc_ValueError, "length must not be negative");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, len);
+    if (!out)
+        return NULL;
+    char err[RD_ERRLEN] = "";
+    int rc, saved = 0;
+    self->active++;
+    Py_BEGIN_ALLOW_THREADS
+    rc = self->ops->read(self->impl, PyBytes_AS_STRING(out), (size_t)len, off, err, sizeof err);
+    if (rc != 0)
+        saved = errno;
+    Py_END_ALLOW_THREADS
+    self->active--;
+    if (rc != 0) {
+        Py_DECREF(out);
+        return raise_oserror(saved, err, self->path);
+    }
+    return out;
+}
+
+PyDoc_STRVAR(write_doc, "write(offset, buffer)\n\nPositional write of the whole buffer.");
+
+static PyObject *disk_write(DiskObject *self, PyObject *args)
+{
+    unsigned long long off;
+    Py_buffer view;
+    if (!PyArg_ParseTuple(args, "Ky*", &off, &view))
+        return NULL;
+    PyObject *result = NULL;
+    if (disk_check_open(self) != 0)
+        goto out;
+    if (!self->ops->write) {
+        PyErr_Format(PyExc_OSError, "%s disks are read-only", self->ops->kind);
+        goto out;
+    }
+    char err[RD_ERRLEN] = "";
+    int rc, saved = 0;
+    self->active++;
+    Py_BEGIN_ALLOW_THREADS
+    rc = self->ops->write(self->impl, view.buf, (size_t)view.len, off, err, sizeof err);
+    if (rc != 0)
+        saved = errno;
+    Py_END_ALLOW_THREADS
+    self->active--;
+    if (rc != 0) {
+        raise_oserror(saved, err, self->path);
+        goto out;
+    }
+    result = Py_NewRef(Py_None);
+out:
+    PyBuffer_Release(&view);
+    return result;
+}
+
+PyDoc_STRVAR(extents_doc,
+"extents() -> list[tuple[int, int]]\n\n"
+"Allocated (start, length) byte ranges, sorted and merged: the local\n"
+"equivalent of queryChangedDiskAreas(\"*\").");
+
+static PyObject *disk_extents(DiskObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (disk_check_open(self) != 0)
+        return NULL;
+    rd_extent *v = NULL;
+    size_t n = 0;
+    char err[RD_ERRLEN] = "";
+    int rc, saved = 0;
+    self->active++;
+    Py_BEGIN_ALLOW_THREADS
+    rc = self->ops->extents(self->impl, &v, &n, err, sizeof err);
+    if (rc != 0)
+        saved = errno;
+    Py_END_ALLOW_THREADS
+    self->active--;
+    if (rc != 0)
+        return raise_oserror(saved, err, self->path);
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; list && i < n; i++) {
+        PyObject *t = Py_BuildValue("(KK)", (unsigned long long)v[i].start,
+                                    (unsigned long long)v[i].length);
+        if (!t) {
+            Py_CLEAR(list);
+            break;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, t);
+    }
+    free(v);
+    return list;
+}
+
+PyDoc_STRVAR(finish_doc, "finish()\n\nMake written data durable (and complete the file format).");
+
+static PyObject *disk_finish(DiskObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (disk_check_open(self) != 0)
+        return NULL;
+    if (!self->ops->finish)
+        Py_RETURN_NONE;
+    char err[RD_ERRLEN] = "";
+    int rc, saved = 0;
+    self->active++;
+    Py_BEGIN_ALLOW_THREADS
+    rc = self->ops->finish(self->impl, err, sizeof err);
+    if (rc != 0)
+        saved = errno;
+    Py_END_ALLOW_THREADS
+    self->active--;
+    if (rc != 0)
+        return raise_oserror(saved, err, self->path);
+    Py_RETURN_NONE;
+}
+
+static PyObject *disk_close(DiskObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->active > 0) {
+        PyErr_SetString(PyExc_RuntimeError, "disk is closed while calls are still running on it");
+        return NULL;
+    }
+    if (self->impl) {
+        self->ops->close(self->impl);
+        self->impl = NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *disk_enter(DiskObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_NewRef(self);
+}
+
+static PyObject *disk_exit(DiskObject *self, PyObject *Py_UNUSED(args))
+{
+    PyObject *r = disk_close(self, NULL);
+    if (!r)
+        return NULL;
+    Py_DECREF(r);
+    Py_RETURN_FALSE;
+}
+
+static PyObject *disk_get_size(DiskObject *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(self->size);
+}
+
+static PyObject *disk_get_path(DiskObject *self, void *Py_UNUSED(c))
+{
+    return Py_NewRef(self->path);
+}
+
+static PyObject *disk_get_kind(DiskObject *self, void *Py_UNUSED(c))
+{
+    return PyUnicode_FromString(self->ops->kind);
+}
+
+static PyObject *disk_get_closed(DiskObject *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->impl == NULL);
+}
+
+static PyObject *disk_repr(DiskObject *self)
+{
+    return PyUnicode_FromFormat("<native.Disk %s %R size=%llu%s>", self->ops->kind, self->path,
+                                (unsigned long long)self->size, self->impl ? "" : " closed");
+}
+
+static PyMethodDef disk_methods[] = {
+    {"read_chunks", (PyCFunction)disk_read_chunks, METH_VARARGS, read_chunks_doc},
+    {"read", (PyCFunction)disk_read, METH_VARARGS, read_doc},
+    {"write", (PyCFunction)disk_write, METH_VARARGS, write_doc},
+    {"extents", (PyCFunction)disk_extents, METH_NOARGS, extents_doc},
+    {"finish", (PyCFunction)disk_finish, METH_NOARGS, finish_doc},
+    {"close", (PyCFunction)disk_close, METH_NOARGS, "close()"},
+    {"__enter__", (PyCFunction)disk_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)disk_exit, METH_VARARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef disk_getset[] = {
+    {"size", (getter)disk_get_size, NULL, "capacity in bytes", NULL},
+    {"path", (getter)disk_get_path, NULL, "what was opened", NULL},
+    {"kind", (getter)disk_get_kind, NULL, "raw, vmdk or vddk", NULL},
+    {"closed", (getter)disk_get_closed, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject DiskType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "native._native.Disk",
+    .tp_basicsize = sizeof(DiskObject),
+    .tp_dealloc = (destructor)disk_dealloc,
+    .tp_repr = (reprfunc)disk_repr,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A disk opened by one of native's readers (open_raw, ...).",
+    .tp_methods = disk_methods,
+    .tp_getset = disk_getset,
+};
+
+/* ---- module functions ---------------------------------------------------- */
+
+PyDoc_STRVAR(open_raw_doc,
+"open_raw(path, writable=False) -> Disk\n\n"
+"Open a raw image (regular file or block device).");
+
+static PyObject *mod_open_raw(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"path", "writable", NULL};
+    PyObject *path;
+    int writable = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|p", kwlist, PyUnicode_FSDecoder, &path,
+                                     &writable))
+        return NULL;
+    PyObject *bytes = PyUnicode_EncodeFSDefault(path);
+    if (!bytes) {
+        Py_DECREF(path);
+        return NULL;
+    }
+    char err[RD_ERRLEN] = "";
+    uint64_t size = 0;
+    int fd;
+    Py_BEGIN_ALLOW_THREADS
+    fd = rd_open(PyBytes_AS_STRING(bytes), writable, &size, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(bytes);
+    if (fd < 0) {
+        raise_oserror(errno, err, path);
+        Py_DECREF(path);
+        return NULL;
+    }
+    raw_impl *impl = malloc(sizeof *impl);
+    if (!impl) {
+        close(fd);
+        Py_DECREF(path);
+        return PyErr_NoMemory();
+    }
+    impl->fd = fd;
+    PyObject *d = disk_new_from(&raw_ops, impl, size, path);
+    Py_DECREF(path);
+    return d;
+}
+
+PyDoc_STRVAR(zero_chunks_doc,
+"zero_chunks(buffer, chunk_size) -> bytes\n\n"
+"One byte per chunk of the buffer: 1 where the chunk is all zeros.\n"
+"A final partial chunk counts as a chunk.");
+
+static PyObject *mod_zero_chunks(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t chunk_size;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &chunk_size))
+        return NULL;
+    if (chunk_size <= 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "chunk_size must be positive");
+        return NULL;
+    }
+    Py_ssize_t n = (view.len + chunk_size - 1) / chunk_size;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+    if (!out) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    char *flags = PyBytes_AS_STRING(out);
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t start = i * chunk_size;
+        Py_ssize_t len = view.len - start < chunk_size ? view.len - start : chunk_size;
+        flags[i] = (char)rd_is_zero((const char *)view.buf + start, (size_t)len);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"open_raw", (PyCFunction)(void (*)(void))mod_open_raw, METH_VARARGS | METH_KEYWORDS,
+     open_raw_doc},
+    {"zero_chunks", (PyCFunction)mod_zero_chunks, METH_VARARGS, zero_chunks_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "native._native",
+    "blockvault's disk readers and hot-path kernels (see native/*.h).", -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    if (PyType_Ready(&DiskType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&native_module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&DiskType);
+    if (PyModule_AddObject(m, "Disk", (PyObject *)&DiskType) < 0) {
+        Py_DECREF(&DiskType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
