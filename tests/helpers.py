@@ -1,0 +1,106 @@
+"""Shared test helpers: images with known content, snapshots, store fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import lmdb
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def text_bytes(r: np.random.Generator, n: int) -> bytes:
+    words = r.choice([b"alpha ", b"beta ", b"gamma\n", b"delta ", b"vault ", b"0123 "], size=n // 4 + 1)
+    return b"".join(words)[:n]
+
+
+def write_at(path: str, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def make_sparse(path: str, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def resize(path: str, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def snapshot(src: str, dst: str) -> str:
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def same_file(a: str, b: str) -> bool:
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(4 << 20), fb.read(4 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def allocated_ranges(path: str) -> list[tuple[int, int]]:
+    out, pos = [], 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        while pos < size:
+            try:
+                d = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            h = os.lseek(fd, d, os.SEEK_HOLE)
+            out.append((d, h - d))
+            pos = h
+    finally:
+        os.close(fd)
+    return out
+
+
+def store_fingerprint(store: str) -> dict:
+    """Everything a store holds that matters: files (but the lock) and every LMDB record."""
+    fp = {}
+    for root, _, files in os.walk(store):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, store)
+            if rel in ("lock",) or rel.startswith("index" + os.sep):
+                continue
+            with open(path, "rb") as f:
+                fp[rel] = hashlib.sha256(f.read()).hexdigest()
+    index = os.path.join(store, "index")
+    if os.path.isdir(index):
+        env = lmdb.open(index, readonly=True, max_dbs=16, lock=False)
+        with env.begin() as txn:
+            names = [bytes(k) for k, _ in txn.cursor()]
+            for name in names:
+                db = env.open_db(name, txn=txn, create=False)
+                h = hashlib.sha256()
+                for k, v in txn.cursor(db=db):
+                    h.update(bytes(k) + b"=" + bytes(v) + b";")
+                fp[f"lmdb:{name.decode()}"] = h.hexdigest()
+        env.close()
+    return fp
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real command, in a child process, as an administrator would run it."""
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL)

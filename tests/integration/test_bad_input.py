@@ -1,0 +1,100 @@
+"""Bad input gets a clear message, a meaningful exit code, and leaves the store as it was."""
+
+import json
+import os
+
+import pytest
+
+from helpers import make_sparse, rng, run_cli, store_fingerprint, write_at
+
+CS = 64 << 10
+
+
+@pytest.fixture
+def populated(store_path, tmp_path):
+    img = str(tmp_path / "ok.img")
+    make_sparse(img, 16 * CS)
+    write_at(img, 0, rng(40).bytes(3 * CS))
+    proc = run_cli("backup", store_path, img, "--disk", "ok")
+    assert proc.returncode == 0, proc.stderr
+    return store_path, img
+
+
+def _expect_error(args, code, *needles, store=None):
+    before = store_fingerprint(store) if store else None
+    proc = run_cli(*args)
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+    if store:
+        assert store_fingerprint(store) == before
+    return proc
+
+
+def test_missing_image(populated, tmp_path):
+    store, _ = populated
+    _expect_error(["backup", store, str(tmp_path / "nope.img"), "--disk", "ok"], 1,
+                  "nope.img", "No such file", store=store)
+
+
+def test_directory_as_image(populated, tmp_path):
+    store, _ = populated
+    _expect_error(["backup", store, str(tmp_path), "--disk", "ok"], 1, "is a directory", store=store)
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("[1, 2", "not valid JSON"),
+    (json.dumps({"changedArea": [{"start": 0, "length": 100 * CS}]}), "outside the covered range"),
+    (json.dumps({"startOffset": 0, "length": 1 << 40, "changedArea": []}), "past the end of the disk"),
+    (json.dumps({"changedArea": [{"start": "0", "length": 5}]}), "changedArea[0]"),
+])
+def test_bad_changed_areas(populated, tmp_path, content, needle):
+    store, img = populated
+    cbt = tmp_path / "cbt.json"
+    cbt.write_text(content)
+    _expect_error(["backup", store, img, "--disk", "ok", "--mode", "incremental", "--changed-areas", str(cbt)],
+                  1, needle, str(cbt), store=store)
+
+
+def test_future_format_version(populated):
+    store, img = populated
+    cfg_path = os.path.join(store, "config.json")
+    doc = json.loads(open(cfg_path).read())
+    doc["version"] = 2
+    with open(cfg_path, "w") as f:
+        json.dump(doc, f)
+    _expect_error(["backup", store, img, "--disk", "ok"], 1, "format version 2", store=store)
+    _expect_error(["list", store], 1, "format version 2")
+
+
+def test_not_a_store(tmp_path):
+    (tmp_path / "plain").mkdir()
+    img = tmp_path / "i.img"
+    make_sparse(str(img), CS)
+    _expect_error(["backup", str(tmp_path / "plain"), str(img), "--disk", "x"], 1, "not a blockvault store")
+    assert os.listdir(tmp_path / "plain") == []
+
+
+def test_bad_disk_name_and_backup_id(populated, tmp_path):
+    store, img = populated
+    _expect_error(["backup", store, img, "--disk", "a@b"], 1, "disk name", store=store)
+    _expect_error(["restore", store, "ok", str(tmp_path / "o")], 1, "not a backup id")
+    _expect_error(["restore", store, "ok@9", str(tmp_path / "o")], 1, "no backup ok@9", "ok@1")
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert run_cli("backup").returncode == 2
+    assert run_cli("frobnicate").returncode == 2
+    assert run_cli("init", str(tmp_path / "s"), "--chunk-size", "3M").returncode == 1
+
+
+def test_restore_refuses_to_overwrite(populated, tmp_path):
+    store, img = populated
+    target = tmp_path / "exists.img"
+    target.write_bytes(b"precious")
+    _expect_error(["restore", store, "ok@1", str(target)], 1, "exists", "--force")
+    assert target.read_bytes() == b"precious"
+    proc = run_cli("restore", store, "ok@1", str(target), "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert target.read_bytes() == open(img, "rb").read()

@@ -1,0 +1,143 @@
+"""T1..T5 of full, incremental and differential backups with growth and shrink:
+every point restores byte-identical to the image as it was backed up."""
+
+import json
+import os
+
+import pytest
+
+from engine.backup import backup_image
+from engine.errors import NotFoundError
+from engine.restore import restore_backup
+from helpers import allocated_ranges, make_sparse, resize, rng, same_file, snapshot, text_bytes, write_at
+
+CS = 64 << 10
+
+
+def cbt_file(tmp_path, name, size, areas):
+    p = tmp_path / name
+    p.write_text(json.dumps({"startOffset": 0, "length": size,
+                             "changedArea": [{"start": s, "length": n} for s, n in areas]}))
+    return str(p)
+
+
+def scribble(path, r, count, size, max_len=200_000):
+    """Unaligned writes; returns the areas CBT would report."""
+    areas = []
+    for _ in range(count):
+        n = int(r.integers(1, max_len))
+        s = int(r.integers(0, max(1, size - n)))
+        write_at(path, s, r.bytes(n) if r.random() < 0.5 else text_bytes(r, n))
+        areas.append((s, n))
+    return areas
+
+
+def test_chain_with_growth_shrink_and_every_mode(repo, tmp_path):
+    r = rng(10)
+    img = str(tmp_path / "disk.img")
+    size1 = 20 * (1 << 20) + 12345            # not a multiple of the chunk size
+    make_sparse(img, size1)
+    scribble(img, r, 30, size1)
+    points = {}
+
+    t1 = backup_image(repo, img, "d", "full")
+    points[t1.id] = snapshot(img, str(tmp_path / "t1"))
+    since_full = []
+
+    a2 = scribble(img, r, 12, size1)
+    since_full += a2
+    t2 = backup_image(repo, img, "d", "incremental", cbt_file(tmp_path, "c2", size1, a2))
+    points[t2.id] = snapshot(img, str(tmp_path / "t2"))
+    assert t2.base == t1.id and t2.stats["bytes_read"] < size1 // 2
+
+    size3 = 28 * (1 << 20) + 777               # growth; CBT lists the writes in the new space
+    resize(img, size3)
+    a3 = scribble(img, r, 6, size3) + [(size1 + 5000, 40_000)]
+    write_at(img, size1 + 5000, r.bytes(40_000))
+    write_at(img, size1 - 10, b"edge-of-old-size")  # straddles the old end
+    a3.append((size1 - 10, 16))
+    since_full += a3
+    t3 = backup_image(repo, img, "d", "incremental", cbt_file(tmp_path, "c3", size3, a3))
+    points[t3.id] = snapshot(img, str(tmp_path / "t3"))
+
+    size4 = 16 * (1 << 20) + 5                 # shrink, then a differential against T1
+    resize(img, size4)
+    a4 = scribble(img, r, 5, size4)
+    since_full = [(s, min(n, size4 - s)) for s, n in since_full + a4 if s < size4]
+    t4 = backup_image(repo, img, "d", "differential", cbt_file(tmp_path, "c4", size4, since_full))
+    points[t4.id] = snapshot(img, str(tmp_path / "t4"))
+    assert t4.base == t1.id and t4.kind == "differential"
+
+    scribble(img, r, 8, size4)                 # an incremental without a change list
+    write_at(img, 3 * CS, bytes(CS))           # data turned to zeros must be zeros after restore
+    t5 = backup_image(repo, img, "d", "incremental")
+    points[t5.id] = snapshot(img, str(tmp_path / "t5"))
+    assert t5.base == t4.id
+
+    for ident, expected in points.items():
+        out = str(tmp_path / f"restore-{ident.replace('@', '-')}")
+        result = restore_backup(repo, ident, out)
+        assert same_file(out, expected), ident
+        assert os.path.getsize(out) == os.path.getsize(expected)
+        assert result.record.id == ident
+    latest = str(tmp_path / "latest")
+    restore_backup(repo, "d@latest", latest)
+    assert same_file(latest, points[t5.id])
+
+
+def test_growth_without_cbt_entries_is_still_read(repo, tmp_path):
+    """A change list that forgets the new space must not lose data written there."""
+    r = rng(11)
+    img = str(tmp_path / "g.img")
+    make_sparse(img, 4 << 20)
+    write_at(img, 0, r.bytes(CS))
+    backup_image(repo, img, "g", "full")
+    resize(img, 9 << 20)
+    write_at(img, (6 << 20) + 3, r.bytes(70_000))
+    rec = backup_image(repo, img, "g", "incremental", cbt_file(tmp_path, "c", 9 << 20, []))
+    out = str(tmp_path / "out")
+    restore_backup(repo, rec.id, out)
+    assert same_file(out, img)
+
+
+def test_holes_at_every_chunk_boundary(repo, tmp_path):
+    r = rng(12)
+    img = str(tmp_path / "h.img")
+    n = 48
+    make_sparse(img, n * CS)
+    for k in range(1, n):
+        if k % 4 == 0:
+            write_at(img, k * CS - 2048, r.bytes(4096))   # data straddling the boundary
+        elif k % 4 == 1:
+            write_at(img, k * CS, r.bytes(CS))             # exactly one chunk; a hole follows
+    write_at(img, n * CS - 1, b"\x01")                     # the very last byte
+    rec = backup_image(repo, img, "h", "full")
+    out = str(tmp_path / "h.out")
+    restore_backup(repo, rec.id, out)
+    assert same_file(out, img)
+    # Zero chunks come back as holes: chunks k % 4 == 2 hold no data and must
+    # not be allocated in the restored file; every other chunk (but 0) has data.
+    allocated = allocated_ranges(out)
+    data_chunks = {k for s, n_ in allocated for k in range(s // CS, -(-(s + n_) // CS))}
+    holes = {k for k in range(n) if k % 4 == 2}
+    assert holes and not holes & data_chunks
+    assert set(range(1, n)) - holes <= data_chunks
+    assert rec.stats["zero_chunks"] + rec.stats["new_chunks"] + rec.stats["dedup_chunks"] == rec.stats["chunks_read"]
+
+
+def test_differential_needs_a_full(repo, tmp_path):
+    img = str(tmp_path / "x.img")
+    make_sparse(img, 1 << 20)
+    with pytest.raises(NotFoundError, match="run a full backup first"):
+        backup_image(repo, img, "never", "differential")
+
+
+def test_empty_and_all_hole_disks(repo, tmp_path):
+    for name, size in (("empty", 0), ("holes", 50 * CS + 7)):
+        img = str(tmp_path / f"{name}.img")
+        make_sparse(img, size)
+        rec = backup_image(repo, img, name, "full")
+        assert rec.stats["new_chunks"] == 0
+        out = str(tmp_path / f"{name}.out")
+        restore_backup(repo, rec.id, out)
+        assert os.path.getsize(out) == size and allocated_ranges(out) == []
