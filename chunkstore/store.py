@@ -88,13 +88,9 @@ class ChunkStore:
         """A named LMDB database of this store's environment (created on first use)."""
         handle = self._dbs.get(name)
         if handle is None:
-            try:
-                # A read transaction when the database exists: opening a
-                # store must never wait for (or need the rights of) a writer.
-                with self.env.begin() as txn:
-                    handle = self.env.open_db(name, txn=txn, create=False)
-            except lmdb.NotFoundError:
-                handle = self.env.open_db(name, create=True)
+            # py-lmdb opens named databases in a short write transaction of
+            # its own; LMDB shares the handle with every later transaction.
+            handle = self.env.open_db(name, create=True)
             self._dbs[name] = handle
         return handle
 
