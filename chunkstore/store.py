@@ -185,8 +185,9 @@ class WriteSession:
     memory, pack bytes sit in files nothing references.  ``commit`` seals and
     fsyncs the packs first and only then commits the LMDB transaction, so the
     index never points at bytes a crash could lose.  Leaving the ``with``
-    block without committing deletes this session's packs.  Not thread-safe:
-    the pipeline's main thread owns it.
+    block without committing deletes this session's packs.  ``unknown`` and
+    ``add`` may be called from several threads (one pipeline per disk of a
+    VM); ``commit`` and ``abort`` belong to the thread that opened it.
     """
 
     def __init__(self, store: ChunkStore, wait: float, purpose: str):
@@ -194,6 +195,7 @@ class WriteSession:
         self._lock = WriterLock(store.path)
         self._lock.acquire(wait, purpose)
         self.pending: dict[bytes, IndexEntry] = {}
+        self._mutex = threading.Lock()
         self._packs: list[PackWriter] = []
         self._current: PackWriter | None = None
         self.committed = False
@@ -208,13 +210,17 @@ class WriteSession:
     def unknown(self, digests: Iterable[bytes]) -> list[bytes]:
         """The digests neither in the index nor written by this session (order kept)."""
         out = []
-        with self.store.read_txn() as txn:
+        with self._mutex, self.store.read_txn() as txn:
             for d in digests:
                 if d not in self.pending and txn.get(d, db=self.store.chunks_db) is None:
                     out.append(d)
         return out
 
     def add(self, digest: bytes, codec: int, raw_len: int, payload) -> None:
+        with self._mutex:
+            self._add(digest, codec, raw_len, payload)
+
+    def _add(self, digest: bytes, codec: int, raw_len: int, payload) -> None:
         if digest in self.pending:
             return
         pack = self._current
