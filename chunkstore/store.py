@@ -36,6 +36,10 @@ INDEX_DIR = "index"
 # Address space only: LMDB grows the file as data arrives.
 MAP_SIZE = 1 << 40
 MAX_DBS = 16
+# Pending index entries beyond which sealed packs are checkpointed into the
+# index (about 120 bytes each in memory): bounds a session's memory whatever
+# the amount of new data.
+CHECKPOINT_ENTRIES = 8192
 
 
 class ChunkStore:
@@ -196,9 +200,11 @@ class WriteSession:
         self._lock.acquire(wait, purpose)
         self.pending: dict[bytes, IndexEntry] = {}
         self._mutex = threading.Lock()
-        self._packs: list[PackWriter] = []
+        self._packs: list[PackWriter] = []   # packs not yet in the index
         self._current: PackWriter | None = None
         self.committed = False
+        self.bytes_written = 0
+        self.checkpoints = 0
 
     def __enter__(self) -> "WriteSession":
         return self
@@ -229,6 +235,7 @@ class WriteSession:
             self._packs.append(pack)
         offset = pack.add(digest, codec, raw_len, payload)
         self.pending[digest] = IndexEntry(pack.pack_id, offset, len(payload), raw_len, codec)
+        self.bytes_written += RECORD_HEADER_SIZE + len(payload)
         if pack.size >= self.store.config.pack_target_size:
             # Sealed packs are synced and closed at once, spreading the fsync
             # cost over the backup instead of piling it up at commit.
@@ -236,6 +243,30 @@ class WriteSession:
             pack.sync()
             pack.close()
             self._current = None
+            if len(self.pending) >= CHECKPOINT_ENTRIES:
+                self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Commit the index entries of sealed packs early, to bound memory.
+
+        Only sealed, synced packs take part, so the entries point at durable
+        bytes; until the session's final commit no manifest references them,
+        so they are invisible garbage if the session never commits, exactly
+        like the pack bytes themselves.
+        """
+        sealed = [p for p in self._packs if p.sealed]
+        ids = {p.pack_id for p in sealed}
+        moved = {d: e for d, e in self.pending.items() if e.pack_id in ids}
+        store = self.store
+        with store.env.begin(write=True) as txn:
+            for digest, entry in moved.items():
+                txn.put(digest, entry.encode(), db=store.chunks_db)
+            for pack in sealed:
+                txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True).encode(), db=store.packs_db)
+        for digest in moved:
+            del self.pending[digest]
+        self._packs = [p for p in self._packs if not p.sealed]
+        self.checkpoints += 1
 
     def commit(self, extra: Callable[[lmdb.Transaction], None] | None = None) -> None:
         """Make this session's chunks, plus whatever ``extra`` writes, visible at once."""
@@ -258,15 +289,12 @@ class WriteSession:
         self._lock.release()
 
     def abort(self) -> None:
+        """Delete the packs nothing references; checkpointed ones stay for GC."""
         for pack in self._packs:
             pack.discard()
         self._packs.clear()
         self.pending.clear()
         self._lock.release()
-
-    @property
-    def new_bytes_stored(self) -> int:
-        return sum(p.size for p in self._packs)
 
 
 def _open_env(path: str, create: bool) -> lmdb.Environment:

@@ -150,6 +150,5 @@ def backup_image(repo: Repository, image: str, disk_name: str, mode: str = "full
             prepared = backup_disk(repo, session, pool, workers, disk, disk_name, mode, changed,
                                    change_id=change_id, metadata={"source": {"kind": "raw", "path": image}},
                                    on_progress=on_progress, on_plan=on_plan)
-            prepared.record.stats["stored_bytes_total"] = session.new_bytes_stored
             commit_backups(repo, session, [prepared])
     return prepared.record

@@ -89,3 +89,25 @@ def test_pack_rotation_seals_full_packs(tmp_path):
     assert len(packs) >= 2
     assert all(scan_pack(p).sealed for p in packs)
     store.close()
+
+
+def test_checkpoints_bound_pending_entries_and_survive_abort(tmp_path, monkeypatch):
+    import chunkstore.store as store_mod
+    from chunkstore.verify import verify_chunks
+    monkeypatch.setattr(store_mod, "CHECKPOINT_ENTRIES", 10)
+    store = ChunkStore.init(str(tmp_path / "s"), chunk_size=64 << 10, pack_target_size=1 << 20)
+    r = rng(7)
+    chunks = [r.bytes(65536) for _ in range(60)]
+    with store.writer() as w:
+        for data in chunks:
+            codec, payload = store.codec.encode(data)
+            w.add(store.digester(data), codec, len(data), payload)
+            assert len(w.pending) < 10 + 17  # never more than a checkpoint plus one pack
+        assert w.checkpoints >= 2
+        # leaving without commit: only the unsealed tail is discarded
+    report = verify_chunks(store)
+    assert report.ok and report.chunks_checked >= 20
+    with store.read_txn() as txn:
+        known = [d for d in map(store.digester, chunks) if store.lookup(txn, d)]
+    assert all(store.read_chunk(d) for d in known)
+    store.close()
