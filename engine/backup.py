@@ -25,14 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-import native
-
 from engine.catalog import KINDS, BackupRecord, check_disk_name
 from engine.changes import Run, extents_to_runs, load_changed_areas, merge_runs, run_chunks
 from engine.errors import BadInputError, NotFoundError
 from engine.manifest import Manifest, ManifestBuilder
 from engine.pipeline import ChunkPipeline, default_workers
 from engine.repository import Repository
+from engine.sources import describe, opened_source
 
 
 @dataclass
@@ -129,26 +128,22 @@ def commit_backups(repo: Repository, session, prepared: list[PreparedBackup], ex
     session.commit(write)
 
 
-def backup_image(repo: Repository, image: str, disk_name: str, mode: str = "full",
+def backup_image(repo: Repository, source: str, disk_name: str, mode: str = "full",
                  changed_areas_path: str | None = None, change_id: str | None = None,
-                 wait: float = 0.0, workers: int | None = None,
+                 wait: float = 0.0, workers: int | None = None, credentials_file: str | None = None,
                  on_progress: Callable[[int], None] | None = None,
                  on_plan: Callable[[int], None] | None = None) -> BackupRecord:
-    """Back up a raw image file as the next point of ``disk_name``."""
+    """Back up one disk (raw image, hosted VMDK or vddk:// URL) as the next point of ``disk_name``."""
     check_disk_name(disk_name)
     if changed_areas_path is not None and mode == "full":
         raise BadInputError("--changed-areas applies to incremental and differential backups, not to a full")
-    try:
-        disk = native.open_raw(image)
-    except OSError as e:
-        raise BadInputError(f"cannot read disk image {image}: {e.strerror}") from None
-    with disk:
+    with opened_source(source, credentials_file) as disk:
         changed = load_changed_areas(changed_areas_path, disk.size) if changed_areas_path else None
         workers = workers or default_workers()
         with repo.store.writer(wait=wait, purpose=f"backup of {disk_name}") as session, \
                 ThreadPoolExecutor(workers, thread_name_prefix="bv-backup") as pool:
             prepared = backup_disk(repo, session, pool, workers, disk, disk_name, mode, changed,
-                                   change_id=change_id, metadata={"source": {"kind": "raw", "path": image}},
+                                   change_id=change_id, metadata={"source": describe(disk)},
                                    on_progress=on_progress, on_plan=on_plan)
             commit_backups(repo, session, [prepared])
     return prepared.record

@@ -73,9 +73,9 @@ def cmd_backup(args) -> int:
     from engine.backup import backup_image
     progress = _progress(args, f"backup {args.disk}")
     with _open(args) as repo:
-        rec = backup_image(repo, args.image, args.disk, args.mode, args.changed_areas, args.change_id,
-                           wait=args.wait, workers=args.threads, on_progress=progress.advance,
-                           on_plan=progress.set_total)
+        rec = backup_image(repo, args.source, args.disk, args.mode, args.changed_areas, args.change_id,
+                           wait=args.wait, workers=args.threads, credentials_file=args.credentials,
+                           on_progress=progress.advance, on_plan=progress.set_total)
     progress.finish()
     st = rec.stats
     text = (f"{rec.id}\n" if not sys.stdout.isatty() else
@@ -111,10 +111,11 @@ def cmd_list(args) -> int:
 
 
 def cmd_restore(args) -> int:
-    from engine.restore import restore_backup
+    from engine.restore import make_target, restore_backup
     progress = _progress(args, f"restore {args.backup}")
+    target = make_target(args.target, args.force, args.format, args.credentials, args.zeroed_target)
     with _open(args) as repo:
-        result = restore_backup(repo, args.backup, args.target, force=args.force, workers=args.threads,
+        result = restore_backup(repo, args.backup, target, workers=args.threads,
                                 on_start=lambda rec, total: progress.set_total(total),
                                 on_progress=progress.advance)
     progress.finish()
@@ -222,10 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL,
                     help="zstd level (default %(default)s)")
 
-    sp = cmd("backup", cmd_backup, "back up a raw disk image as the next point of a disk",
-             "blockvault backup /backup/store disk.img --disk db01 --mode incremental --changed-areas cbt.json")
+    sp = cmd("backup", cmd_backup, "back up a disk (raw image, VMDK or vddk:// URL) as the next point of a disk",
+             "blockvault backup /backup/store disk.img --disk db01 --mode incremental --changed-areas cbt.json\n"
+             "  blockvault backup /backup/store web01.vmdk --disk web01\n"
+             "  blockvault backup /backup/store 'vddk://vc.lab:443/vm-42?disk=[ds1] web01/web01.vmdk"
+             "&snapshot=snapshot-7&thumbprint=AA:BB:..' --disk web01-disk0")
     sp.add_argument("store", metavar="STORE")
-    sp.add_argument("image", metavar="IMAGE", help="raw disk image (regular file or block device)")
+    sp.add_argument("source", metavar="SOURCE",
+                    help="raw image (file or block device), hosted .vmdk (flat, sparse, streamOptimized), "
+                         "or vddk://HOST[:PORT]/VM-MOREF?disk=...&snapshot=... (see README)")
     sp.add_argument("--disk", required=True, help="name of the disk this image is a point of")
     sp.add_argument("--mode", choices=("full", "incremental", "differential"), default="full",
                     help="full (default); incremental: on the latest backup; differential: on the latest full")
@@ -233,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="vSphere DiskChangeInfo JSON listing the extents changed since the base; "
                          "without it an incremental reads all allocated extents")
     sp.add_argument("--change-id", help="CBT changeId to record with this backup")
+    sp.add_argument("--credentials", metavar="FILE",
+                    help="vSphere credentials for vddk:// (lines user=.. and password=..); default: "
+                         "BLOCKVAULT_VSPHERE_USER and BLOCKVAULT_VSPHERE_PASSWORD")
     sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                     help="wait this long for another writer to finish (default: fail at once)")
     sp.add_argument("--threads", type=int, default=None, help="worker threads (default: one per core)")
@@ -241,12 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("store", metavar="STORE")
     sp.add_argument("--disk", help="only this disk")
 
-    sp = cmd("restore", cmd_restore, "restore one backup to a raw image file (sparse)",
-             "blockvault restore /backup/store db01@latest /restore/db01.img")
+    sp = cmd("restore", cmd_restore, "restore one backup to a raw image, a VMDK or a vSphere disk",
+             "blockvault restore /backup/store db01@latest /restore/db01.img\n"
+             "  blockvault restore /backup/store db01@3 /restore/db01.vmdk\n"
+             "  blockvault restore /backup/store db01@3 'vddk://vc.lab/vm-77?disk=[ds1] new/new.vmdk' --force")
     sp.add_argument("store", metavar="STORE")
     sp.add_argument("backup", metavar="DISK@N", help="backup id, e.g. db01@3 or db01@latest")
-    sp.add_argument("target", metavar="TARGET", help="file to write")
-    sp.add_argument("--force", action="store_true", help="replace TARGET if it exists")
+    sp.add_argument("target", metavar="TARGET", help="file to write (sparse raw, or .vmdk), or a vddk:// URL")
+    sp.add_argument("--format", choices=("raw", "vmdk", "vddk"),
+                    help="what to write (default: vddk for vddk:// URLs, vmdk for *.vmdk, else raw)")
+    sp.add_argument("--force", action="store_true", help="replace TARGET if it exists (required for vddk)")
+    sp.add_argument("--credentials", metavar="FILE", help="vSphere credentials file for vddk:// targets")
+    sp.add_argument("--zeroed-target", action="store_true",
+                    help="the vddk target disk is newly created: skip writing its zero chunks")
     sp.add_argument("--threads", type=int, default=None, help="worker threads (default: two per core)")
 
     sp = cmd("verify", cmd_verify, "read and check every chunk; report what damage affects",

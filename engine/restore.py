@@ -7,9 +7,13 @@ pool (pread, zstd and pwrite all release the GIL).  A chunk used at several
 offsets is read once.  Zero chunks are never written: the target is created
 at its full size as a sparse file, so they stay holes.
 
-The restore writes to ``TARGET.blockvault-partial`` and renames it over the
+Targets (``RestoreTarget``): a raw file (sparse), a monolithicSparse VMDK
+written by native's VMDK writer, or a vSphere disk through VDDK Write.  File
+targets are written to ``TARGET.blockvault-partial`` and renamed over the
 target only when every chunk is written and synced, so an interrupted
-restore never leaves a half-written file under the target's name.
+restore never leaves a half-written file under the target's name.  A VDDK
+target is an existing disk written in place; unless it is known to be
+freshly created, zero chunks are written too, because it may hold old data.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+import native
+
 from chunkstore import IndexEntry
 from chunkstore.config import fsync_dir
 from chunkstore.pack import RECORD_HEADER_SIZE
@@ -28,6 +34,7 @@ from engine.errors import BadInputError
 from engine.manifest import Manifest, segment_array
 from engine.pipeline import default_workers
 from engine.repository import Repository
+from engine.sources import target_format
 
 SPAN_BYTES = 8 << 20
 WINDOW_SEGMENTS = 16
@@ -67,45 +74,165 @@ def _spans(entries: list[tuple[IndexEntry, bytes, list[int]]]) -> list[_Span]:
     return spans
 
 
-def check_target(target: str, force: bool) -> None:
-    if os.path.isdir(target):
-        raise BadInputError(f"restore target {target} is a directory; give a file name")
-    if os.path.lexists(target) and not force:
-        raise BadInputError(f"restore target {target} exists; pass --force to overwrite it")
-    parent = os.path.dirname(os.path.abspath(target))
-    if not os.path.isdir(parent):
-        raise BadInputError(f"restore target directory {parent} does not exist")
+class RestoreTarget:
+    """Where restored bytes go: ``write(offset, data)`` from many threads at once."""
+
+    writes_zeros = False
+
+    def __init__(self, target: str, force: bool):
+        self.target = target
+        self.force = force
+
+    def check(self) -> None:
+        target = self.target
+        if os.path.isdir(target):
+            raise BadInputError(f"restore target {target} is a directory; give a file name")
+        if os.path.lexists(target) and not self.force:
+            raise BadInputError(f"restore target {target} exists; pass --force to overwrite it")
+        parent = os.path.dirname(os.path.abspath(target))
+        if not os.path.isdir(parent):
+            raise BadInputError(f"restore target directory {parent} does not exist")
+
+    @property
+    def partial(self) -> str:
+        return self.target + PARTIAL_SUFFIX
+
+    def open(self, size: int) -> None:
+        raise NotImplementedError
+
+    def write(self, offset: int, data) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Durable, and under the target's name."""
+        os.replace(self.partial, self.target)
+        fsync_dir(os.path.dirname(os.path.abspath(self.target)))
+
+    def discard(self) -> None:
+        try:
+            os.unlink(self.partial)
+        except FileNotFoundError:
+            pass
 
 
-def restore_backup(repo: Repository, ref: str, target: str, force: bool = False,
+class RawTarget(RestoreTarget):
+    """A sparse raw image: holes wherever the backup has zero chunks."""
+
+    def open(self, size: int) -> None:
+        self.fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        os.ftruncate(self.fd, size)
+
+    def write(self, offset: int, data) -> None:
+        os.pwrite(self.fd, data, offset)
+
+    def finish(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        super().finish()
+
+    def discard(self) -> None:
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        super().discard()
+
+
+class VmdkTarget(RestoreTarget):
+    """A hosted monolithicSparse VMDK; zero grains stay unallocated."""
+
+    def open(self, size: int) -> None:
+        self.disk = native.create_vmdk(self.partial, size)
+
+    def write(self, offset: int, data) -> None:
+        self.disk.write(offset, data)
+
+    def finish(self) -> None:
+        self.disk.finish()
+        self.disk.close()
+        super().finish()
+
+    def discard(self) -> None:
+        if getattr(self, "disk", None) is not None:
+            self.disk.close()
+        super().discard()
+
+
+class VddkTarget(RestoreTarget):
+    """An existing vSphere disk, written in place through VDDK."""
+
+    def __init__(self, target: str, force: bool, credentials_file: str | None = None, zeroed: bool = False):
+        super().__init__(target, force)
+        self.credentials_file = credentials_file
+        self.writes_zeros = not zeroed
+
+    def check(self) -> None:
+        from engine.vddk_url import parse_vddk_url
+        if parse_vddk_url(self.target).snapshot:
+            raise BadInputError("a restore writes a VM's base disk, never a snapshot: drop snapshot= from the URL")
+        if not self.force:
+            raise BadInputError(f"restoring to {self.target} overwrites that disk; pass --force to confirm")
+
+    def open(self, size: int) -> None:
+        from engine.vddk_url import open_vddk_url
+        try:
+            self.disk = open_vddk_url(self.target, self.credentials_file, writable=True)
+        except OSError as e:
+            raise BadInputError(f"cannot open {self.target} for writing: {e.strerror or e}") from None
+        if self.disk.size < size:
+            self.disk.close()
+            raise BadInputError(f"target disk holds {self.disk.size} bytes, the backup needs {size}; "
+                                "grow the disk first")
+
+    def write(self, offset: int, data) -> None:
+        self.disk.write(offset, data)
+
+    def finish(self) -> None:
+        self.disk.finish()
+        self.disk.close()
+
+    def discard(self) -> None:
+        if getattr(self, "disk", None) is not None and not self.disk.closed:
+            self.disk.close()
+
+
+def make_target(target: str, force: bool = False, fmt: str | None = None,
+                credentials_file: str | None = None, zeroed: bool = False) -> RestoreTarget:
+    kind = target_format(target, fmt)
+    if kind == "raw":
+        return RawTarget(target, force)
+    if kind == "vmdk":
+        return VmdkTarget(target, force)
+    if kind == "vddk":
+        return VddkTarget(target, force, credentials_file, zeroed)
+    raise BadInputError(f"restore format {fmt!r} is unknown; use raw, vmdk or vddk")
+
+
+def restore_backup(repo: Repository, ref: str, target: str | RestoreTarget, force: bool = False,
                    workers: int | None = None,
                    on_start: Callable[[BackupRecord, int], None] | None = None,
                    on_progress: Callable[[int], None] | None = None) -> RestoreResult:
     store = repo.store
-    check_target(target, force)
+    out = target if isinstance(target, RestoreTarget) else make_target(target, force)
+    out.check()
     workers = (workers or default_workers()) * 2  # I/O-bound share: keep reads in flight
-    partial = target + PARTIAL_SUFFIX
     with store.read_txn() as txn:
         record = repo.catalog.resolve(txn, ref)
         manifest = repo.manifests.get(txn, record.key, record.id)
         if on_start:
-            on_start(record, manifest.nonzero_chunks * manifest.chunk_size)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            chunks = manifest.n_chunks if out.writes_zeros else manifest.nonzero_chunks
+            on_start(record, min(chunks * manifest.chunk_size, manifest.size))
+        out.open(manifest.size)
         try:
-            os.ftruncate(fd, manifest.size)
-            counts = _write_all(repo, txn, manifest, fd, workers, on_progress)
-            os.fsync(fd)
+            counts = _write_all(repo, txn, manifest, out, workers, on_progress)
+            out.finish()
         except BaseException:
-            os.close(fd)
-            os.unlink(partial)
+            out.discard()
             raise
-        os.close(fd)
-    os.replace(partial, target)
-    fsync_dir(os.path.dirname(os.path.abspath(target)))
-    return RestoreResult(record, target, *counts)
+    return RestoreResult(record, out.target, *counts)
 
 
-def _write_all(repo: Repository, txn, manifest: Manifest, fd: int, workers: int,
+def _write_all(repo: Repository, txn, manifest: Manifest, out: RestoreTarget, workers: int,
                on_progress) -> tuple[int, int, int]:
     store = repo.store
     cs, size, zero = manifest.chunk_size, manifest.size, store.digester.zero_digest
@@ -118,8 +245,18 @@ def _write_all(repo: Repository, txn, manifest: Manifest, fd: int, workers: int,
             raw = store.decode_chunk(data, at, entry, digest)
             for off in offsets:
                 n = min(cs, size - off)
-                os.pwrite(fd, raw[:n] if n < cs else raw, off)
+                out.write(off, raw[:n] if n < cs else raw)
                 done += n
+        return done
+
+    zeros = bytes(cs) if out.writes_zeros else b""
+
+    def write_zeros(offsets: list[int]) -> int:
+        done = 0
+        for off in offsets:
+            n = min(cs, size - off)
+            out.write(off, zeros[:n])
+            done += n
         return done
 
     with ThreadPoolExecutor(workers, thread_name_prefix="bv-restore") as pool:
@@ -128,19 +265,24 @@ def _write_all(repo: Repository, txn, manifest: Manifest, fd: int, workers: int,
             for window in range(0, len(manifest.segments), WINDOW_SEGMENTS):
                 by_digest: dict[bytes, list[int]] = {}
                 for s in range(window, min(window + WINDOW_SEGMENTS, len(manifest.segments))):
-                    if manifest.nonzero[s] == 0:
+                    if manifest.nonzero[s] == 0 and not zeros:
                         continue
                     arr = segment_array(repo.manifests.segment(txn, manifest.segments[s]), manifest.digest_len)
                     base = s * manifest.seg_chunks * cs
                     for k, row in enumerate(arr):
-                        d = row.tobytes()
-                        if d != zero:
-                            by_digest.setdefault(d, []).append(base + k * cs)
+                        by_digest.setdefault(row.tobytes(), []).append(base + k * cs)
+                zero_offsets = by_digest.pop(zero, [])
                 entries = [(store.require(txn, d), d, offs) for d, offs in by_digest.items()]
                 chunks_read += len(entries)
                 chunks_written += sum(len(o) for o in by_digest.values())
-                for span in _spans(entries):
-                    inflight.append(pool.submit(work, span))
+                tasks = [(work, span) for span in _spans(entries)]
+                if zeros and zero_offsets:
+                    chunks_written += len(zero_offsets)
+                    per_task = max(1, SPAN_BYTES // cs)
+                    tasks += [(write_zeros, zero_offsets[i:i + per_task])
+                              for i in range(0, len(zero_offsets), per_task)]
+                for fn, arg in tasks:
+                    inflight.append(pool.submit(fn, arg))
                     while len(inflight) > workers * 2 or (inflight and inflight[0].done()):
                         n = inflight.popleft().result()
                         written += n

@@ -17,6 +17,8 @@
 
 #include "disk.h"
 #include "rawdisk.h"
+#include "vddk.h"
+#include "vmdk.h"
 
 typedef struct {
     PyObject_HEAD
@@ -24,6 +26,7 @@ typedef struct {
     void *impl;
     uint64_t size;
     PyObject *path;
+    PyObject *info;    /* dict: what the reader learned (format, transport...) */
     Py_ssize_t active; /* calls running with the GIL released */
 } DiskObject;
 
@@ -118,6 +121,102 @@ static void raw_close(void *impl)
 
 static const disk_ops raw_ops = {"raw", raw_read, raw_write, raw_extents, raw_finish, raw_close};
 
+/* ---- hosted VMDK files (vmdk.h) ----------------------------------------- */
+
+static int vmdk_ops_read(void *impl, void *buf, size_t len, uint64_t off, char *err, size_t errlen)
+{
+    return vmdk_read(impl, buf, len, off, err, errlen);
+}
+
+static int vmdk_ops_extents(void *impl, rd_extent **out, size_t *count, char *err, size_t errlen)
+{
+    /* vmdk_range has rd_extent's layout (vmdk.h says so). */
+    return vmdk_extents(impl, (vmdk_range **)out, count, err, errlen);
+}
+
+static void vmdk_ops_close(void *impl)
+{
+    vmdk_close(impl);
+}
+
+static const disk_ops vmdk_ops = {"vmdk", vmdk_ops_read, NULL, vmdk_ops_extents, NULL, vmdk_ops_close};
+
+static int vmdkw_read(void *impl, void *buf, size_t len, uint64_t off, char *err, size_t errlen)
+{
+    (void)impl, (void)buf, (void)len, (void)off;
+    snprintf(err, errlen, "a VMDK being written cannot be read back before it is finished");
+    errno = EBADF;
+    return -1;
+}
+
+static int vmdkw_write(void *impl, const void *buf, size_t len, uint64_t off, char *err,
+                       size_t errlen)
+{
+    return vmdk_writer_write(impl, buf, len, off, err, errlen);
+}
+
+static int vmdkw_extents(void *impl, rd_extent **out, size_t *count, char *err, size_t errlen)
+{
+    (void)impl, (void)err, (void)errlen;
+    *out = NULL;
+    *count = 0;
+    return 0;
+}
+
+static int vmdkw_finish(void *impl, char *err, size_t errlen)
+{
+    return vmdk_writer_finish(impl, err, errlen);
+}
+
+static void vmdkw_close(void *impl)
+{
+    vmdk_writer_close(impl);
+}
+
+static const disk_ops vmdk_writer_ops = {"vmdk-writer", vmdkw_read, vmdkw_write, vmdkw_extents,
+                                         vmdkw_finish, vmdkw_close};
+
+/* ---- vSphere disks through VDDK (vddk.h) ------------------------------------ */
+
+static int vddk_ops_read(void *impl, void *buf, size_t len, uint64_t off, char *err, size_t errlen)
+{
+    (void)errlen; /* err is RD_ERRLEN = VDDK_ERRLEN bytes */
+    return vddk_read(impl, off, buf, len, err);
+}
+
+static int vddk_ops_write(void *impl, const void *buf, size_t len, uint64_t off, char *err,
+                          size_t errlen)
+{
+    (void)errlen;
+    return vddk_write(impl, off, buf, len, err);
+}
+
+static int vddk_ops_extents(void *impl, rd_extent **out, size_t *count, char *err, size_t errlen)
+{
+    (void)errlen;
+    vddk_extent *v = NULL;
+    if (vddk_extents(impl, 0, vddk_capacity(impl), &v, count, err) != 0)
+        return -1;
+    /* Same layout as rd_extent (vddk.h); vddk_free_extents is free(). */
+    *out = (rd_extent *)v;
+    return 0;
+}
+
+static int vddk_ops_finish(void *impl, char *err, size_t errlen)
+{
+    (void)errlen;
+    return vddk_flush(impl, err);
+}
+
+static void vddk_ops_close(void *impl)
+{
+    char err[VDDK_ERRLEN];
+    vddk_close(impl, err);
+}
+
+static const disk_ops vddk_ops = {"vddk", vddk_ops_read, vddk_ops_write, vddk_ops_extents,
+                                  vddk_ops_finish, vddk_ops_close};
+
 /* ---- Disk ---------------------------------------------------------------- */
 
 static PyObject *disk_new_from(const disk_ops *ops, void *impl, uint64_t size, PyObject *path)
@@ -133,6 +232,11 @@ static PyObject *disk_new_from(const disk_ops *ops, void *impl, uint64_t size, P
     d->active = 0;
     Py_INCREF(path);
     d->path = path;
+    d->info = PyDict_New();
+    if (!d->info) {
+        Py_DECREF(d);
+        return NULL;
+    }
     return (PyObject *)d;
 }
 
@@ -141,6 +245,7 @@ static void disk_dealloc(DiskObject *self)
     if (self->impl)
         self->ops->close(self->impl);
     Py_XDECREF(self->path);
+    Py_XDECREF(self->info);
     PyObject_Free(self);
 }
 
@@ -384,6 +489,17 @@ static PyObject *disk_get_kind(DiskObject *self, void *Py_UNUSED(c))
     return PyUnicode_FromString(self->ops->kind);
 }
 
+static PyObject *disk_get_info(DiskObject *self, void *Py_UNUSED(c))
+{
+    return Py_NewRef(self->info);
+}
+
+static PyObject *disk_get_transport(DiskObject *self, void *Py_UNUSED(c))
+{
+    PyObject *t = PyDict_GetItemString(self->info, "transport");
+    return Py_NewRef(t ? t : Py_None);
+}
+
 static PyObject *disk_get_closed(DiskObject *self, void *Py_UNUSED(c))
 {
     return PyBool_FromLong(self->impl == NULL);
@@ -410,8 +526,10 @@ static PyMethodDef disk_methods[] = {
 static PyGetSetDef disk_getset[] = {
     {"size", (getter)disk_get_size, NULL, "capacity in bytes", NULL},
     {"path", (getter)disk_get_path, NULL, "what was opened", NULL},
-    {"kind", (getter)disk_get_kind, NULL, "raw, vmdk or vddk", NULL},
+    {"kind", (getter)disk_get_kind, NULL, "raw, vmdk, vmdk-writer or vddk", NULL},
     {"closed", (getter)disk_get_closed, NULL, NULL, NULL},
+    {"info", (getter)disk_get_info, NULL, "what the reader learned about the disk", NULL},
+    {"transport", (getter)disk_get_transport, NULL, "VDDK transport mode used, else None", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -470,6 +588,268 @@ static PyObject *mod_open_raw(PyObject *Py_UNUSED(m), PyObject *args, PyObject *
     return d;
 }
 
+/* Encodes a path argument for C; on failure returns NULL with the error set. */
+static PyObject *fs_encode(PyObject *path)
+{
+    return PyUnicode_EncodeFSDefault(path);
+}
+
+PyDoc_STRVAR(open_vmdk_doc,
+"open_vmdk(path) -> Disk\n\n"
+"Open a hosted VMDK read-only: a descriptor (flat, vmfs, twoGbMaxExtent*),\n"
+"monolithicSparse or streamOptimized.  info['create_type'] names the kind.");
+
+static PyObject *mod_open_vmdk(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *path;
+    if (!PyArg_ParseTuple(args, "O&", PyUnicode_FSDecoder, &path))
+        return NULL;
+    PyObject *bytes = fs_encode(path);
+    if (!bytes) {
+        Py_DECREF(path);
+        return NULL;
+    }
+    char err[VMDK_ERRLEN] = "";
+    vmdk_disk *v;
+    int saved = 0;
+    Py_BEGIN_ALLOW_THREADS
+    v = vmdk_open(PyBytes_AS_STRING(bytes), err, sizeof err);
+    if (!v)
+        saved = errno;
+    Py_END_ALLOW_THREADS
+    Py_DECREF(bytes);
+    if (!v) {
+        raise_oserror(saved, err, path);
+        Py_DECREF(path);
+        return NULL;
+    }
+    DiskObject *d = (DiskObject *)disk_new_from(&vmdk_ops, v, vmdk_capacity(v), path);
+    Py_DECREF(path);
+    if (!d)
+        return NULL;
+    PyObject *ct = PyUnicode_DecodeUTF8(vmdk_create_type(v), (Py_ssize_t)strlen(vmdk_create_type(v)),
+                                        "replace");
+    if (!ct || PyDict_SetItemString(d->info, "create_type", ct) < 0) {
+        Py_XDECREF(ct);
+        Py_DECREF(d);
+        return NULL;
+    }
+    Py_DECREF(ct);
+    return (PyObject *)d;
+}
+
+PyDoc_STRVAR(create_vmdk_doc,
+"create_vmdk(path, capacity, grain_size=0) -> Disk\n\n"
+"Create a monolithicSparse VMDK of capacity bytes for writing.  Write whole\n"
+"grains where possible; call finish() to complete the file.");
+
+static PyObject *mod_create_vmdk(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"path", "capacity", "grain_size", NULL};
+    PyObject *path;
+    unsigned long long capacity;
+    unsigned int grain = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&K|I", kwlist, PyUnicode_FSDecoder, &path,
+                                     &capacity, &grain))
+        return NULL;
+    PyObject *bytes = fs_encode(path);
+    if (!bytes) {
+        Py_DECREF(path);
+        return NULL;
+    }
+    char err[VMDK_ERRLEN] = "";
+    vmdk_writer *w;
+    int saved = 0;
+    Py_BEGIN_ALLOW_THREADS
+    w = vmdk_writer_create(PyBytes_AS_STRING(bytes), capacity, grain, err, sizeof err);
+    if (!w)
+        saved = errno;
+    Py_END_ALLOW_THREADS
+    Py_DECREF(bytes);
+    if (!w) {
+        raise_oserror(saved, err, path);
+        Py_DECREF(path);
+        return NULL;
+    }
+    PyObject *d = disk_new_from(&vmdk_writer_ops, w, vmdk_writer_capacity(w), path);
+    Py_DECREF(path);
+    return d;
+}
+
+/* Connection parameters come as keyword arguments; the C strings borrow from
+ * the kwargs dict, which outlives the call. */
+static int parse_conn(PyObject *kw, vddk_conn *c)
+{
+    static const char *names[] = {"library", "config_file", "server", "thumbprint", "user",
+                                  "password", "cookie", "vm_moref", "snapshot_moref",
+                                  "transport_modes", "port", "nfc_port", NULL};
+    memset(c, 0, sizeof *c);
+    if (!kw)
+        return 0;
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(kw, &pos, &key, &value)) {
+        const char *k = PyUnicode_AsUTF8(key);
+        if (!k)
+            return -1;
+        int known = 0;
+        for (int i = 0; names[i]; i++)
+            known |= strcmp(k, names[i]) == 0;
+        if (!known) {
+            PyErr_Format(PyExc_TypeError, "unknown VDDK connection parameter %R", key);
+            return -1;
+        }
+    }
+    const char **slots[] = {&c->libpath, &c->config_file, &c->server, &c->thumbprint, &c->user,
+                            &c->password, &c->cookie, &c->vm_moref, &c->snapshot_moref,
+                            &c->transport_modes};
+    for (int i = 0; i < 10; i++) {
+        PyObject *v = PyDict_GetItemString(kw, names[i]);
+        if (!v || v == Py_None)
+            continue;
+        if (!(*slots[i] = PyUnicode_AsUTF8(v)))
+            return -1;
+    }
+    uint32_t *ports[] = {&c->port, &c->nfc_port};
+    for (int i = 0; i < 2; i++) {
+        PyObject *v = PyDict_GetItemString(kw, names[10 + i]);
+        if (!v || v == Py_None)
+            continue;
+        unsigned long n = PyLong_AsUnsignedLong(v);
+        if (PyErr_Occurred())
+            return -1;
+        if (n > 65535) {
+            PyErr_Format(PyExc_ValueError, "%s %lu is not a TCP port", names[10 + i], n);
+            return -1;
+        }
+        *ports[i] = (uint32_t)n;
+    }
+    return 0;
+}
+
+static int info_set(PyObject *info, const char *key, PyObject *value)
+{
+    if (!value)
+        return -1;
+    int rc = PyDict_SetItemString(info, key, value);
+    Py_DECREF(value);
+    return rc;
+}
+
+PyDoc_STRVAR(open_vddk_doc,
+"open_vddk(path, *, writable=False, handles=1, library=None, server=None, port=0,\n"
+"          thumbprint=None, user=None, password=None, cookie=None, vm_moref=None,\n"
+"          snapshot_moref=None, transport_modes=None, config_file=None) -> Disk\n\n"
+"Open a vSphere disk through libvixDiskLib (dlopen'ed from library, or VDDK's\n"
+"usual install places).  path is '[datastore] dir/disk.vmdk'.  info holds the\n"
+"transport mode actually used, the library file and version.");
+
+static PyObject *mod_open_vddk(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
+{
+    const char *path;
+    if (!PyArg_ParseTuple(args, "s", &path))
+        return NULL;
+    vddk_disk_opts o;
+    memset(&o, 0, sizeof o);
+    o.path = path;
+    o.handles = 1;
+    PyObject *conn_kw = kw ? PyDict_Copy(kw) : PyDict_New();
+    if (!conn_kw)
+        return NULL;
+    PyObject *v;
+    if ((v = PyDict_GetItemString(conn_kw, "writable"))) {
+        o.writable = PyObject_IsTrue(v);
+        PyDict_DelItemString(conn_kw, "writable");
+    }
+    if ((v = PyDict_GetItemString(conn_kw, "handles"))) {
+        o.handles = (unsigned)PyLong_AsUnsignedLong(v);
+        PyDict_DelItemString(conn_kw, "handles");
+        if (PyErr_Occurred()) {
+            Py_DECREF(conn_kw);
+            return NULL;
+        }
+    }
+    vddk_conn c;
+    if (o.writable < 0 || parse_conn(conn_kw, &c) != 0) {
+        Py_DECREF(conn_kw);
+        return NULL;
+    }
+    char err[VDDK_ERRLEN] = "";
+    vddk_disk *d;
+    int saved = 0;
+    Py_BEGIN_ALLOW_THREADS
+    d = vddk_open(&c, &o, err);
+    if (!d)
+        saved = errno;
+    Py_END_ALLOW_THREADS
+    Py_DECREF(conn_kw);
+    PyObject *name = PyUnicode_FromFormat("vddk:%s", path);
+    if (!name) {
+        if (d)
+            vddk_ops_close(d);
+        return NULL;
+    }
+    if (!d) {
+        raise_oserror(saved, err, name);
+        Py_DECREF(name);
+        return NULL;
+    }
+    const vddk_info *in = vddk_disk_info(d);
+    DiskObject *disk = (DiskObject *)disk_new_from(&vddk_ops, d, in->capacity, name);
+    Py_DECREF(name);
+    if (!disk)
+        return NULL;
+    if (info_set(disk->info, "transport", PyUnicode_FromString(in->transport)) < 0 ||
+        info_set(disk->info, "library", PyUnicode_DecodeFSDefault(in->libfile)) < 0 ||
+        info_set(disk->info, "library_major", PyLong_FromLong(in->lib_major)) < 0 ||
+        info_set(disk->info, "handles", PyLong_FromUnsignedLong(in->handles)) < 0 ||
+        info_set(disk->info, "uuid", PyUnicode_DecodeUTF8(in->uuid, (Py_ssize_t)strlen(in->uuid),
+                                                          "replace")) < 0 ||
+        info_set(disk->info, "allocated_blocks", PyBool_FromLong(in->has_allocated_blocks)) < 0) {
+        Py_DECREF(disk);
+        return NULL;
+    }
+    return (PyObject *)disk;
+}
+
+typedef int (*access_fn)(const vddk_conn *, const char *, char *);
+
+static PyObject *vddk_access_call(PyObject *args, PyObject *kw, access_fn fn)
+{
+    const char *identity;
+    if (!PyArg_ParseTuple(args, "s", &identity))
+        return NULL;
+    vddk_conn c;
+    if (parse_conn(kw, &c) != 0)
+        return NULL;
+    char err[VDDK_ERRLEN] = "";
+    int rc, saved = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fn(&c, identity, err);
+    if (rc != 0)
+        saved = errno;
+    Py_END_ALLOW_THREADS
+    if (rc != 0)
+        return raise_oserror(saved, err, NULL);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(vddk_prepare_access_doc,
+"vddk_prepare_access(identity, **connection)\n\n"
+"VixDiskLib_PrepareForAccess for the VM (before its backup snapshot is taken).");
+
+static PyObject *mod_vddk_prepare_access(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
+{
+    return vddk_access_call(args, kw, vddk_prepare_access);
+}
+
+PyDoc_STRVAR(vddk_end_access_doc, "vddk_end_access(identity, **connection)\n\nVixDiskLib_EndAccess.");
+
+static PyObject *mod_vddk_end_access(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
+{
+    return vddk_access_call(args, kw, vddk_end_access);
+}
+
 PyDoc_STRVAR(zero_chunks_doc,
 "zero_chunks(buffer, chunk_size) -> bytes\n\n"
 "One byte per chunk of the buffer: 1 where the chunk is all zeros.\n"
@@ -507,6 +887,15 @@ static PyObject *mod_zero_chunks(PyObject *Py_UNUSED(m), PyObject *args)
 static PyMethodDef module_methods[] = {
     {"open_raw", (PyCFunction)(void (*)(void))mod_open_raw, METH_VARARGS | METH_KEYWORDS,
      open_raw_doc},
+    {"open_vmdk", (PyCFunction)mod_open_vmdk, METH_VARARGS, open_vmdk_doc},
+    {"create_vmdk", (PyCFunction)(void (*)(void))mod_create_vmdk, METH_VARARGS | METH_KEYWORDS,
+     create_vmdk_doc},
+    {"open_vddk", (PyCFunction)(void (*)(void))mod_open_vddk, METH_VARARGS | METH_KEYWORDS,
+     open_vddk_doc},
+    {"vddk_prepare_access", (PyCFunction)(void (*)(void))mod_vddk_prepare_access,
+     METH_VARARGS | METH_KEYWORDS, vddk_prepare_access_doc},
+    {"vddk_end_access", (PyCFunction)(void (*)(void))mod_vddk_end_access,
+     METH_VARARGS | METH_KEYWORDS, vddk_end_access_doc},
     {"zero_chunks", (PyCFunction)mod_zero_chunks, METH_VARARGS, zero_chunks_doc},
     {NULL, NULL, 0, NULL},
 };
