@@ -19,6 +19,7 @@ import lmdb
 from chunkstore import StoreError, parse_size
 from chunkstore.config import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, DIGEST_KINDS
 from engine.progress import Progress, human_bytes
+from engine.vsphere.cli import register as register_vsphere
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -284,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dir", default=os.path.join(os.getcwd(), "blockvault-demo"),
                     help="scratch directory (default ./blockvault-demo, replaced)")
     sp.add_argument("--size", default="1G", help="apparent size of the generated image (default 1G)")
+
+    register_vsphere(sub)
     return p
 
 

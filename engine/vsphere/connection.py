@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from engine.vsphere.credentials import Credentials
+from engine.credentials import Credentials
 from engine.vsphere.errors import (NETWORK_ERRORS, CertificateError, ConnectionLost, CredentialsError,
                                    VsphereError, describe_fault)
 
@@ -194,8 +194,9 @@ class Connection:
             self.content = self.si.RetrieveContent()
             self.content.sessionManager.currentSession  # noqa: B018 - forces the login now
         except vim.fault.InvalidLogin:
+            origin = "the environment" if creds.source == "environment" else creds.source
             raise CredentialsError(f"vCenter {self.endpoint} refused the login with the credentials from "
-                                   f"{creds.origin}") from None
+                                   f"{origin}") from None
         except NETWORK_ERRORS as e:
             raise ConnectionLost(f"lost the connection to vCenter {self.endpoint} while logging in: "
                                  f"{describe_fault(e)}") from None
@@ -258,6 +259,11 @@ class Connection:
                     raise VsphereError(f"{what} did not finish within {timeout:.0f} s on vCenter {self.endpoint}")
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    @property
+    def credentials(self) -> Credentials:
+        """For VDDK's own connection (vddk_disk.py); never for messages."""
+        return self._credentials
 
     def vddk_thumbprint(self) -> str:
         """The server certificate's SHA-1 thumbprint, the form VDDK's ConnectEx wants."""

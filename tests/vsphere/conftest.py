@@ -23,7 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, unquote, urlencode
 
 import pytest
 
@@ -70,8 +70,9 @@ class Vcsim:
         self.pid = proc.pid
         self.host = host
         self.port = port
-        self.user = user or "user"
-        self.pwd = pwd or "pass"
+        # The URL line percent-encodes its user info (an '@' in a user name is %40).
+        self.user = unquote(user or "user")
+        self.pwd = unquote(pwd or "pass")
         self.workdir = workdir
         self.stderr_path = stderr_path
         self._sessions: list = []

@@ -1,0 +1,295 @@
+"""``blockvault vsphere ...``: VM backups, disaster recovery and the VM list.
+
+Registered into the main parser by engine/cli.py (``register``); errors,
+exit codes and ``--json`` follow engine/cli.py: 0 success, 1 an error on
+stderr, 2 usage, 4 store busy, 130 interrupted.  Warnings (CBT fallbacks, a
+removed left-over snapshot...) do not fail a run: they go to stderr as they
+happen and into the ``warnings`` list of ``--json`` output.
+
+Credentials come from ``BLOCKVAULT_VSPHERE_USER``/``BLOCKVAULT_VSPHERE_PASSWORD``
+or ``--credentials FILE``; there is deliberately no option that takes them.
+pyvmomi is imported only when a vsphere command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from engine.progress import Progress, human_bytes
+
+EXIT_OK = 0
+
+EPILOG = """\
+examples:
+  export BLOCKVAULT_VSPHERE_USER=backup@vsphere.local BLOCKVAULT_VSPHERE_PASSWORD=...
+  blockvault vsphere vms --server vc.lab --thumbprint AA:BB:... --store /backup/store
+  blockvault vsphere backup /backup/store --server vc.lab --thumbprint AA:BB:... --vm web01
+  blockvault vsphere list /backup/store --vm web01
+  blockvault vsphere restore /backup/store web01@3 --server vc.lab --thumbprint AA:BB:... --name web01-dr
+
+Without --thumbprint or --ca-file the server certificate is checked against the system's CAs;
+--insecure skips the check (labs only).
+"""
+
+
+class _StderrHandler(logging.Handler):
+    """``blockvault: warning: ...`` lines on stderr, as the rest of the CLI writes them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "WARNING" if record.levelno >= logging.ERROR else "warning"
+        try:
+            sys.stderr.write(f"blockvault: {level}: {record.getMessage()}\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - logging must never fail the run
+            pass
+
+
+def _setup_logging() -> None:
+    log = logging.getLogger("blockvault.vsphere")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler(logging.WARNING))
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+
+
+def _emit(args, doc: dict, text: str) -> None:
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    elif text:
+        print(text)
+
+
+def _connect(args):
+    try:
+        import pyVmomi  # noqa: F401
+    except ImportError:
+        from engine.vsphere.errors import VsphereError
+        raise VsphereError("the vsphere commands need pyvmomi: pip install 'blockvault[vsphere]'") from None
+    from engine.credentials import load_credentials
+    from engine.vsphere.connection import Connection, Endpoint, TlsPolicy
+
+    creds = load_credentials(args.credentials)
+    for text in creds.warnings:
+        logging.getLogger("blockvault.vsphere").warning(text)
+    tls = TlsPolicy(args.thumbprint, args.ca_file, args.insecure)
+    return Connection(Endpoint.parse(args.server), creds, tls, timeout=args.timeout)
+
+
+def _open_store(path: str):
+    from engine.repository import Repository
+    return Repository.open(path)
+
+
+# -- commands -----------------------------------------------------------------------
+
+
+def cmd_backup(args) -> int:
+    from engine.vsphere.backup import BackupOptions, backup_vm
+    from engine.vsphere.inventory import find_vm
+
+    _setup_logging()
+    progress = Progress(f"backup {args.vm}", enabled=False if args.json else None)
+    options = BackupOptions(mode=args.mode, transport=args.transport, vddk_library=args.vddk_library,
+                            vddk_transports=args.vddk_transports, quiesce=args.quiesce, cbt_sample=args.cbt_sample,
+                            workers=args.threads, wait=args.wait)
+    with _open_store(args.store) as repo, _connect(args) as conn:
+        vm = find_vm(conn, args.vm)
+        result = backup_vm(repo, conn, vm, options, on_plan=progress.set_total, on_progress=progress.advance)
+    progress.finish()
+    rec = result.record
+    doc = {**rec.summary(), "warnings": result.warnings}
+    lines = [rec.id]
+    if sys.stdout.isatty():
+        for d in rec.disks:
+            lines.append(f"  {d['backup']}  {d['kind']}: read {human_bytes(d['bytes_read'])} "
+                         f"({d.get('read')}{', ' + d['reason'] if d.get('reason') else ''})")
+        if result.warnings:
+            lines.append(f"  {len(result.warnings)} warning(s), see above")
+    _emit(args, doc, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_restore(args) -> int:
+    from engine.vsphere.restore import RestoreOptions, restore_vm
+
+    _setup_logging()
+    progress = Progress(f"restore {args.backup}", enabled=False if args.json else None)
+    options = RestoreOptions(name=args.name, datacenter=args.datacenter, datastore=args.datastore,
+                             folder=args.folder, resource_pool=args.resource_pool, host=args.host,
+                             transport=args.transport, vddk_library=args.vddk_library,
+                             vddk_transports=args.vddk_transports, tmp_dir=args.tmp_dir, workers=args.threads)
+    with _open_store(args.store) as repo, _connect(args) as conn:
+        result = restore_vm(repo, conn, args.backup, options, on_start=progress.set_total,
+                            on_progress=progress.advance)
+    progress.finish()
+    for note in result.notes:
+        logging.getLogger("blockvault.vsphere").warning(note)
+    doc = {"backup": result.backup, "vm": result.vm, "moref": result.moref, "transport": result.transport,
+           "disks": result.disks, "warnings": result.notes}
+    _emit(args, doc, f"restored {result.backup} as VM {result.vm} ({result.moref}), {len(result.disks)} disk(s), "
+                     "powered off")
+    return EXIT_OK
+
+
+def cmd_vms(args) -> int:
+    from engine.vsphere.inventory import list_vms
+    from engine.vsphere.vmcatalog import VmCatalog, vm_backup_name
+
+    _setup_logging()
+    with _connect(args) as conn:
+        vms = list_vms(conn)
+    last: dict[str, dict] = {}
+    if args.store:
+        with _open_store(args.store) as repo:
+            catalog = VmCatalog(repo.store)  # opens its database: before the read transaction
+            with repo.store.read_txn() as txn:
+                for s in vms:
+                    rec = catalog.latest(txn, vm_backup_name(s.name))
+                    if rec:
+                        last[s.moref] = {"id": rec.id, "time": rec.time, "kind": rec.kind}
+    docs = [{"name": s.name, "moref": s.moref, "power_state": s.power_state, "cbt_enabled": s.cbt_enabled,
+             "cbt_supported": s.cbt_supported, "disks": s.disks, "capacity": s.capacity,
+             "last_backup": last.get(s.moref)} for s in vms]
+    if args.json:
+        _emit(args, {"server": args.server, "vms": docs}, "")
+        return EXIT_OK
+    rows = [("NAME", "MOREF", "POWER", "CBT", "DISKS", "CAPACITY", "LAST BACKUP")]
+    for d in docs:
+        cbt = "on" if d["cbt_enabled"] else ("off" if d["cbt_supported"] else "unsupported")
+        lb = d["last_backup"]
+        lb_text = (f"{lb['id']} ({lb['kind']}, {time.strftime('%Y-%m-%d %H:%M', time.localtime(lb['time']))})"
+                   if lb else ("-" if args.store else "(no --store)"))
+        rows.append((d["name"], d["moref"], d["power_state"], cbt, str(d["disks"]), human_bytes(d["capacity"]),
+                     lb_text))
+    _table(rows)
+    return EXIT_OK
+
+
+def cmd_list(args) -> int:
+    from engine.vsphere.vmcatalog import VmCatalog, vm_backup_name
+
+    with _open_store(args.store) as repo:
+        catalog = VmCatalog(repo.store)  # opens its database: before the read transaction
+        with repo.store.read_txn() as txn:
+            records = list(catalog.for_vm(txn, vm_backup_name(args.vm)) if args.vm else catalog.all(txn))
+    if args.json:
+        _emit(args, {"vm_backups": [r.summary() for r in records]}, "")
+        return EXIT_OK
+    if not records:
+        print("no VM backups" + (f" of {args.vm}" if args.vm else ""))
+        return EXIT_OK
+    rows = [("ID", "TIME", "KIND", "BASE", "DISKS", "READ", "WARNINGS")]
+    for r in records:
+        rows.append((r.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.time)), r.kind, r.base or "-",
+                     str(len(r.disks)), human_bytes(sum(d.get("bytes_read", 0) for d in r.disks)),
+                     str(len(r.warnings))))
+    _table(rows)
+    return EXIT_OK
+
+
+def _table(rows) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share between 0 and 1 (e.g. 0.01 for 1%)")
+    return value
+
+
+# -- parser ---------------------------------------------------------------------------
+
+
+def _server_options(sp) -> None:
+    g = sp.add_argument_group("vCenter connection")
+    g.add_argument("--server", required=True, metavar="HOST[:PORT]", help="vCenter or ESXi host (port 443 by default)")
+    g.add_argument("--credentials", metavar="FILE",
+                   help="file with 'user=...' and 'password=...' lines; default: BLOCKVAULT_VSPHERE_USER and "
+                        "BLOCKVAULT_VSPHERE_PASSWORD from the environment")
+    tls = g.add_mutually_exclusive_group()
+    tls.add_argument("--thumbprint", metavar="SHA", help="pin the server certificate (SHA-1/256/512, hex, colons ok)")
+    tls.add_argument("--ca-file", metavar="FILE", help="check the server certificate against this CA bundle")
+    tls.add_argument("--insecure", action="store_true", help="do not check the server certificate (labs only)")
+    g.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="give up on a silent connection after this long (default %(default)s)")
+
+
+def _transport_options(sp) -> None:
+    g = sp.add_argument_group("disk transport")
+    g.add_argument("--transport", choices=("auto", "vddk", "http"), default="auto",
+                   help="vddk (VMware's VDDK library), http (datastore file access); default: vddk when a "
+                        "VDDK library is found, else http")
+    g.add_argument("--vddk-library", metavar="PATH",
+                   help="libvixDiskLib or its directory (default: $BLOCKVAULT_VDDK_LIBRARY, then "
+                        "/usr/lib/vmware-vix-disklib and similar)")
+    g.add_argument("--vddk-transports", metavar="MODES", help="VDDK transport modes to try, e.g. hotadd:nbdssl")
+
+
+def register(sub) -> None:
+    """Add the ``vsphere`` command group to blockvault's subparsers."""
+    group = sub.add_parser("vsphere", help="back up and recover vSphere VMs (CBT, snapshots, pyvmomi)",
+                           description="Back up whole vSphere VMs with Changed Block Tracking; recreate them.",
+                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    vsub = group.add_subparsers(dest="vsphere_command", metavar="COMMAND", required=True)
+
+    def cmd(name, func, help_text, example):
+        sp = vsub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.set_defaults(func=func)
+        sp.add_argument("--json", action="store_true", help="print one JSON document; no progress")
+        return sp
+
+    sp = cmd("backup", cmd_backup, "back up every disk of a VM as the next point VM@N",
+             "blockvault vsphere backup /backup/store --server vc.lab --thumbprint AA:BB:.. --vm web01")
+    sp.add_argument("store", metavar="STORE")
+    sp.add_argument("--vm", required=True, help="VM name, moref (vm-42) or inventory path (DC/vm/folder/name)")
+    sp.add_argument("--mode", choices=("auto", "full", "incremental", "differential"), default="auto",
+                    help="auto (default): incremental when the store has an earlier backup of the VM, else full; "
+                         "differential: changes since the last full")
+    sp.add_argument("--quiesce", action="store_true", help="quiesce the guest file systems (needs VMware Tools)")
+    sp.add_argument("--cbt-sample", type=_share, default=0.001, metavar="SHARE",
+                    help="share of the chunks CBT reports unchanged that are re-read and compared with the base, "
+                         "at least one chunk (default %(default)s, i.e. 1 GiB of a 1 TiB disk; 0 turns the "
+                         "check off)")
+    sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                    help="wait this long for another writer of the store (default: fail at once)")
+    sp.add_argument("--threads", type=int, default=None, help="worker threads (default: one per core)")
+    _server_options(sp)
+    _transport_options(sp)
+
+    sp = cmd("restore", cmd_restore, "recreate a VM from a backup (disaster recovery) as a new VM",
+             "blockvault vsphere restore /backup/store web01@3 --server vc.lab --thumbprint AA:BB:.. --name web01-dr")
+    sp.add_argument("store", metavar="STORE")
+    sp.add_argument("backup", metavar="VM@N", help="VM backup id, e.g. web01@3 or web01@latest")
+    sp.add_argument("--name", required=True, help="name of the new VM")
+    sp.add_argument("--datacenter", help="datacenter (default: the original VM's, else the first)")
+    sp.add_argument("--datastore", help="datastore for the VM and its disks (default: the original VM's)")
+    sp.add_argument("--folder", help="VM folder, name or inventory path (default: the datacenter's VM folder)")
+    where = sp.add_mutually_exclusive_group()
+    where.add_argument("--resource-pool", help="resource pool, name or inventory path")
+    where.add_argument("--host", help="ESXi host to run the VM on")
+    sp.add_argument("--tmp-dir", metavar="DIR",
+                    help="where the http transport stages each disk as a sparse file (default: $TMPDIR)")
+    sp.add_argument("--threads", type=int, default=None, help="worker threads (default: two per core)")
+    _server_options(sp)
+    _transport_options(sp)
+
+    sp = cmd("vms", cmd_vms, "list the server's VMs with their CBT state (and last backup, with --store)",
+             "blockvault vsphere vms --server vc.lab --thumbprint AA:BB:.. --store /backup/store")
+    sp.add_argument("--store", help="show each VM's latest backup in this store")
+    _server_options(sp)
+
+    sp = cmd("list", cmd_list, "list the VM backups of a store", "blockvault vsphere list /backup/store --vm web01")
+    sp.add_argument("store", metavar="STORE")
+    sp.add_argument("--vm", help="only this VM")

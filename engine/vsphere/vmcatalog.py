@@ -1,0 +1,149 @@
+"""VM backups: ``VM@N`` groups the disk backups of one run, with the VM's configuration.
+
+Each disk of a VM keeps its own chain in the ordinary catalog, named
+``VM/disk-<deviceKey>`` (so each has its T1..Tn and its changeId); the VM
+record ties one run's disk backups together and holds what disaster recovery
+needs besides the data: the configuration read from the backup snapshot, the
+source VM's identity, and the run's warnings.  The record is written by
+``commit_backups(..., extra=...)`` in the same LMDB transaction as the disks'
+manifests and catalog entries, so a VM backup is visible only when every one
+of its disks is.
+
+Records are JSON in LMDB database ``vm_backups``, keyed like the catalog
+(VM name, a 0 byte, big-endian sequence number), so a VM's backups sort in
+order and its latest is the last key of its range.  docs/FORMAT.md has the
+fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+from engine.catalog import catalog_key
+from engine.errors import BadInputError, NotFoundError
+
+VM_BACKUPS_DB = b"vm_backups"
+_ALLOWED = re.compile(r"[^A-Za-z0-9._:+-]")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,149}$")
+MAX_NAME = 150  # leaves room for "/disk-<key>" within the catalog's 200 characters
+
+
+def vm_backup_name(vm_name: str) -> str:
+    """The store's name for a VM: its own when that is a valid catalog name.
+
+    Other names are made valid (disallowed characters, including ``/`` and
+    ``@``, become ``_``) and get 8 hex digits of the original's SHA-256, so two
+    VMs whose names differ only in such characters never share a chain.  The
+    mapping is idempotent: a valid name maps to itself.
+    """
+    if _NAME.match(vm_name or ""):
+        return vm_name
+    cleaned = _ALLOWED.sub("_", vm_name or "")
+    if not cleaned[:1].isalnum():
+        cleaned = "vm" + cleaned
+    tag = hashlib.sha256((vm_name or "").encode()).hexdigest()[:8]
+    return f"{cleaned[:MAX_NAME - 9]}+{tag}"
+
+
+def disk_backup_name(vm_backup: str, device_key: int) -> str:
+    return f"{vm_backup}/disk-{device_key}"
+
+
+@dataclass
+class VmBackupRecord:
+    vm: str                       # the store's name for the VM (vm_backup_name)
+    seq: int
+    time: float
+    kind: str                     # full, incremental or differential (what was asked)
+    base: str | None              # the VM backup this run's changes are relative to
+    disks: list[dict]             # one per disk, see docs/FORMAT.md
+    config: dict                  # VirtualMachineConfigInfo of the snapshot (vmconfig.py)
+    source: dict                  # server, VM name, moref, UUIDs, inventory path, datacenter
+    warnings: list[str] = field(default_factory=list)
+    snapshot: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.vm}@{self.seq}"
+
+    @property
+    def key(self) -> bytes:
+        return catalog_key(self.vm, self.seq)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data) -> "VmBackupRecord":
+        return cls(**json.loads(bytes(data)))
+
+    def summary(self, with_config: bool = False) -> dict:
+        doc = asdict(self)
+        doc["id"] = self.id
+        if not with_config:
+            doc.pop("config")
+        return doc
+
+
+def parse_vm_ref(ref: str) -> tuple[str, str]:
+    """``web01@3`` -> (store name of web01, "3"); ``web01@latest`` too."""
+    name, sep, which = (ref or "").rpartition("@")
+    if not sep or not name or not (which.isdigit() or which == "latest"):
+        raise BadInputError(f"{ref!r} is not a VM backup id; write VM@N (e.g. web01@3) or VM@latest")
+    return vm_backup_name(name), which
+
+
+class VmCatalog:
+    """The ``vm_backups`` database.  Construct it before opening the read
+    transaction it is used in: LMDB shows a transaction only the databases
+    opened before it began."""
+
+    def __init__(self, store):
+        self.db = store.db(VM_BACKUPS_DB)
+
+    def put(self, txn, record: VmBackupRecord) -> None:
+        if not txn.put(record.key, record.to_json(), db=self.db, overwrite=False):
+            raise NotFoundError(f"VM backup {record.id} already exists")  # the writer lock makes this a bug
+
+    def for_vm(self, txn, vm: str) -> Iterator[VmBackupRecord]:
+        prefix = vm.encode() + b"\0"
+        with txn.cursor(db=self.db) as cur:
+            if not cur.set_range(prefix):
+                return
+            for key, value in cur:
+                if not bytes(key).startswith(prefix):
+                    break
+                yield VmBackupRecord.from_json(value)
+
+    def all(self, txn) -> Iterator[VmBackupRecord]:
+        with txn.cursor(db=self.db) as cur:
+            for _, value in cur:
+                yield VmBackupRecord.from_json(value)
+
+    def latest(self, txn, vm: str, kind: str | None = None) -> VmBackupRecord | None:
+        found = None
+        for rec in self.for_vm(txn, vm):
+            if kind is None or rec.kind == kind:
+                found = rec
+        return found
+
+    def next_seq(self, txn, vm: str) -> int:
+        last = self.latest(txn, vm)
+        return last.seq + 1 if last else 1
+
+    def resolve(self, txn, ref: str) -> VmBackupRecord:
+        vm, which = parse_vm_ref(ref)
+        if which == "latest":
+            rec = self.latest(txn, vm)
+        else:
+            value = txn.get(catalog_key(vm, int(which)), db=self.db)
+            rec = VmBackupRecord.from_json(value) if value is not None else None
+        if rec is None:
+            known = [r.id for r in self.for_vm(txn, vm)]
+            hint = f"backups of VM {vm}: {', '.join(known[-5:])}" if known else f"there are no backups of VM {vm!r}"
+            raise NotFoundError(f"no VM backup {ref}; {hint} (see 'blockvault vsphere list')")
+        return rec
