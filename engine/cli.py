@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"blockvault: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", EXIT_ERROR)
     except OSError as e:
-        where = f" {e.filename}" if e.filename else ""
-        print(f"blockvault: error:{where}: {e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"blockvault: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_ERROR
     except lmdb.Error as e:
         print(f"blockvault: error: store index: {e}", file=sys.stderr)
