@@ -144,14 +144,17 @@ class PackWriter:
             self._flush()
 
     def _flush(self) -> None:
-        if self._buf:
-            data = b"".join(self._buf)
-            self._buf.clear()
-            self._buffered = 0
-            view = memoryview(data)
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
+        # writev: the headers and payloads go out as they are, without first
+        # being copied into one buffer.
+        parts, self._buf = self._buf, []
+        self._buffered = 0
+        while parts:
+            n = os.writev(self._fd, parts[:512])
+            while parts and n >= len(parts[0]):
+                n -= len(parts[0])
+                parts.pop(0)
+            if n:
+                parts[0] = memoryview(parts[0])[n:]
 
     def add(self, digest: bytes, codec: int, raw_len: int, payload) -> int:
         """Append one chunk; returns the record's offset in the pack."""
