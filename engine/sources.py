@@ -53,7 +53,9 @@ def opened_source(spec: str, credentials_file: str | None = None) -> Iterator["n
         try:
             disk = native.open_vmdk(spec) if kind == "vmdk" else native.open_raw(spec)
         except OSError as e:
-            raise BadInputError(f"cannot read {kind} disk {spec}: {e.strerror or e}") from None
+            detail = e.strerror or str(e)
+            where = "" if spec in detail else f" {spec}"  # VMDK messages name the file already
+            raise BadInputError(f"cannot read {kind} disk{where}: {detail}") from None
         with disk:
             yield disk
         return

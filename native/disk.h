@@ -6,8 +6,8 @@
  * Each kind supplies a disk_ops table.  read and write are called with the
  * GIL released, possibly from several threads at once on one handle, so an
  * implementation must be safe for that (pread/pwrite, or its own lock).
- * Errors return -1 with errno set and a message in err (no path: the binding
- * adds it).
+ * Errors return -1 with errno set and a message in err; the binding adds the
+ * path unless messages_name_file says the message has it already.
  */
 #ifndef BLOCKVAULT_DISK_H
 #define BLOCKVAULT_DISK_H
@@ -23,6 +23,9 @@ typedef struct disk_ops {
     /* Makes written data durable and finishes the file; NULL when nothing to do. */
     int (*finish)(void *impl, char *err, size_t errlen);
     void (*close)(void *impl);
+    /* 1 when err messages already name the file (VMDK: often an extent file,
+     * not the one opened), so the binding must not add the path again. */
+    int messages_name_file;
 } disk_ops;
 
 #endif

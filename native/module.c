@@ -44,6 +44,11 @@ static PyObject *raise_oserror(int err, const char *msg, PyObject *path)
     return NULL;
 }
 
+static PyObject *disk_err_path(DiskObject *self)
+{
+    return self->ops->messages_name_file ? NULL : self->path;
+}
+
 static int disk_check_open(DiskObject *self)
 {
     if (self->impl == NULL) {
@@ -119,7 +124,7 @@ static void raw_close(void *impl)
     free(impl);
 }
 
-static const disk_ops raw_ops = {"raw", raw_read, raw_write, raw_extents, raw_finish, raw_close};
+static const disk_ops raw_ops = {"raw", raw_read, raw_write, raw_extents, raw_finish, raw_close, 0};
 
 /* ---- hosted VMDK files (vmdk.h) ----------------------------------------- */
 
@@ -139,7 +144,7 @@ static void vmdk_ops_close(void *impl)
     vmdk_close(impl);
 }
 
-static const disk_ops vmdk_ops = {"vmdk", vmdk_ops_read, NULL, vmdk_ops_extents, NULL, vmdk_ops_close};
+static const disk_ops vmdk_ops = {"vmdk", vmdk_ops_read, NULL, vmdk_ops_extents, NULL, vmdk_ops_close, 1};
 
 static int vmdkw_read(void *impl, void *buf, size_t len, uint64_t off, char *err, size_t errlen)
 {
@@ -174,7 +179,7 @@ static void vmdkw_close(void *impl)
 }
 
 static const disk_ops vmdk_writer_ops = {"vmdk-writer", vmdkw_read, vmdkw_write, vmdkw_extents,
-                                         vmdkw_finish, vmdkw_close};
+                                         vmdkw_finish, vmdkw_close, 1};
 
 /* ---- vSphere disks through VDDK (vddk.h) ------------------------------------ */
 
@@ -215,7 +220,7 @@ static void vddk_ops_close(void *impl)
 }
 
 static const disk_ops vddk_ops = {"vddk", vddk_ops_read, vddk_ops_write, vddk_ops_extents,
-                                  vddk_ops_finish, vddk_ops_close};
+                                  vddk_ops_finish, vddk_ops_close, 0};
 
 /* ---- Disk ---------------------------------------------------------------- */
 
@@ -311,7 +316,7 @@ static PyObject *disk_read_chunks(DiskObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     self->active--;
     if (rc != 0) {
-        raise_oserror(saved, err, self->path);
+        raise_oserror(saved, err, disk_err_path(self));
         goto out;
     }
     result = Py_NewRef(Py_None);
@@ -350,7 +355,7 @@ static PyObject *disk_read(DiskObject *self, PyObject *args)
     self->active--;
     if (rc != 0) {
         Py_DECREF(out);
-        return raise_oserror(saved, err, self->path);
+        return raise_oserror(saved, err, disk_err_path(self));
     }
     return out;
 }
@@ -380,7 +385,7 @@ static PyObject *disk_write(DiskObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     self->active--;
     if (rc != 0) {
-        raise_oserror(saved, err, self->path);
+        raise_oserror(saved, err, disk_err_path(self));
         goto out;
     }
     result = Py_NewRef(Py_None);
@@ -410,7 +415,7 @@ static PyObject *disk_extents(DiskObject *self, PyObject *Py_UNUSED(ignored))
     Py_END_ALLOW_THREADS
     self->active--;
     if (rc != 0)
-        return raise_oserror(saved, err, self->path);
+        return raise_oserror(saved, err, disk_err_path(self));
     PyObject *list = PyList_New((Py_ssize_t)n);
     for (size_t i = 0; list && i < n; i++) {
         PyObject *t = Py_BuildValue("(KK)", (unsigned long long)v[i].start,
@@ -443,7 +448,7 @@ static PyObject *disk_finish(DiskObject *self, PyObject *Py_UNUSED(ignored))
     Py_END_ALLOW_THREADS
     self->active--;
     if (rc != 0)
-        return raise_oserror(saved, err, self->path);
+        return raise_oserror(saved, err, disk_err_path(self));
     Py_RETURN_NONE;
 }
 
@@ -619,7 +624,7 @@ static PyObject *mod_open_vmdk(PyObject *Py_UNUSED(m), PyObject *args)
     Py_END_ALLOW_THREADS
     Py_DECREF(bytes);
     if (!v) {
-        raise_oserror(saved, err, path);
+        raise_oserror(saved, err, NULL); /* vmdk messages name the file */
         Py_DECREF(path);
         return NULL;
     }
@@ -667,7 +672,7 @@ static PyObject *mod_create_vmdk(PyObject *Py_UNUSED(m), PyObject *args, PyObjec
     Py_END_ALLOW_THREADS
     Py_DECREF(bytes);
     if (!w) {
-        raise_oserror(saved, err, path);
+        raise_oserror(saved, err, NULL); /* vmdk messages name the file */
         Py_DECREF(path);
         return NULL;
     }

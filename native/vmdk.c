@@ -333,13 +333,11 @@ static vmdk_disk *open_descriptor(vmdk_disk *d, int fd, uint64_t size, char *err
     d->capacity = pos;
     return d;
 fail:
-    {
-        int e = errno;
-        vmdk_descriptor_free(&desc);
-        free(ids);
-        errno = e;
-        return NULL;
-    }
+    e = errno;
+    vmdk_descriptor_free(&desc);
+    free(ids);
+    errno = e;
+    return NULL;
 }
 
 vmdk_disk *vmdk_open(const char *path, char *err, size_t errlen)
