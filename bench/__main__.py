@@ -23,6 +23,7 @@ import sys
 import time
 from importlib import metadata
 
+from chunkstore.config import DEFAULT_COMPRESSION_LEVEL
 from bench import report
 from bench.blockvault_runner import Blockvault
 from bench.limits import combine, limit_seconds, measure_limits
@@ -60,8 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="workload seed (1)")
     p.add_argument("--work", help="folder for the image and repositories (default OUT/work)")
     p.add_argument("--keep", action="store_true", help="keep the image and repositories")
-    p.add_argument("--compression-level", type=int, default=3,
-                   help="zstd level given to `blockvault init` and used for the limits (3)")
+    p.add_argument("--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL,
+                   help="zstd level given to `blockvault init` and used for the limits (default: the store default, %(default)s)")
     p.add_argument("--digest", choices=["xxh3-128", "sha256"], help="blockvault store digest")
     p.add_argument("--blockvault", default="blockvault", help="command that runs the blockvault CLI")
     p.add_argument("--no-blockvault", action="store_true", help="peers only (while developing)")

@@ -7,8 +7,8 @@ every core busy.  The compiled part is the private module ``native._native``
 (sources beside this file); this package only re-exports it.
 """
 
-from native._native import (Disk, create_vmdk, open_raw, open_vddk, open_vmdk, vddk_end_access,
-                            vddk_prepare_access, zero_chunks)
+from native._native import (Disk, count_items, create_vmdk, open_raw, open_vddk, open_vmdk,
+                            vddk_end_access, vddk_prepare_access, zero_chunks)
 
-__all__ = ["Disk", "create_vmdk", "open_raw", "open_vddk", "open_vmdk", "vddk_end_access",
-           "vddk_prepare_access", "zero_chunks"]
+__all__ = ["Disk", "count_items", "create_vmdk", "open_raw", "open_vddk", "open_vmdk",
+           "vddk_end_access", "vddk_prepare_access", "zero_chunks"]

@@ -116,3 +116,13 @@ def test_write_roundtrip(tmp_path):
         f.seek(4096)
         assert f.read(5) == b"hello"
     assert os.path.getsize(p) == 1 << 20
+
+
+def test_count_items_counts_aligned_slots_only():
+    z = b"\0" * 16
+    a = b"\1" * 16
+    assert native.count_items(z + a + z + z, z) == 3
+    assert native.count_items(a + a, z) == 0
+    # A match that straddles two slots is not a slot.
+    assert native.count_items(b"\1" * 8 + z + b"\1" * 8, z) == 0
+    assert native.count_items(z + b"\0" * 5, z) == 1  # the partial tail is ignored
