@@ -291,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.allocator import keep_freed_memory
+    keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

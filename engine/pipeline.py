@@ -99,9 +99,10 @@ class ChunkPipeline:
         return _Batch(indices, buf, digests)
 
     def _compress(self, buf: bytearray, picks: list[tuple[int, bytes]]) -> tuple[bytearray, list]:
-        cs, encode = self.cs, self.store.codec.encode
+        cs = self.cs
         view = memoryview(buf)
-        out = [(d, *encode(view[j * cs:(j + 1) * cs])) for j, d in picks]
+        encoded = self.store.codec.encode_many([view[j * cs:(j + 1) * cs] for j, _ in picks])
+        out = [(d, codec, payload) for (_, d), (codec, payload) in zip(picks, encoded)]
         view.release()
         return buf, out
 
