@@ -82,50 +82,73 @@ def parse_ref(ref: str) -> tuple[str, str]:
     return check_disk_name(disk), which
 
 
-class Catalog:
+class NumberedRecords:
+    """Records numbered 1..n per name, JSON in one LMDB database.
+
+    Keys are ``name \\0 seq`` (big-endian), so one name's records are a
+    contiguous range in order.  The disk catalog and the VM catalog
+    (engine/vsphere/vmcatalog.py) are both this, with their own record type.
+    """
+
+    record_type: type = None  # with from_json, key, seq, kind, id
+    what = "backup"
+
     def __init__(self, db):
         self.db = db
 
-    def put(self, txn, record: BackupRecord) -> None:
+    def put(self, txn, record) -> None:
         if not txn.put(record.key, record.to_json(), db=self.db, overwrite=False):
-            raise NotFoundError(f"backup {record.id} already exists")  # lock makes this a bug
+            raise NotFoundError(f"{self.what} {record.id} already exists")  # the writer lock makes this a bug
 
-    def get(self, txn, disk: str, seq: int) -> BackupRecord | None:
-        value = txn.get(catalog_key(disk, seq), db=self.db)
-        return BackupRecord.from_json(value) if value is not None else None
+    def get(self, txn, name: str, seq: int):
+        value = txn.get(catalog_key(name, seq), db=self.db)
+        return self.record_type.from_json(value) if value is not None else None
 
-    def for_disk(self, txn, disk: str) -> Iterator[BackupRecord]:
-        prefix = disk.encode() + b"\0"
+    def for_name(self, txn, name: str) -> Iterator:
+        prefix = name.encode() + b"\0"
         with txn.cursor(db=self.db) as cur:
             if not cur.set_range(prefix):
                 return
             for key, value in cur:
-                # Names hold no NUL, so the prefix matches this disk only.
+                # Names hold no NUL, so the prefix matches this name only.
                 if not bytes(key).startswith(prefix):
                     break
-                yield BackupRecord.from_json(value)
+                yield self.record_type.from_json(value)
 
-    def all(self, txn) -> Iterator[BackupRecord]:
+    def all(self, txn) -> Iterator:
         with txn.cursor(db=self.db) as cur:
             for _, value in cur:
-                yield BackupRecord.from_json(value)
+                yield self.record_type.from_json(value)
 
-    def latest(self, txn, disk: str, kind: str | None = None) -> BackupRecord | None:
+    def latest(self, txn, name: str, kind: str | None = None):
         found = None
-        for rec in self.for_disk(txn, disk):
+        for rec in self.for_name(txn, name):
             if kind is None or rec.kind == kind:
                 found = rec
         return found
 
-    def resolve(self, txn, ref: str) -> BackupRecord:
-        disk, which = parse_ref(ref)
-        rec = self.latest(txn, disk) if which == "latest" else self.get(txn, disk, int(which))
+    def next_seq(self, txn, name: str) -> int:
+        last = self.latest(txn, name)
+        return last.seq + 1 if last else 1
+
+    def _resolve(self, txn, name: str, which: str, ref: str, list_hint: str):
+        rec = self.latest(txn, name) if which == "latest" else self.get(txn, name, int(which))
         if rec is None:
-            known = [r.id for r in self.for_disk(txn, disk)]
-            hint = f"backups of {disk}: {', '.join(known[-5:])}" if known else f"there are no backups of disk {disk!r}"
-            raise NotFoundError(f"no backup {ref}; {hint} (see 'blockvault list')")
+            known = [r.id for r in self.for_name(txn, name)]
+            hint = (f"{self.what}s of {name}: {', '.join(known[-5:])}" if known
+                    else f"there are no {self.what}s of {name!r}")
+            raise NotFoundError(f"no {self.what} {ref}; {hint} (see '{list_hint}')")
         return rec
 
-    def next_seq(self, txn, disk: str) -> int:
-        last = self.latest(txn, disk)
-        return last.seq + 1 if last else 1
+
+class Catalog(NumberedRecords):
+    """Disk backups ``DISK@N``."""
+
+    record_type = BackupRecord
+
+    def for_disk(self, txn, disk: str) -> Iterator[BackupRecord]:
+        return self.for_name(txn, disk)
+
+    def resolve(self, txn, ref: str) -> BackupRecord:
+        disk, which = parse_ref(ref)
+        return self._resolve(txn, disk, which, ref, "blockvault list")

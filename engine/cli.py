@@ -9,7 +9,6 @@ progress off; progress is also off when stderr is not a terminal.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -18,6 +17,7 @@ import lmdb
 
 from chunkstore import StoreError, parse_size
 from chunkstore.config import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, DIGEST_KINDS
+from engine.commandline import add_command, emit, print_table
 from engine.progress import Progress, human_bytes
 from engine.vsphere.cli import register as register_vsphere
 
@@ -35,14 +35,6 @@ examples:
 
 exit codes: 0 ok, 1 error, 2 usage, 3 verify found damage, 4 store busy, 130 interrupted
 """
-
-
-def _emit(args, doc: dict, text: str) -> None:
-    if args.json:
-        json.dump(doc, sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
-    elif text:
-        print(text)
 
 
 def _progress(args, label: str) -> Progress:
@@ -65,7 +57,7 @@ def cmd_init(args) -> int:
         cfg = repo.store.config
         doc = {"store": args.store, "chunk_size": cfg.chunk_size, "digest": cfg.digest,
                "compression_level": cfg.compression_level, "format_version": cfg.version}
-        _emit(args, doc, f"initialised store {args.store} (chunk size {human_bytes(cfg.chunk_size)}, "
+        emit(args, doc, f"initialised store {args.store} (chunk size {human_bytes(cfg.chunk_size)}, "
                          f"digest {cfg.digest}, zstd level {cfg.compression_level})")
     return EXIT_OK
 
@@ -83,7 +75,7 @@ def cmd_backup(args) -> int:
             f"{rec.id}  {rec.kind}: read {human_bytes(st['bytes_read'])}, "
             f"{st['new_chunks']} new chunks ({human_bytes(st['stored_bytes'])} stored), "
             f"{st['dedup_chunks']} deduplicated, {st['zero_chunks']} zero, in {st['duration']:.2f}s")
-    _emit(args, rec.summary(), text.rstrip("\n"))
+    emit(args, rec.summary(), text.rstrip("\n"))
     return EXIT_OK
 
 
@@ -94,7 +86,7 @@ def cmd_list(args) -> int:
         else:
             records = list(repo.catalog.all(txn))
     if args.json:
-        _emit(args, {"backups": [r.summary() for r in records]}, "")
+        emit(args, {"backups": [r.summary() for r in records]}, "")
         return EXIT_OK
     if not records:
         print("no backups" + (f" of disk {args.disk}" if args.disk else ""))
@@ -105,9 +97,7 @@ def cmd_list(args) -> int:
         rows.append((r.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.time)), r.kind, r.base or "-",
                      human_bytes(r.size), human_bytes(st.get("bytes_read", 0)),
                      human_bytes(st.get("stored_bytes", 0)), f"{st.get('duration', 0):.2f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print_table(rows)
     return EXIT_OK
 
 
@@ -123,7 +113,7 @@ def cmd_restore(args) -> int:
     doc = {"id": result.record.id, "target": result.target, "size": result.record.size,
            "bytes_written": result.bytes_written, "chunks_written": result.chunks_written,
            "chunks_read": result.chunks_read}
-    _emit(args, doc, f"restored {result.record.id} to {result.target} ({human_bytes(result.record.size)}, "
+    emit(args, doc, f"restored {result.record.id} to {result.target} ({human_bytes(result.record.size)}, "
                      f"{human_bytes(result.bytes_written)} of data)")
     return EXIT_OK
 
@@ -137,7 +127,7 @@ def cmd_verify(args) -> int:
     progress.finish()
     doc = report.as_dict()
     if args.json:
-        _emit(args, doc, "")
+        emit(args, doc, "")
     else:
         print(f"checked {doc['chunks_checked']} chunks ({human_bytes(doc['bytes_checked'])}) "
               f"and {doc['backups_checked']} backups")
@@ -161,7 +151,7 @@ def cmd_stats(args) -> int:
     with _open(args) as repo:
         doc = store_stats(repo)
     if args.json:
-        _emit(args, doc, "")
+        emit(args, doc, "")
         return EXIT_OK
 
     def r(x):
@@ -184,7 +174,7 @@ def cmd_rebuild_index(args) -> int:
         report = rebuild_index(repo.store, wait=args.wait)
     doc = {"packs": report.packs, "chunks": report.chunks, "duplicates": report.duplicates,
            "torn": report.torn, "unreadable": report.unreadable}
-    _emit(args, doc, f"index rebuilt: {report.chunks} chunks from {report.packs} packs"
+    emit(args, doc, f"index rebuilt: {report.chunks} chunks from {report.packs} packs"
                      + "".join(f"\n  torn tail ignored: {t}" for t in report.torn)
                      + "".join(f"\n  unreadable pack: {u}" for u in report.unreadable))
     return EXIT_OK
@@ -193,7 +183,7 @@ def cmd_rebuild_index(args) -> int:
 def cmd_demo(args) -> int:
     from engine.demo import run_demo
     doc = run_demo(args.dir, parse_size(args.size), quiet=args.json)
-    _emit(args, doc, "")
+    emit(args, doc, "")
     return EXIT_OK if doc["ok"] else EXIT_ERROR
 
 
@@ -207,11 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def cmd(name, func, help_text, example):
-        sp = sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        sp.set_defaults(func=func)
-        sp.add_argument("--json", action="store_true", help="print one JSON document; no progress")
-        return sp
+        return add_command(sub, name, func, help_text, example)
 
     sp = cmd("init", cmd_init, "create a new store in an empty directory",
              "blockvault init /backup/store --chunk-size 1M")

@@ -14,11 +14,11 @@ pyvmomi is imported only when a vsphere command runs.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 
+from engine.commandline import add_command, emit, print_table
 from engine.progress import Progress, human_bytes
 
 EXIT_OK = 0
@@ -54,14 +54,6 @@ def _setup_logging() -> None:
         log.addHandler(_StderrHandler(logging.WARNING))
     log.setLevel(logging.WARNING)
     log.propagate = False
-
-
-def _emit(args, doc: dict, text: str) -> None:
-    if args.json:
-        json.dump(doc, sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
-    elif text:
-        print(text)
 
 
 def _connect(args):
@@ -110,7 +102,7 @@ def cmd_backup(args) -> int:
                          f"({d.get('read')}{', ' + d['reason'] if d.get('reason') else ''})")
         if result.warnings:
             lines.append(f"  {len(result.warnings)} warning(s), see above")
-    _emit(args, doc, "\n".join(lines))
+    emit(args, doc, "\n".join(lines))
     return EXIT_OK
 
 
@@ -131,7 +123,7 @@ def cmd_restore(args) -> int:
         logging.getLogger("blockvault.vsphere").warning(note)
     doc = {"backup": result.backup, "vm": result.vm, "moref": result.moref, "transport": result.transport,
            "disks": result.disks, "warnings": result.notes}
-    _emit(args, doc, f"restored {result.backup} as VM {result.vm} ({result.moref}), {len(result.disks)} disk(s), "
+    emit(args, doc, f"restored {result.backup} as VM {result.vm} ({result.moref}), {len(result.disks)} disk(s), "
                      "powered off")
     return EXIT_OK
 
@@ -156,7 +148,7 @@ def cmd_vms(args) -> int:
              "cbt_supported": s.cbt_supported, "disks": s.disks, "capacity": s.capacity,
              "last_backup": last.get(s.moref)} for s in vms]
     if args.json:
-        _emit(args, {"server": args.server, "vms": docs}, "")
+        emit(args, {"server": args.server, "vms": docs}, "")
         return EXIT_OK
     rows = [("NAME", "MOREF", "POWER", "CBT", "DISKS", "CAPACITY", "LAST BACKUP")]
     for d in docs:
@@ -166,7 +158,7 @@ def cmd_vms(args) -> int:
                    if lb else ("-" if args.store else "(no --store)"))
         rows.append((d["name"], d["moref"], d["power_state"], cbt, str(d["disks"]), human_bytes(d["capacity"]),
                      lb_text))
-    _table(rows)
+    print_table(rows)
     return EXIT_OK
 
 
@@ -178,7 +170,7 @@ def cmd_list(args) -> int:
         with repo.store.read_txn() as txn:
             records = list(catalog.for_vm(txn, vm_backup_name(args.vm)) if args.vm else catalog.all(txn))
     if args.json:
-        _emit(args, {"vm_backups": [r.summary() for r in records]}, "")
+        emit(args, {"vm_backups": [r.summary() for r in records]}, "")
         return EXIT_OK
     if not records:
         print("no VM backups" + (f" of {args.vm}" if args.vm else ""))
@@ -188,14 +180,8 @@ def cmd_list(args) -> int:
         rows.append((r.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.time)), r.kind, r.base or "-",
                      str(len(r.disks)), human_bytes(sum(d.get("bytes_read", 0) for d in r.disks)),
                      str(len(r.warnings))))
-    _table(rows)
+    print_table(rows)
     return EXIT_OK
-
-
-def _table(rows) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
 def _share(text: str) -> float:
@@ -244,11 +230,7 @@ def register(sub) -> None:
     vsub = group.add_subparsers(dest="vsphere_command", metavar="COMMAND", required=True)
 
     def cmd(name, func, help_text, example):
-        sp = vsub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
-        sp.set_defaults(func=func)
-        sp.add_argument("--json", action="store_true", help="print one JSON document; no progress")
-        return sp
+        return add_command(vsub, name, func, help_text, example)
 
     sp = cmd("backup", cmd_backup, "back up every disk of a VM as the next point VM@N",
              "blockvault vsphere backup /backup/store --server vc.lab --thumbprint AA:BB:.. --vm web01")

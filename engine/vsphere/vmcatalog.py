@@ -23,8 +23,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-from engine.catalog import catalog_key
-from engine.errors import BadInputError, NotFoundError
+from engine.catalog import NumberedRecords, catalog_key
+from engine.errors import BadInputError
 
 VM_BACKUPS_DB = b"vm_backups"
 _ALLOWED = re.compile(r"[^A-Za-z0-9._:+-]")
@@ -97,53 +97,20 @@ def parse_vm_ref(ref: str) -> tuple[str, str]:
     return vm_backup_name(name), which
 
 
-class VmCatalog:
+class VmCatalog(NumberedRecords):
     """The ``vm_backups`` database.  Construct it before opening the read
     transaction it is used in: LMDB shows a transaction only the databases
     opened before it began."""
 
-    def __init__(self, store):
-        self.db = store.db(VM_BACKUPS_DB)
+    record_type = VmBackupRecord
+    what = "VM backup"
 
-    def put(self, txn, record: VmBackupRecord) -> None:
-        if not txn.put(record.key, record.to_json(), db=self.db, overwrite=False):
-            raise NotFoundError(f"VM backup {record.id} already exists")  # the writer lock makes this a bug
+    def __init__(self, store):
+        super().__init__(store.db(VM_BACKUPS_DB))
 
     def for_vm(self, txn, vm: str) -> Iterator[VmBackupRecord]:
-        prefix = vm.encode() + b"\0"
-        with txn.cursor(db=self.db) as cur:
-            if not cur.set_range(prefix):
-                return
-            for key, value in cur:
-                if not bytes(key).startswith(prefix):
-                    break
-                yield VmBackupRecord.from_json(value)
-
-    def all(self, txn) -> Iterator[VmBackupRecord]:
-        with txn.cursor(db=self.db) as cur:
-            for _, value in cur:
-                yield VmBackupRecord.from_json(value)
-
-    def latest(self, txn, vm: str, kind: str | None = None) -> VmBackupRecord | None:
-        found = None
-        for rec in self.for_vm(txn, vm):
-            if kind is None or rec.kind == kind:
-                found = rec
-        return found
-
-    def next_seq(self, txn, vm: str) -> int:
-        last = self.latest(txn, vm)
-        return last.seq + 1 if last else 1
+        return self.for_name(txn, vm)
 
     def resolve(self, txn, ref: str) -> VmBackupRecord:
         vm, which = parse_vm_ref(ref)
-        if which == "latest":
-            rec = self.latest(txn, vm)
-        else:
-            value = txn.get(catalog_key(vm, int(which)), db=self.db)
-            rec = VmBackupRecord.from_json(value) if value is not None else None
-        if rec is None:
-            known = [r.id for r in self.for_vm(txn, vm)]
-            hint = f"backups of VM {vm}: {', '.join(known[-5:])}" if known else f"there are no backups of VM {vm!r}"
-            raise NotFoundError(f"no VM backup {ref}; {hint} (see 'blockvault vsphere list')")
-        return rec
+        return self._resolve(txn, vm, which, ref, "blockvault vsphere list")
