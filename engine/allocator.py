@@ -14,7 +14,6 @@ choice, not a library's to make.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -23,7 +22,9 @@ _M_MMAP_THRESHOLD = -3
 def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> bool:
     """True when glibc accepted the settings (False elsewhere, harmlessly)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # glibc's soname, loaded directly: ctypes.util.find_library costs
+        # milliseconds of every command's start-up.
+        libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
