@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--size", default="4G")
     ap.add_argument("--allocated", default="1G")
     ap.add_argument("--change", type=float, default=0.02)
-    ap.add_argument("--chunk-size", default="1M")
+    ap.add_argument("--chunk-size", default="256K")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
