@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator
 import native
 
 from chunkstore import ChunkStore, WriteSession
+from chunkstore.pack import RECORD_HEADER_SIZE
 from engine.changes import Run
 
 BATCH_BYTES = 8 << 20
@@ -176,4 +177,4 @@ class ChunkPipeline:
             self._inflight.discard(digest)
             st.new_chunks += 1
             st.new_bytes += self.cs
-            st.stored_bytes += len(payload) + 64
+            st.stored_bytes += len(payload) + RECORD_HEADER_SIZE
