@@ -35,11 +35,6 @@ def catalog_key(disk: str, seq: int) -> bytes:
     return disk.encode() + b"\0" + struct.pack(">I", seq)
 
 
-def split_key(key: bytes) -> tuple[str, int]:
-    name, _, seq = bytes(key).rpartition(b"\0")
-    return name.decode(), struct.unpack(">I", seq)[0]
-
-
 @dataclass
 class BackupRecord:
     disk: str
