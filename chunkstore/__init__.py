@@ -16,7 +16,8 @@ from chunkstore.config import StoreConfig, parse_size
 from chunkstore.errors import (ChunkNotFound, ConfigError, FormatVersionError, IntegrityError,
                                NotAStoreError, StoreError, StoreExistsError, StoreLockedError)
 from chunkstore.index import IndexEntry
-from chunkstore.store import ChunkStore, WriteSession
+from chunkstore.session import WriteSession
+from chunkstore.store import ChunkStore
 
 __all__ = [
     "ChunkNotFound", "ChunkStore", "ConfigError", "FormatVersionError", "IndexEntry",

@@ -55,8 +55,8 @@ class Codec:
         Per-chunk calls each drop and retake the GIL; with small chunks the
         threads then spend a measurable share of their time queueing for it.
         Compressed payloads are zstd buffer segments (bytes-like, kept alive
-        by their collection); raw ones are copies, since the input buffers
-        are recycled.
+        by their collection); raw ones are the inputs themselves, not copies,
+        so the caller must write them before it reuses the input buffers.
         """
         if not raws:
             return []
@@ -65,7 +65,7 @@ class Codec:
         for raw, frame in zip(raws, packed):
             n = len(raw)
             if len(frame) > n - (n >> 5):
-                out.append((CODEC_RAW, bytes(raw)))
+                out.append((CODEC_RAW, raw))
             else:
                 out.append((CODEC_ZSTD, frame))
         return out

@@ -113,11 +113,14 @@ def check_payload(header: RecordHeader, payload, where: str) -> None:
 
 
 class PackWriter:
-    """Appends records to one new pack file; owned by one thread of one session.
+    """One new pack file of one write session.
 
-    Nothing written here is referenced until the session commits its index
-    entries, and ``sync()`` must have returned before that commit: that is
-    the ordering that keeps the index from ever pointing at lost bytes.
+    Space is handed out by ``reserve`` (the session serialises that) and
+    filled by ``write_at`` from any thread, so several threads append to one
+    pack at once.  Nothing written here is referenced until the session
+    commits its index entries, and ``sync()`` must have returned before that
+    commit: that is the ordering that keeps the index from ever pointing at
+    lost bytes.
     """
 
     def __init__(self, store_path: str, store_id: bytes):
@@ -128,51 +131,48 @@ class PackWriter:
         os.makedirs(directory, exist_ok=True)
         self._dir = directory
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        self._buf: list[bytes] = []
-        self._buffered = 0
-        self.size = 0
+        header = encode_pack_header(store_id, self.pack_id)
+        self.write_at(0, [header])
+        self.size = len(header)   # bytes reserved so far
         self.chunk_count = 0
+        self.writers = 0          # threads between reserve and the end of write_at
+        self.retired = False      # takes no more reservations
         self.sealed = False
+        self.synced = False
         self._dir_synced = False
-        self._append(encode_pack_header(store_id, self.pack_id))
 
-    def _append(self, data) -> None:
-        self._buf.append(data)
-        self._buffered += len(data)
-        self.size += len(data)
-        if self._buffered >= 4 << 20:
-            self._flush()
+    def reserve(self, record_size: int) -> int:
+        """Room for one record; returns its offset.  Callers serialise this."""
+        offset = self.size
+        self.size += record_size
+        self.chunk_count += 1
+        return offset
 
-    def _flush(self) -> None:
-        # writev: the headers and payloads go out as they are, without first
-        # being copied into one buffer.
-        parts, self._buf = self._buf, []
-        self._buffered = 0
+    def write_at(self, offset: int, parts: list) -> None:
+        """Write ``parts`` back to back from ``offset``; headers and payloads
+        go out as they are (pwritev), without being joined first."""
+        parts = list(parts)
         while parts:
-            n = os.writev(self._fd, parts[:512])
+            n = os.pwritev(self._fd, parts[:512], offset)
+            if n <= 0:
+                raise OSError(f"{self.path}: pwritev wrote nothing at offset {offset}")
+            offset += n
             while parts and n >= len(parts[0]):
                 n -= len(parts[0])
                 parts.pop(0)
             if n:
                 parts[0] = memoryview(parts[0])[n:]
 
-    def add(self, digest: bytes, codec: int, raw_len: int, payload) -> int:
-        """Append one chunk; returns the record's offset in the pack."""
-        offset = self.size
-        self._append(encode_record(digest, codec, raw_len, payload))
-        self._append(payload)
-        self.chunk_count += 1
-        return offset
-
     def seal(self) -> None:
-        """Write the trailer; the pack is immutable from here on."""
+        """Write the trailer after the last reservation; immutable from here on."""
         if not self.sealed:
-            self._append(encode_trailer(self.chunk_count))
+            trailer = encode_trailer(self.chunk_count)
+            self.write_at(self.size, [trailer])
+            self.size += len(trailer)
             self.sealed = True
 
     def sync(self) -> None:
-        """Make every appended byte (and the file's name) durable."""
-        self._flush()
+        """Make every written byte (and the file's name) durable."""
         os.fsync(self._fd)
         if not self._dir_synced:
             fsync_dir(self._dir)
@@ -180,15 +180,12 @@ class PackWriter:
 
     def close(self) -> None:
         if self._fd >= 0:
-            self._flush()
             os.close(self._fd)
             self._fd = -1
 
     def discard(self) -> None:
         """Close and delete: for a session that ends without committing."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self.close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:

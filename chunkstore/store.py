@@ -18,28 +18,21 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Callable, Iterable
 
 import lmdb
 
 from chunkstore.codec import Codec
 from chunkstore.config import StoreConfig, fsync_dir
 from chunkstore.digest import Digester
-from chunkstore.errors import (ChunkNotFound, IntegrityError, NotAStoreError, StoreError,
-                               StoreExistsError)
-from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry, PackInfo
-from chunkstore.lock import WriterLock
-from chunkstore.pack import (RECORD_HEADER_SIZE, PackWriter, check_payload, decode_record_header,
-                             pack_relpath)
+from chunkstore.errors import ChunkNotFound, IntegrityError, NotAStoreError, StoreExistsError
+from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry
+from chunkstore.pack import RECORD_HEADER_SIZE, check_payload, decode_record_header, pack_relpath
+from chunkstore.session import WriteSession
 
 INDEX_DIR = "index"
 # Address space only: LMDB grows the file as data arrives.
 MAP_SIZE = 1 << 40
 MAX_DBS = 16
-# Pending index entries beyond which sealed packs are checkpointed into the
-# index (about 120 bytes each in memory): bounds a session's memory whatever
-# the amount of new data.
-CHECKPOINT_ENTRIES = 8192
 
 
 class ChunkStore:
@@ -178,123 +171,9 @@ class ChunkStore:
 
     # -- writing ---------------------------------------------------------------
 
-    def writer(self, wait: float = 0.0, purpose: str = "backup") -> "WriteSession":
+    def writer(self, wait: float = 0.0, purpose: str = "backup") -> WriteSession:
+        """The store's one write session (see chunkstore/session.py)."""
         return WriteSession(self, wait, purpose)
-
-
-class WriteSession:
-    """The one writer of a store: new chunks go to fresh packs, then one commit.
-
-    Until ``commit`` nothing is visible to anybody: index entries wait in
-    memory, pack bytes sit in files nothing references.  ``commit`` seals and
-    fsyncs the packs first and only then commits the LMDB transaction, so the
-    index never points at bytes a crash could lose.  Leaving the ``with``
-    block without committing deletes this session's packs.  ``unknown`` and
-    ``add`` may be called from several threads (one pipeline per disk of a
-    VM); ``commit`` and ``abort`` belong to the thread that opened it.
-    """
-
-    def __init__(self, store: ChunkStore, wait: float, purpose: str):
-        self.store = store
-        self._lock = WriterLock(store.path)
-        self._lock.acquire(wait, purpose)
-        self.pending: dict[bytes, IndexEntry] = {}
-        self._mutex = threading.Lock()
-        self._packs: list[PackWriter] = []   # packs not yet in the index
-        self._current: PackWriter | None = None
-        self.committed = False
-        self.bytes_written = 0
-        self.checkpoints = 0
-
-    def __enter__(self) -> "WriteSession":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if not self.committed:
-            self.abort()
-
-    def unknown(self, digests: Iterable[bytes]) -> list[bytes]:
-        """The digests neither in the index nor written by this session (order kept)."""
-        out = []
-        with self._mutex, self.store.read_txn() as txn:
-            for d in digests:
-                if d not in self.pending and txn.get(d, db=self.store.chunks_db) is None:
-                    out.append(d)
-        return out
-
-    def add(self, digest: bytes, codec: int, raw_len: int, payload) -> None:
-        with self._mutex:
-            self._add(digest, codec, raw_len, payload)
-
-    def _add(self, digest: bytes, codec: int, raw_len: int, payload) -> None:
-        if digest in self.pending:
-            return
-        pack = self._current
-        if pack is None:
-            pack = self._current = PackWriter(self.store.path, self.store.store_id)
-            self._packs.append(pack)
-        offset = pack.add(digest, codec, raw_len, payload)
-        self.pending[digest] = IndexEntry(pack.pack_id, offset, len(payload), raw_len, codec)
-        self.bytes_written += RECORD_HEADER_SIZE + len(payload)
-        if pack.size >= self.store.config.pack_target_size:
-            # Sealed packs are synced and closed at once, spreading the fsync
-            # cost over the backup instead of piling it up at commit.
-            pack.seal()
-            pack.sync()
-            pack.close()
-            self._current = None
-            if len(self.pending) >= CHECKPOINT_ENTRIES:
-                self._checkpoint()
-
-    def _checkpoint(self) -> None:
-        """Commit the index entries of sealed packs early, to bound memory.
-
-        Only sealed, synced packs take part, so the entries point at durable
-        bytes; until the session's final commit no manifest references them,
-        so they are invisible garbage if the session never commits, exactly
-        like the pack bytes themselves.
-        """
-        sealed = [p for p in self._packs if p.sealed]
-        ids = {p.pack_id for p in sealed}
-        moved = {d: e for d, e in self.pending.items() if e.pack_id in ids}
-        store = self.store
-        with store.env.begin(write=True) as txn:
-            for digest, entry in moved.items():
-                txn.put(digest, entry.encode(), db=store.chunks_db)
-            for pack in sealed:
-                txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True).encode(), db=store.packs_db)
-        for digest in moved:
-            del self.pending[digest]
-        self._packs = [p for p in self._packs if not p.sealed]
-        self.checkpoints += 1
-
-    def commit(self, extra: Callable[[lmdb.Transaction], None] | None = None) -> None:
-        """Make this session's chunks, plus whatever ``extra`` writes, visible at once."""
-        if self.committed:
-            raise StoreError("write session committed twice")
-        for pack in self._packs:
-            if not pack.sealed:
-                pack.seal()
-                pack.sync()
-                pack.close()
-        store = self.store
-        with store.env.begin(write=True) as txn:
-            for digest, entry in self.pending.items():
-                txn.put(digest, entry.encode(), db=store.chunks_db)
-            for pack in self._packs:
-                txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True).encode(), db=store.packs_db)
-            if extra is not None:
-                extra(txn)
-        self.committed = True
-        self._lock.release()
-
-    def abort(self) -> None:
-        """Delete the packs nothing references; checkpointed ones stay for GC."""
-        for pack in self._packs:
-            pack.discard()
-        self._packs.clear()
-        self.pending.clear()
-        self._lock.release()
 
 
 def _open_env(path: str, create: bool) -> lmdb.Environment:

@@ -1,18 +1,19 @@
-"""The backup hot path: read → drop zeros → digest → look up → compress → pack.
+"""The backup hot path: read → drop zeros → digest → claim → compress → pack.
 
 Work moves in batches of about 8 MiB (never less than one chunk) so every
-thread task is large enough to amortise Python's overhead, and every heavy
-step runs with the GIL released: the C reader, the zero test, xxhash or
-sha256, and zstd.  Two kinds of task share one thread pool:
+thread task is large enough to amortise Python's overhead.  One pool task
+carries a batch all the way: the C reader, the zero test, the digests, the
+claim of the chunks the store lacks, one zstd call for all of them, and the
+``pwritev`` into the session's pack.  Every heavy step releases the GIL, and
+no step waits for another thread, so both cores stay busy; the session (see
+chunkstore/session.py) lets tasks append to one pack at once and fsyncs
+full packs in a thread of its own.
 
-1. read+digest a batch (I/O and hashing, every chunk of the batch);
-2. compress the chunks of a batch that the store does not have yet.
-
-The main thread does the cheap, order-sensitive parts: index look-ups, the
-manifest (fed in ascending chunk order), and appending to the pack.  Both
-queues are bounded, which bounds memory whatever the disk size, and batch
-buffers are recycled: a fresh 8 MiB buffer costs 2048 page faults, which on
-a virtual machine is a sizeable share of the work of reading it.
+The main thread only feeds the manifest, in ascending chunk order, and
+counts.  The number of tasks in flight is bounded, which bounds memory
+whatever the disk size, and batch buffers are recycled: a fresh 8 MiB buffer
+costs 2048 page faults, which on a virtual machine is a sizeable share of the
+work of reading it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import Callable, Iterable, Iterator
 import native
 
 from chunkstore import ChunkStore, WriteSession
-from chunkstore.pack import RECORD_HEADER_SIZE
 from engine.changes import Run
 
 BATCH_BYTES = 8 << 20
@@ -67,12 +67,15 @@ def iter_batches(runs: Iterable[Run], per_batch: int) -> Iterator[list[int]]:
 
 
 class _Batch:
-    __slots__ = ("indices", "buf", "digests")
+    """What a task hands back: the digests in order and what it stored."""
 
-    def __init__(self, indices: list[int], buf: bytearray, digests: list[bytes]):
+    __slots__ = ("indices", "buf", "digests", "zero", "nonzero", "fresh", "stored")
+
+    def __init__(self, indices, buf, digests, zero, nonzero, fresh, stored):
         self.indices = indices
         self.buf = buf
         self.digests = digests
+        self.zero, self.nonzero, self.fresh, self.stored = zero, nonzero, fresh, stored
 
 
 class ChunkPipeline:
@@ -86,26 +89,35 @@ class ChunkPipeline:
         self.cs = store.chunk_size
         self.digester = store.digester
         self.zero = store.digester.zero_digest
+        self.codec = store.codec
         self.stats = IngestStats()
-        self._inflight: set[bytes] = set()
         self._spare: list[bytearray] = []
 
-    def _read_and_digest(self, disk, indices: list[int], buf: bytearray) -> _Batch:
+    def _ingest(self, disk, indices: list[int], buf: bytearray) -> _Batch:
+        """One batch from disk to pack (a pool task)."""
         cs = self.cs
         disk.read_chunks([i * cs for i in indices], cs, buf)
         zero_flags = native.zero_chunks(buf, cs)
         view = memoryview(buf)
-        digest, zero = self.digester, self.zero
-        digests = [zero if zero_flags[j] else digest(view[j * cs:(j + 1) * cs]) for j in range(len(indices))]
-        return _Batch(indices, buf, digests)
-
-    def _compress(self, buf: bytearray, picks: list[tuple[int, bytes]]) -> tuple[bytearray, list]:
-        cs = self.cs
-        view = memoryview(buf)
-        encoded = self.store.codec.encode_many([view[j * cs:(j + 1) * cs] for j, _ in picks])
-        out = [(d, codec, payload) for (_, d), (codec, payload) in zip(picks, encoded)]
-        view.release()
-        return buf, out
+        try:
+            digest, zero = self.digester, self.zero
+            digests = [zero if zero_flags[j] else digest(view[j * cs:(j + 1) * cs]) for j in range(len(indices))]
+            first: dict[bytes, int] = {}
+            for j, d in enumerate(digests):
+                if not zero_flags[j] and d not in first:
+                    first[d] = j
+            fresh = self.session.claim(first)
+            stored = 0
+            if fresh:
+                raws = [view[first[d] * cs:(first[d] + 1) * cs] for d in fresh]
+                encoded = self.codec.encode_many(raws)
+                stored = self.session.write(
+                    [(d, codec, cs, payload) for d, (codec, payload) in zip(fresh, encoded)])
+                del raws, encoded
+        finally:
+            view.release()
+        zeros = sum(zero_flags)
+        return _Batch(indices, buf, digests, zeros, len(indices) - zeros, len(fresh), stored)
 
     def run(self, disk, runs: Iterable[Run], disk_size: int,
             on_chunk: Callable[[int, bytes], None],
@@ -113,32 +125,24 @@ class ChunkPipeline:
         """Read every chunk in ``runs``; ``on_chunk(index, digest)`` in ascending order."""
         per_batch = max(1, BATCH_BYTES // self.cs)
         batches = iter_batches(runs, per_batch)
-        reads: deque[Future] = deque()
-        compressions: deque[Future] = deque()
+        tasks: deque[Future] = deque()
         try:
-            self._fill(reads, batches, disk)
-            while reads:
-                batch = reads.popleft().result()
-                self._fill(reads, batches, disk)
-                picks = self._account(batch, disk_size, on_chunk)
-                if picks:
-                    compressions.append(self.pool.submit(self._compress, batch.buf, picks))
-                else:
-                    self._spare.append(batch.buf)
-                while compressions and (compressions[0].done() or len(compressions) > self.depth):
-                    self._store(compressions.popleft().result())
+            self._fill(tasks, batches, disk)
+            while tasks:
+                batch = tasks.popleft().result()
+                self._spare.append(batch.buf)
+                self._fill(tasks, batches, disk)
+                done = self._account(batch, disk_size, on_chunk)
                 if on_progress:
-                    on_progress(sum(min(self.cs, disk_size - i * self.cs) for i in batch.indices))
-            while compressions:
-                self._store(compressions.popleft().result())
+                    on_progress(done)
         except BaseException:
-            for fut in (*reads, *compressions):
+            for fut in tasks:
                 fut.cancel()
             raise
         return self.stats
 
-    def _fill(self, reads: deque, batches: Iterator[list[int]], disk) -> None:
-        while len(reads) < self.depth:
+    def _fill(self, tasks: deque, batches: Iterator[list[int]], disk) -> None:
+        while len(tasks) < self.depth:
             indices = next(batches, None)
             if indices is None:
                 return
@@ -146,35 +150,21 @@ class ChunkPipeline:
             buf = self._spare.pop() if self._spare else bytearray(size)
             if len(buf) != size:  # only the last batch is shorter
                 buf = bytearray(size)
-            reads.append(self.pool.submit(self._read_and_digest, disk, indices, buf))
+            tasks.append(self.pool.submit(self._ingest, disk, indices, buf))
 
-    def _account(self, batch: _Batch, disk_size: int, on_chunk) -> list[tuple[int, bytes]]:
-        """Record the batch in the manifest and stats; return the chunks to compress."""
-        st, zero, cs = self.stats, self.zero, self.cs
-        candidates: dict[bytes, int] = {}
-        for j, (index, digest) in enumerate(zip(batch.indices, batch.digests)):
+    def _account(self, batch: _Batch, disk_size: int, on_chunk) -> int:
+        """Feed the batch to the manifest and the stats; returns its disk bytes."""
+        for index, digest in zip(batch.indices, batch.digests):
             on_chunk(index, digest)
-            st.chunks_read += 1
-            st.bytes_read += min(cs, disk_size - index * cs)
-            if digest == zero:
-                st.zero_chunks += 1
-            elif digest in self._inflight or digest in candidates:
-                st.dedup_chunks += 1
-            else:
-                candidates[digest] = j
-        fresh = set(self.session.unknown(candidates))
-        st.dedup_chunks += len(candidates) - len(fresh)
-        picks = [(j, d) for d, j in candidates.items() if d in fresh]
-        self._inflight.update(fresh)
-        return picks
-
-    def _store(self, done: tuple[bytearray, list]) -> None:
-        buf, compressed = done
-        self._spare.append(buf)
+        cs = self.cs
+        last = batch.indices[-1]
+        nbytes = len(batch.indices) * cs - (cs - min(cs, disk_size - last * cs))
         st = self.stats
-        for digest, codec, payload in compressed:
-            self.session.add(digest, codec, self.cs, payload)
-            self._inflight.discard(digest)
-            st.new_chunks += 1
-            st.new_bytes += self.cs
-            st.stored_bytes += len(payload) + RECORD_HEADER_SIZE
+        st.chunks_read += len(batch.indices)
+        st.bytes_read += nbytes
+        st.zero_chunks += batch.zero
+        st.dedup_chunks += batch.nonzero - batch.fresh
+        st.new_chunks += batch.fresh
+        st.new_bytes += batch.fresh * cs
+        st.stored_bytes += batch.stored
+        return nbytes

@@ -1,0 +1,293 @@
+"""WriteSession: the one writer of a store, fed by many threads at once.
+
+Until ``commit`` nothing a session writes is visible: index entries wait in
+memory and pack bytes sit in files nothing references.  ``commit`` seals and
+fsyncs every pack first and only then commits the LMDB transaction, so the
+index never points at bytes a crash could lose.  Leaving the ``with`` block
+without committing deletes the session's packs.
+
+The backup pipeline calls ``claim`` and ``write`` from every worker thread,
+so the session is built so that those threads do not queue behind each
+other or behind the disk:
+
+* ``claim`` decides, under one short lock, which digests a caller must
+  store: a chunk that two batches (or two disks of a VM) both meet is
+  written once, by whoever claimed it first.
+* ``write`` only *reserves* byte ranges under the lock and then writes them
+  with ``pwritev`` outside it, with the GIL released.  Each thread appends to
+  a pack of its own: two writers of one file queue on its inode lock (perf
+  showed them spinning there), two files cost nothing.
+* A full pack is retired; once its last writer is done a background thread
+  writes its trailer and fsyncs it, overlapping the flush with the reading
+  and compressing of the rest of the disk.  At most ``SEAL_BACKLOG`` retired
+  packs wait for it, which bounds the dirty data in flight.
+
+Only one thread writes a given pack, so its records reach the file in
+order and a crash leaves at most a torn tail.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+
+import lmdb
+
+from chunkstore.errors import StoreError
+from chunkstore.index import IndexEntry, PackInfo
+from chunkstore.lock import WriterLock
+from chunkstore.pack import RECORD_HEADER_SIZE, PackWriter, encode_record
+
+if TYPE_CHECKING:
+    from chunkstore.store import ChunkStore
+
+# Pending index entries beyond which synced packs are checkpointed into the
+# index (about 120 bytes each in memory): bounds a session's memory whatever
+# the amount of new data.
+CHECKPOINT_ENTRIES = 8192
+# Retired packs that may wait for their fsync before writers are held back.
+SEAL_BACKLOG = 2
+
+# One chunk for ``write``: (digest, codec, raw length, payload).
+Record = tuple[bytes, int, int, object]
+
+
+class WriteSession:
+    """The one writer of a store.  ``claim``, ``write`` and ``add`` are
+    thread-safe; ``commit`` and ``abort`` belong to the thread that opened it."""
+
+    def __init__(self, store: "ChunkStore", wait: float, purpose: str):
+        self.store = store
+        self._lock = WriterLock(store.path)
+        self._lock.acquire(wait, purpose)
+        self.pending: dict[bytes, IndexEntry] = {}
+        self._claimed: set[bytes] = set()
+        self._mutex = threading.Lock()
+        self._sealed_one = threading.Condition(self._mutex)
+        self._packs: list[PackWriter] = []   # packs not yet in the index
+        self._current: dict[int, PackWriter] = {}   # open pack per writing thread
+        self._retiring = 0                   # retired packs not yet synced
+        self._sealer: _Sealer | None = None
+        self._failure: BaseException | None = None
+        self._closed = False
+        self.committed = False
+        self.bytes_written = 0
+        self.checkpoints = 0
+
+    def __enter__(self) -> "WriteSession":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed:
+            self.abort()
+
+    # -- writing ---------------------------------------------------------------
+
+    def claim(self, digests: Iterable[bytes]) -> list[bytes]:
+        """The digests the caller must write (order kept): in neither the index,
+        this session's packs, nor another caller's claim.  They become the
+        caller's: nobody else is told to write them."""
+        out = []
+        chunks_db = self.store.chunks_db
+        with self._mutex, self.store.read_txn() as txn:
+            pending, claimed = self.pending, self._claimed
+            for d in digests:
+                if d in pending or d in claimed or txn.get(d, db=chunks_db) is not None:
+                    continue
+                claimed.add(d)
+                out.append(d)
+        return out
+
+    def add(self, digest: bytes, codec: int, raw_len: int, payload) -> None:
+        self.write([(digest, codec, raw_len, payload)])
+
+    def write(self, records: Sequence[Record]) -> int:
+        """Append chunks to the session's packs; returns the bytes written.
+
+        A digest the session already holds is skipped.  Payloads are written
+        before this returns, so they may be views of a buffer the caller
+        reuses afterwards.
+        """
+        heads = [encode_record(d, codec, raw_len, payload) for d, codec, raw_len, payload in records]
+        plan: list[tuple[PackWriter, int, list]] = []
+        written = 0
+        with self._mutex:
+            self._check_writable()
+            while self._retiring >= SEAL_BACKLOG and self._failure is None:
+                self._sealed_one.wait()
+            self._check_writable()
+            target = self.store.config.pack_target_size
+            thread = threading.get_ident()
+            for head, (digest, codec, raw_len, payload) in zip(heads, records):
+                if digest in self.pending:
+                    continue
+                size = RECORD_HEADER_SIZE + len(payload)
+                pack = self._current.get(thread)
+                if pack is not None and pack.chunk_count and pack.size + size > target:
+                    self._retire(pack)
+                    pack = None
+                if pack is None:
+                    pack = self._current[thread] = PackWriter(self.store.path, self.store.store_id)
+                    self._packs.append(pack)
+                if not plan or plan[-1][0] is not pack:
+                    pack.writers += 1
+                    plan.append((pack, pack.size, []))
+                offset = pack.reserve(size)
+                plan[-1][2].extend((head, payload))
+                self.pending[digest] = IndexEntry(pack.pack_id, offset, len(payload), raw_len, codec)
+                self._claimed.discard(digest)
+                written += size
+            self.bytes_written += written
+        try:
+            for pack, offset, parts in plan:
+                pack.write_at(offset, parts)
+        except BaseException as e:
+            with self._mutex:
+                self._failure = self._failure or e
+            raise
+        finally:
+            with self._mutex:
+                for pack, _, _ in plan:
+                    pack.writers -= 1
+                    if pack.retired and pack.writers == 0:
+                        self._sealer_queue().put(pack)
+        return written
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise StoreError("write session is closed")
+        if self._failure is not None:
+            raise StoreError(f"write session failed earlier: {self._failure}") from self._failure
+
+    def _retire(self, pack: PackWriter) -> None:
+        """No more reservations in ``pack``; it is sealed once its writers finish."""
+        pack.retired = True
+        self._retiring += 1
+        for thread, open_pack in list(self._current.items()):
+            if open_pack is pack:
+                del self._current[thread]
+        if pack.writers == 0:
+            self._sealer_queue().put(pack)
+
+    def _sealer_queue(self) -> "queue.SimpleQueue[PackWriter | None]":
+        if self._sealer is None:
+            self._sealer = _Sealer(self)
+        return self._sealer.todo
+
+    def _sealed(self, pack: PackWriter) -> None:
+        """Called by the sealer once ``pack`` is durable."""
+        with self._mutex:
+            self._retiring -= 1
+            self._sealed_one.notify_all()
+            due = len(self.pending) >= CHECKPOINT_ENTRIES and not self._closed
+        if due:
+            self._checkpoint()
+
+    def _sealer_failed(self, error: BaseException) -> None:
+        with self._mutex:
+            self._failure = self._failure or error
+            self._sealed_one.notify_all()
+
+    def _checkpoint(self) -> None:
+        """Commit the index entries of synced packs early, to bound memory.
+
+        Only synced packs take part, so the entries point at durable bytes;
+        until the session's final commit no manifest references them, so they
+        are invisible garbage if the session never commits, exactly like the
+        pack bytes themselves.
+        """
+        with self._mutex:
+            synced = [p for p in self._packs if p.synced]
+            ids = {p.pack_id for p in synced}
+            moved = {d: e for d, e in self.pending.items() if e.pack_id in ids}
+        store = self.store
+        with store.env.begin(write=True) as txn:
+            for digest, entry in moved.items():
+                txn.put(digest, entry.encode(), db=store.chunks_db)
+            for pack in synced:
+                txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True).encode(), db=store.packs_db)
+        with self._mutex:
+            for digest in moved:
+                del self.pending[digest]
+            self._packs = [p for p in self._packs if p.pack_id not in ids]
+            self.checkpoints += 1
+
+    # -- ending ----------------------------------------------------------------
+
+    def _stop_writing(self) -> None:
+        """Refuse further writes, retire the open packs and wait for the sealer."""
+        with self._mutex:
+            self._closed = True
+            for pack in list(self._current.values()):
+                self._retire(pack)
+        if self._sealer is not None:
+            self._sealer.stop()
+
+    def commit(self, extra: Callable[[lmdb.Transaction], None] | None = None) -> None:
+        """Make this session's chunks, plus whatever ``extra`` writes, visible at once."""
+        if self.committed:
+            raise StoreError("write session committed twice")
+        self._stop_writing()
+        if self._failure is not None:
+            raise StoreError(f"write session failed, nothing committed: {self._failure}") from self._failure
+        for pack in self._packs:
+            if not pack.synced:  # not reached by the sealer: cannot happen unless it failed
+                raise StoreError(f"pack {pack.pack_id.hex()} was never synced; nothing committed")
+        store = self.store
+        with store.env.begin(write=True) as txn:
+            for digest, entry in self.pending.items():
+                txn.put(digest, entry.encode(), db=store.chunks_db)
+            for pack in self._packs:
+                txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True).encode(), db=store.packs_db)
+            if extra is not None:
+                extra(txn)
+        self.committed = True
+        self._lock.release()
+
+    def abort(self) -> None:
+        """Delete the packs nothing references; checkpointed ones stay for GC."""
+        with self._mutex:
+            self._closed = True
+        if self._sealer is not None:
+            self._sealer.stop(discard=True)
+        for pack in self._packs:
+            pack.discard()
+        self._packs.clear()
+        self.pending.clear()
+        self._lock.release()
+
+
+class _Sealer:
+    """The thread that writes trailers and fsyncs retired packs, in order."""
+
+    def __init__(self, session: WriteSession):
+        self.session = session
+        self.todo: "queue.SimpleQueue[PackWriter | None]" = queue.SimpleQueue()
+        self._discard = False
+        self.thread = threading.Thread(target=self._run, name="bv-pack-sync", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            pack = self.todo.get()
+            if pack is None:
+                return
+            if self._discard:
+                continue
+            try:
+                pack.seal()
+                pack.sync()
+                pack.close()
+                pack.synced = True
+                self.session._sealed(pack)
+            except BaseException as e:  # reported to writers and to commit
+                self.session._sealer_failed(e)
+                self._discard = True
+
+    def stop(self, discard: bool = False) -> None:
+        """Finish (or, with ``discard``, skip) what is queued, then end."""
+        if discard:
+            self._discard = True
+        self.todo.put(None)
+        self.thread.join()
