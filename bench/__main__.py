@@ -215,7 +215,9 @@ def check_results(doc: dict, tools: list[ToolRunner], args: argparse.Namespace,
               ", ".join(f"T{s['night']}" for s in restores))
         check(f"{tool.name}: version known", bool(res.get("version")), str(res.get("version")))
     check("machine described", all(doc["machine"].get(k) for k in ("cores", "memory_bytes", "kernel")))
-    check("limits measured", bool(doc.get("limits")) and "zstd_compress_MBps" in doc["limits"])
+    lim = doc.get("limits") or {}
+    check("limits measured", "zstd_compress_MBps" in lim and all(
+        str(size) in (lim.get("zstd_compress_by_chunk_MBps") or {}) for size in args.chunk_list))
     check("every night generated", len(doc["workload"]["nights"]) == args.nights)
     if not args.no_blockvault:
         check("blockvault ran", any(t.kind == "blockvault" for t in tools))
@@ -292,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{format_size(s['changed_bytes'])} changed, generated in {s['generate_seconds']:.1f}s")
             if n == 1:
                 limit_passes.append(measure_limits(image, night.scan, args.compression_level, work,
-                                                   sample_bytes=args.sample_b, min_seconds=min_seconds))
+                                                   sample_bytes=args.sample_b, min_seconds=min_seconds,
+                                                   chunk_sizes=args.chunk_list))
                 log(t0, "limits: " + json.dumps({k: v for k, v in limit_passes[0].items() if k.endswith("MBps")}))
             for tool in tools:
                 rec = tool.backup(night, image, nights)
@@ -316,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         for tool in tools:
             tool.finish()
         limit_passes.append(measure_limits(image, wl.nights[-1].scan, args.compression_level, work,
-                                           sample_bytes=args.sample_b, min_seconds=min_seconds))
+                                           sample_bytes=args.sample_b, min_seconds=min_seconds,
+                                           chunk_sizes=args.chunk_list))
         log(t0, "limits again: " + json.dumps({k: v for k, v in limit_passes[-1].items() if k.endswith("MBps")}))
     finally:
         wl.close()
@@ -331,7 +335,12 @@ def main(argv: list[str] | None = None) -> int:
             if rec.ok and rec.step == "verify" and isinstance(unique, int):
                 rec.nonzero_bytes = unique  # what verify must decompress and hash
             if rec.ok and rec.step in ("backup", "restore", "verify"):
-                lim = limit_seconds(doc["limits"], rec.step, rec.data_bytes, rec.nonzero_bytes, digest)
+                # blockvault says which chunks it had to compress (new_bytes);
+                # the peers do not, so they are held to all non-zero bytes.
+                said = rec.extra.get("tool_report") if tool.kind == "blockvault" else None
+                must_compress = said.get("new_bytes") if isinstance(said, dict) else None
+                lim = limit_seconds(doc["limits"], rec.step, rec.data_bytes, rec.nonzero_bytes, digest,
+                                    compress_bytes=must_compress, chunk_size=getattr(tool, "chunk_size", None))
                 rec.limit_s = lim
                 rec.fraction_of_limit = lim / rec.wall_s if lim is not None and rec.wall_s else None
         doc["tools"][tool.name] = tool.results()

@@ -105,9 +105,17 @@ def _read_extents(fd: int, extents: list[tuple[int, int]], buf: bytearray) -> in
     return total
 
 
+def rechunk(chunks: Sequence[bytes], size: int) -> list[bytes]:
+    """The sample cut into (or joined up to) ``size``-byte chunks."""
+    if size >= CHUNK:
+        per = size // CHUNK
+        return [b"".join(chunks[i:i + per]) for i in range(0, len(chunks), per)]
+    return [c[i:i + size] for c in chunks for i in range(0, len(c), size)]
+
+
 def measure_limits(image: str, scan: ImageScan, level: int, work_dir: str, *,
                    sample_bytes: int = 256 * MiB, threads: Sequence[int] = (1, 2),
-                   min_seconds: float = 0.5) -> dict:
+                   min_seconds: float = 0.5, chunk_sizes: Sequence[int] = ()) -> dict:
     t_start = time.perf_counter()
     chunks = sample_chunks(image, scan, sample_bytes)
     sample = sum(len(c) for c in chunks)
@@ -129,6 +137,14 @@ def measure_limits(image: str, scan: ImageScan, level: int, work_dir: str, *,
 
     out["zstd_compress_MBps"] = per_threads(
         lambda: zstandard.ZstdCompressor(level=level).compress, chunks, sample)
+    # zstd's speed depends on the frame size (its tables are sized for it),
+    # so each blockvault store is held to the rate on its own chunk size.
+    out["zstd_compress_by_chunk_MBps"] = {
+        str(size): per_threads(lambda: zstandard.ZstdCompressor(level=level).compress,
+                               rechunk(chunks, size), sample)
+        for size in chunk_sizes if size != CHUNK}
+    if CHUNK in chunk_sizes:
+        out["zstd_compress_by_chunk_MBps"][str(CHUNK)] = out["zstd_compress_MBps"]
     out["zstd_decompress_MBps"] = per_threads(
         lambda: zstandard.ZstdDecompressor().decompress, compressed, sample)
     out["xxh3_128_MBps"] = per_threads(lambda: xxhash.xxh3_128_digest, chunks, sample)
@@ -183,10 +199,18 @@ def combine(passes: Sequence[dict]) -> dict:
             if not key.endswith("MBps"):
                 continue
             if isinstance(value, dict):
-                out[key] = {t: max(v, out.get(key, {}).get(t, 0)) for t, v in value.items()}
+                out[key] = _best_of(out.get(key) or {}, value)
             else:
                 out[key] = max(value, out.get(key) or 0)
     out["passes"] = len(passes)
+    return out
+
+
+def _best_of(a: dict, b: dict) -> dict:
+    """Figure-by-figure maximum of two (possibly nested) {key: MB/s} maps."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _best_of(a.get(k) or {}, v) if isinstance(v, dict) else max(v, a.get(k) or 0)
     return out
 
 
@@ -201,9 +225,12 @@ def best(limits: dict, key: str) -> float | None:
 
 
 def limit_seconds(limits: dict | None, step: str, data_bytes: int | None, nonzero_bytes: int | None,
-                  digest: str = "xxh3-128") -> float | None:
+                  digest: str = "xxh3-128", compress_bytes: int | None = None,
+                  chunk_size: int | None = None) -> float | None:
     """Shortest time this machine needs for a step on the same data:
-    backup = max(read the data, hash and compress the non-zero part);
+    backup = max(read the data, hash the non-zero part, compress
+    ``compress_bytes`` — the chunks that must be compressed, when the tool
+    says which — else the non-zero part, at the rate for ``chunk_size``);
     restore = max(decompress, write the non-zero part);
     verify = max(read the stored bytes, decompress and hash the unique
     chunk bytes).  None if unknown."""
@@ -211,9 +238,11 @@ def limit_seconds(limits: dict | None, step: str, data_bytes: int | None, nonzer
         return None
     if step == "backup":
         hash_key = "sha256_MBps" if digest == "sha256" else "xxh3_128_MBps"
+        zstd = best(limits.get("zstd_compress_by_chunk_MBps") or {}, str(chunk_size)) or \
+            best(limits, "zstd_compress_MBps")
         rates = [(data_bytes, best(limits, "read_page_cache_MBps")),
                  (nonzero_bytes, best(limits, hash_key)),
-                 (nonzero_bytes, best(limits, "zstd_compress_MBps"))]
+                 (nonzero_bytes if compress_bytes is None else compress_bytes, zstd)]
     elif step == "restore":
         rates = [(nonzero_bytes, best(limits, "zstd_decompress_MBps")),
                  (nonzero_bytes, best(limits, "write_page_cache_MBps"))]

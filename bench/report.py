@@ -113,6 +113,11 @@ def markdown(doc: dict) -> str:
                            ("xxh3_128_MBps", "XXH3-128"), ("sha256_MBps", "SHA-256")):
             v = lim.get(key, {})
             rows.append([label] + [_fmt(v.get(str(t))) for t in lim["threads"]])
+            if key == "zstd_compress_MBps":
+                for size, by_t in sorted((lim.get("zstd_compress_by_chunk_MBps") or {}).items(),
+                                         key=lambda kv: int(kv[0])):
+                    rows.append([f"zstd compress, {format_size(int(size))} frames"] +
+                                [_fmt(by_t.get(str(t))) for t in lim["threads"]])
         for key, label in (("read_page_cache_MBps", "page-cache read of the image"),
                            ("write_page_cache_MBps", "page-cache write"), ("write_fsync_MBps", "write + fsync")):
             rows.append([label, _fmt(lim.get(key)), ""])
@@ -144,7 +149,8 @@ def markdown(doc: dict) -> str:
         out.append("\n## blockvault against this machine's limits\n\n"
                    "`fraction` = limit time / wall time, where the limit time is the slowest stage of a "
                    "perfectly overlapped pipeline on the same bytes (backup: page-cache read of the data, "
-                   "digest and zstd of its non-zero part; restore: zstd decompress and page-cache write of "
+                   "digest of its non-zero part, zstd of the chunks the store lacked at the rate for "
+                   "the store's chunk size; restore: zstd decompress and page-cache write of "
                    "the non-zero part), each at its best thread count (see README).\n\n")
         rows = []
         for name, t in bv.items():
