@@ -174,6 +174,12 @@ class PackWriter:
     def sync(self) -> None:
         """Make every written byte (and the file's name) durable."""
         os.fsync(self._fd)
+        # A pack is written once and read rarely; keeping it cached would
+        # evict the machine's working set, and every new page a backup writes
+        # would first have to be reclaimed from someone else (on this 2-core
+        # VM with a full page cache: a full backup's system time 1.0-1.5 s ->
+        # 0.4-0.8 s).  Restores read packs from disk: about 0.2 s on 2 GiB.
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
         if not self._dir_synced:
             fsync_dir(self._dir)
             self._dir_synced = True
