@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from dataclasses import asdict, dataclass
 
@@ -53,10 +52,10 @@ class StoreConfig:
         pack_target_size: int = DEFAULT_PACK_TARGET,
     ) -> "StoreConfig":
         cfg = cls(
-            store_id=secrets.token_hex(16),
+            store_id=os.urandom(16).hex(),
             chunk_size=chunk_size,
             digest=digest,
-            seed=secrets.randbits(64),
+            seed=int.from_bytes(os.urandom(8), "little"),
             compression_level=compression_level,
             pack_target_size=pack_target_size,
             created=time.time(),

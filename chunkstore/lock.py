@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import socket
 import time
 
 from chunkstore.errors import StoreLockedError
@@ -43,7 +42,7 @@ class WriterLock:
                     ) from None
                 time.sleep(0.2)
         os.ftruncate(fd, 0)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "purpose": purpose}
+        info = {"pid": os.getpid(), "host": os.uname().nodename, "since": time.time(), "purpose": purpose}
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._fd = fd
 

@@ -14,7 +14,6 @@ pyvmomi is imported only when a vsphere command runs.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 
@@ -36,22 +35,32 @@ Without --thumbprint or --ca-file the server certificate is checked against the 
 """
 
 
-class _StderrHandler(logging.Handler):
-    """``blockvault: warning: ...`` lines on stderr, as the rest of the CLI writes them."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        level = "WARNING" if record.levelno >= logging.ERROR else "warning"
-        try:
-            sys.stderr.write(f"blockvault: {level}: {record.getMessage()}\n")
-            sys.stderr.flush()
-        except Exception:  # noqa: BLE001 - logging must never fail the run
-            pass
+def _log():
+    """The vSphere logger; ``logging`` is imported here, not at start-up,
+    since every blockvault command loads this module to register its parser."""
+    import logging
+    return logging.getLogger("blockvault.vsphere")
 
 
 def _setup_logging() -> None:
-    log = logging.getLogger("blockvault.vsphere")
-    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
-        log.addHandler(_StderrHandler(logging.WARNING))
+    import logging
+
+    class StderrHandler(logging.Handler):
+        """``blockvault: warning: ...`` lines on stderr, as the rest of the CLI writes them."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            level = "WARNING" if record.levelno >= logging.ERROR else "warning"
+            try:
+                sys.stderr.write(f"blockvault: {level}: {record.getMessage()}\n")
+                sys.stderr.flush()
+            except Exception:  # noqa: BLE001 - logging must never fail the run
+                pass
+
+    log = _log()
+    if not any(getattr(h, "blockvault_stderr", False) for h in log.handlers):
+        handler = StderrHandler(logging.WARNING)
+        handler.blockvault_stderr = True
+        log.addHandler(handler)
     log.setLevel(logging.WARNING)
     log.propagate = False
 
@@ -67,7 +76,7 @@ def _connect(args):
 
     creds = load_credentials(args.credentials)
     for text in creds.warnings:
-        logging.getLogger("blockvault.vsphere").warning(text)
+        _log().warning(text)
     tls = TlsPolicy(args.thumbprint, args.ca_file, args.insecure)
     return Connection(Endpoint.parse(args.server), creds, tls, timeout=args.timeout)
 
@@ -120,7 +129,7 @@ def cmd_restore(args) -> int:
                             on_progress=progress.advance)
     progress.finish()
     for note in result.notes:
-        logging.getLogger("blockvault.vsphere").warning(note)
+        _log().warning(note)
     doc = {"backup": result.backup, "vm": result.vm, "moref": result.moref, "transport": result.transport,
            "disks": result.disks, "warnings": result.notes}
     emit(args, doc, f"restored {result.backup} as VM {result.vm} ({result.moref}), {len(result.disks)} disk(s), "
