@@ -35,27 +35,87 @@ class ChunkVerifyReport:
         return not self.corrupt and not self.missing_packs
 
 
-def index_by_pack(store: ChunkStore, txn) -> dict[bytes, list[tuple[IndexEntry, bytes]]]:
-    groups: dict[bytes, list] = defaultdict(list)
-    with txn.cursor(db=store.chunks_db) as cur:
-        for key, value in cur:
-            entry = IndexEntry.decode(value)
-            groups[entry.pack_id].append((entry, bytes(key)))
+# Index entries held in memory at once (about 200 bytes each): a store of
+# any size is verified in passes of this many chunks, each pass reading its
+# chunks pack by pack in offset order.  At 256 KiB chunks one pass covers
+# 64 GiB of chunks.
+BATCH_ENTRIES = 1 << 18
+
+
+def index_batches(store: ChunkStore, limit: int = BATCH_ENTRIES):
+    """The index in batches of at most ``limit`` entries, each grouped by pack
+    and sorted by offset: {pack id: [(entry, digest), ...]}.
+
+    Each batch is read in a read transaction of its own, so a long verify
+    does not pin old LMDB pages (which would make a concurrent backup grow
+    the file instead of reusing them).  Entries a writer adds meanwhile may or
+    may not be seen; none that existed at the start is skipped.
+    """
+    after: bytes | None = None
+    while True:
+        groups: dict[bytes, list] = defaultdict(list)
+        held = 0
+        with store.read_txn() as txn, txn.cursor(db=store.chunks_db) as cur:
+            more = cur.set_range(after) if after is not None else cur.first()
+            if more and after is not None and cur.key() == after:
+                more = cur.next()
+            while more:
+                key = cur.key()
+                entry = IndexEntry.decode(cur.value())
+                groups[entry.pack_id].append((entry, key))
+                held += 1
+                if held >= limit:
+                    after = key
+                    break
+                more = cur.next()
+        if groups:
+            yield _sorted(groups)
+        if not more:
+            return
+
+
+def _sorted(groups: dict[bytes, list]) -> dict[bytes, list]:
     for items in groups.values():
         items.sort(key=lambda it: it[0].offset)
     return groups
 
 
+def _indexed_bytes(store: ChunkStore, txn) -> int:
+    """Record bytes the index points at (the progress total), without keeping entries."""
+    total = 0
+    with txn.cursor(db=store.chunks_db) as cur:
+        for value in cur.iternext(keys=False, values=True):
+            total += RECORD_HEADER_SIZE + IndexEntry.decode(value).stored_len
+    return total
+
+
 def verify_chunks(store: ChunkStore, workers: int = 2,
                   on_total: Callable[[int], None] | None = None,
-                  on_progress: Callable[[int], None] | None = None) -> ChunkVerifyReport:
+                  on_progress: Callable[[int], None] | None = None,
+                  batch_entries: int = BATCH_ENTRIES) -> ChunkVerifyReport:
     report = ChunkVerifyReport()
+    missing: set[bytes] = set()
     with store.read_txn() as txn:
-        groups = index_by_pack(store, txn)
         known_packs = {bytes(k) for k, _ in txn.cursor(db=store.packs_db)}
+        total = _indexed_bytes(store, txn) if on_total else 0
     if on_total:
-        on_total(sum(RECORD_HEADER_SIZE + e.stored_len for items in groups.values() for e, _ in items))
+        on_total(total)
+    for groups in index_batches(store, batch_entries):
+        _verify_batch(store, groups, workers, report, missing, on_progress)
+    report.missing_packs = sorted(p.hex() for p in missing)
+    for path in iter_pack_paths(store.path):
+        name = os.path.basename(path)[:-5]
+        try:
+            pid = bytes.fromhex(name)
+        except ValueError:
+            continue
+        if pid not in known_packs:
+            report.unreferenced_packs.append(path)
+    return report
 
+
+def _verify_batch(store: ChunkStore, groups: dict[bytes, list], workers: int, report: ChunkVerifyReport,
+                  missing: set[bytes], on_progress: Callable[[int], None] | None) -> None:
     def check_span(pack_id: bytes, items: list[tuple[IndexEntry, bytes]]) -> tuple[int, int, dict]:
         start = items[0][0].offset
         end = items[-1][0].offset + RECORD_HEADER_SIZE + items[-1][0].stored_len
@@ -77,26 +137,17 @@ def verify_chunks(store: ChunkStore, workers: int = 2,
     with ThreadPoolExecutor(workers, thread_name_prefix="bv-verify") as pool:
         futures = deque()
         for pack_id, items in groups.items():
-            if not os.path.exists(store.pack_path(pack_id)):
-                report.missing_packs.append(pack_id.hex())
+            if pack_id not in missing and not os.path.exists(store.pack_path(pack_id)):
+                missing.add(pack_id)
             for span in _split(items):
                 futures.append(pool.submit(check_span, pack_id, span))
-        for fut in futures:
-            n, nbytes, bad = fut.result()
+        while futures:
+            n, nbytes, bad = futures.popleft().result()
             report.chunks_checked += n
             report.bytes_checked += nbytes
             report.corrupt.update(bad)
             if on_progress:
                 on_progress(nbytes)
-    for path in iter_pack_paths(store.path):
-        name = os.path.basename(path)[:-5]
-        try:
-            pid = bytes.fromhex(name)
-        except ValueError:
-            continue
-        if pid not in known_packs:
-            report.unreferenced_packs.append(path)
-    return report
 
 
 def _split(items: list[tuple[IndexEntry, bytes]]) -> list[list[tuple[IndexEntry, bytes]]]:

@@ -6,6 +6,7 @@ import pytest
 from chunkstore.errors import IntegrityError
 from chunkstore.pack import RECORD_HEADER_SIZE
 from chunkstore.rebuild import rebuild_index
+from chunkstore.verify import index_batches, verify_chunks
 from engine.backup import backup_image
 from engine.restore import PARTIAL_SUFFIX, restore_backup
 from engine.verify import verify_repository
@@ -78,6 +79,21 @@ def test_missing_pack_is_reported(repo, tmp_path):
     report = verify_repository(repo)
     assert not report.ok and report.chunks.missing_packs == [pack_id.hex()]
     assert report.affected[digest] == {t1.id: [2 * CS], t2.id: [2 * CS]}
+
+
+def test_verify_in_small_batches_sees_every_chunk(repo, tmp_path):
+    shared, _, _ = _two_backups(repo, tmp_path)
+    digest = repo.store.digester(shared)
+    _corrupt_payload_byte(repo, digest)
+    whole = verify_chunks(repo.store)
+    seen = []
+    for groups in index_batches(repo.store, limit=2):
+        assert sum(len(items) for items in groups.values()) <= 2
+        seen += [d for items in groups.values() for _, d in items]
+    assert len(seen) == len(set(seen)) == whole.chunks_checked == 6
+    batched = verify_chunks(repo.store, batch_entries=2)
+    assert set(batched.corrupt) == set(whole.corrupt) == {digest}
+    assert (batched.chunks_checked, batched.bytes_checked) == (whole.chunks_checked, whole.bytes_checked)
 
 
 def test_rebuild_index_from_packs(repo, tmp_path, store_path):
