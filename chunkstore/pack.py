@@ -115,9 +115,9 @@ def check_payload(header: RecordHeader, payload, where: str) -> None:
 class PackWriter:
     """One new pack file of one write session.
 
-    Space is handed out by ``reserve`` (the session serialises that) and
-    filled by ``write_at`` from any thread, so several threads append to one
-    pack at once.  Nothing written here is referenced until the session
+    Space is handed out by ``reserve`` (under the session's lock) and filled
+    by ``write_at`` outside it, with the GIL released, so appending never
+    holds up the other threads of the session.  Nothing written here is referenced until the session
     commits its index entries, and ``sync()`` must have returned before that
     commit: that is the ordering that keeps the index from ever pointing at
     lost bytes.

@@ -6,8 +6,8 @@ carries a batch all the way: the C reader, the zero test, the digests, the
 claim of the chunks the store lacks, one zstd call for all of them, and the
 ``pwritev`` into the session's pack.  Every heavy step releases the GIL, and
 no step waits for another thread, so both cores stay busy; the session (see
-chunkstore/session.py) lets tasks append to one pack at once and fsyncs
-full packs in a thread of its own.
+chunkstore/session.py) gives each thread a pack of its own to append to and
+fsyncs full packs in a thread of its own.
 
 The main thread only feeds the manifest, in ascending chunk order, and
 counts.  The number of tasks in flight is bounded, which bounds memory
@@ -99,23 +99,20 @@ class ChunkPipeline:
         disk.read_chunks([i * cs for i in indices], cs, buf)
         zero_flags = native.zero_chunks(buf, cs)
         view = memoryview(buf)
-        try:
-            digest, zero = self.digester, self.zero
-            digests = [zero if zero_flags[j] else digest(view[j * cs:(j + 1) * cs]) for j in range(len(indices))]
-            first: dict[bytes, int] = {}
-            for j, d in enumerate(digests):
-                if not zero_flags[j] and d not in first:
-                    first[d] = j
-            fresh = self.session.claim(first)
-            stored = 0
-            if fresh:
-                raws = [view[first[d] * cs:(first[d] + 1) * cs] for d in fresh]
-                encoded = self.codec.encode_many(raws)
-                stored = self.session.write(
-                    [(d, codec, cs, payload) for d, (codec, payload) in zip(fresh, encoded)])
-                del raws, encoded
-        finally:
-            view.release()
+        digest, zero = self.digester, self.zero
+        digests = [zero if zero_flags[j] else digest(view[j * cs:(j + 1) * cs]) for j in range(len(indices))]
+        first: dict[bytes, int] = {}
+        for j, d in enumerate(digests):
+            if not zero_flags[j] and d not in first:
+                first[d] = j
+        fresh = self.session.claim(first)
+        stored = 0
+        if fresh:
+            # Raw (incompressible) payloads are views of ``buf``: written
+            # before this task returns and the buffer goes back to the spares.
+            encoded = self.codec.encode_many([view[first[d] * cs:(first[d] + 1) * cs] for d in fresh])
+            stored = self.session.write(
+                [(d, codec, cs, payload) for d, (codec, payload) in zip(fresh, encoded)])
         zeros = sum(zero_flags)
         return _Batch(indices, buf, digests, zeros, len(indices) - zeros, len(fresh), stored)
 
