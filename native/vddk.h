@@ -52,7 +52,8 @@
  * process should be started with LD_LIBRARY_PATH including <vddk>/lib64 (nbdkit re-execs
  * itself for this); this file cannot fix that after the process started.
  *
- * Build: cc -c vddk.c (C11, POSIX), link with -ldl -lpthread.
+ * Build: cc -c vddk_library.c vddk_access.c vddk_disk.c vddk_extents.c (C11, POSIX; they share
+ * vddk_internal.h), link with -ldl -lpthread.
  */
 #ifndef BLOCKVAULT_VDDK_H
 #define BLOCKVAULT_VDDK_H

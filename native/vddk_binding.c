@@ -2,8 +2,8 @@
  * vddk_binding.c: vSphere disks through VDDK as Disks.
  *
  * Connection parameters arrive as keyword arguments and are borrowed as C
- * strings for the duration of each call; vddk.c copies and wipes what it
- * keeps.  Every VDDK call runs with the GIL released: connects may block on
+ * strings for the duration of each call; vddk_*.c copy and wipe what they
+ * keep.  Every VDDK call runs with the GIL released: connects may block on
  * the network.
  *
  * Part of native._native: included by module.c (one translation unit, so

@@ -1,8 +1,8 @@
-"""The VDDK transport (native/vddk.c) against a stand-in libvixDiskLib, through real dlopen.
+"""The VDDK transport (native/vddk_*.c) against a stand-in libvixDiskLib, through real dlopen.
 
 The tests build tests/vddk_stub/vixDiskLibStub.c into shared libraries with gcc (a VDDK 8
 look-alike under lib64/, a VDDK 6.5 one without QueryAllocatedBlocks, and one that lacks
-VixDiskLib_Read) and tests/native/vddk_tool.c + native/vddk.c into a program -- under
+VixDiskLib_Read) and tests/native/vddk_tool.c + native/vddk_*.c into a program -- under
 AddressSanitizer/UBSan when the compiler has them, and once more under ThreadSanitizer for the
 concurrent-read test.  Each test lays out a fake datastore under $VDDK_STUB_ROOT, runs the tool,
 and checks its JSON output, the bytes it produced, and the stub's call log ($VDDK_STUB_LOG),
@@ -24,7 +24,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 STUB_SRC = REPO / "tests" / "vddk_stub" / "vixDiskLibStub.c"
 TOOL_SRC = REPO / "tests" / "native" / "vddk_tool.c"
-VDDK_SRC = REPO / "native" / "vddk.c"
+VDDK_SRCS = [REPO / "native" / f"vddk_{part}.c"
+             for part in ("library", "access", "disk", "extents")]
 
 SECTOR = 512
 CHUNK = 128 * SECTOR  # VIXDISKLIB_MIN_CHUNK_SIZE in bytes
@@ -69,7 +70,7 @@ def build(tmp_path_factory):
     _gcc(*stub, "-DSTUB_OMIT_READ", STUB_SRC, "-o", out / "libvixDiskLib-noread.so", "-lpthread")
 
     tool = ["-std=c11", "-g", "-Wall", "-Wextra", "-Werror", "-I", REPO / "native"]
-    srcs = [TOOL_SRC, VDDK_SRC, "-ldl", "-lpthread"]
+    srcs = [TOOL_SRC, *VDDK_SRCS, "-ldl", "-lpthread"]
     asan = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
     if not _sanitizer_works(out, asan):
         asan = []

@@ -1,5 +1,5 @@
 /*
- * vddk_tool.c -- a command-line driver of native/vddk.c, for the tests.
+ * vddk_tool.c -- a command-line driver of native/vddk_*.c (vddk.h), for the tests.
  *
  * It runs one job the way the engine will: [PrepareForAccess] -> open -> one command -> close
  * -> Cleanup -> [EndAccess] -> Exit, and prints the result as one JSON object on stdout.  On
@@ -20,7 +20,8 @@
  * environment variable VDDK_TOOL_PASSWORD (and a session cookie from VDDK_TOOL_COOKIE), never
  * from the command line, where ps(1) would show it.
  *
- * Build: gcc -std=c11 -O2 -Wall -Wextra -Inative tests/native/vddk_tool.c native/vddk.c \
+ * Build: gcc -std=c11 -O2 -Wall -Wextra -Inative tests/native/vddk_tool.c \
+ *            native/vddk_library.c native/vddk_access.c native/vddk_disk.c native/vddk_extents.c \
  *            -o vddk_tool -ldl -lpthread
  */
 #define _GNU_SOURCE

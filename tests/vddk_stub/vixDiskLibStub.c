@@ -2,8 +2,8 @@
  * vixDiskLibStub.c -- a stand-in libvixDiskLib that serves local raw files, for the tests.
  *
  * It exports the VixDiskLib entry points with the real library's names, signatures and struct
- * layouts (vixDiskLibStub.h), so native/vddk.c loads and drives it through dlopen exactly as it
- * would drive VMware's library.  Built by tests/native/test_vddk.py:
+ * layouts (vixDiskLibStub.h), so native/vddk_*.c load and drive it through dlopen exactly as
+ * they would drive VMware's library.  Built by tests/native/test_vddk.py:
  *     gcc -shared -fPIC -fvisibility=hidden -o <dir>/lib64/libvixDiskLib.so.8 \
  *         vixDiskLibStub.c -lpthread
  * (-DSTUB_VDDK6 for a VDDK 6.5 look-alike, -DSTUB_OMIT_READ for a library lacking Read and

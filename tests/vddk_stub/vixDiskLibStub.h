@@ -2,9 +2,9 @@
  * vixDiskLibStub.h -- the VixDiskLib C ABI as the stand-in library exports it.
  *
  * Transcribed from /work/shared/reference/vsphere-vddk.md §1.2-1.4 (Linux x86-64) on its own,
- * deliberately not shared with native/vddk.c: the stub is the tests' oracle for the ABI, and a
- * layout mistake copied into both sides would pass unnoticed.  The _Static_asserts pin the
- * offsets the reference gives.
+ * deliberately not shared with native/vddk_internal.h: the stub is the tests' oracle for the
+ * ABI, and a layout mistake copied into both sides would pass unnoticed.  The _Static_asserts
+ * pin the offsets the reference gives.
  *
  * Build switches: STUB_VDDK6 builds a VDDK 6.5 look-alike (no QueryAllocatedBlocks,
  * FreeBlockList or AllocateConnectParams; VixDiskLibInfo without the two VDDK 7 sector-size
