@@ -153,7 +153,10 @@ class PackWriter:
         go out as they are (pwritev), without being joined first."""
         parts = list(parts)
         while parts:
-            n = os.pwritev(self._fd, parts[:512], offset)
+            try:
+                n = os.pwritev(self._fd, parts[:512], offset)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, self.path) from None
             if n <= 0:
                 raise OSError(f"{self.path}: pwritev wrote nothing at offset {offset}")
             offset += n
@@ -173,7 +176,10 @@ class PackWriter:
 
     def sync(self) -> None:
         """Make every written byte (and the file's name) durable."""
-        os.fsync(self._fd)
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.path) from None
         # A pack is written once and read rarely; keeping it cached would
         # evict the machine's working set, and every new page a backup writes
         # would first have to be reclaimed from someone else (on this 2-core

@@ -9,6 +9,7 @@ progress off; progress is also off when stderr is not a terminal.
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import os
 import sys
@@ -299,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(e, "exit_code", EXIT_ERROR)
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        print(f"blockvault: error: {where}{e.strerror or e}", file=sys.stderr)
+        hint = ("; free space on that file system (or raise the quota) and run the command again"
+                if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+        print(f"blockvault: error: {where}{e.strerror or e}{hint}", file=sys.stderr)
         return EXIT_ERROR
     except lmdb.Error as e:
         print(f"blockvault: error: store index: {e}", file=sys.stderr)

@@ -98,3 +98,32 @@ def test_restore_refuses_to_overwrite(populated, tmp_path):
     proc = run_cli("restore", store, "ok@1", str(target), "--force")
     assert proc.returncode == 0, proc.stderr
     assert target.read_bytes() == open(img, "rb").read()
+
+
+def test_full_file_system_fails_cleanly_with_advice(populated, tmp_path, monkeypatch, capsys):
+    """ENOSPC in the middle of writing packs: exit 1, the pack named, advice
+    given, and the store exactly as it was."""
+    import errno
+
+    from engine import cli
+
+    store, _ = populated
+    img = str(tmp_path / "big.img")
+    make_sparse(img, 64 * CS)
+    write_at(img, 0, rng(41).bytes(64 * CS))
+    before = store_fingerprint(store)
+    real_pwritev, calls = os.pwritev, [0]
+
+    def filling_up(fd, buffers, offset):
+        calls[0] += 1
+        if calls[0] > 1:  # the pack header goes through, its first records do not
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", filling_up)
+    code = cli.main(["backup", store, img, "--disk", "big"])
+    err = capsys.readouterr().err
+    assert code == 1 and calls[0] > 1, (code, calls, err)
+    assert ".pack: No space left on device" in err and "free space" in err, err
+    monkeypatch.setattr(os, "pwritev", real_pwritev)
+    assert store_fingerprint(store) == before
