@@ -1,6 +1,6 @@
 """The backup hot path: read → drop zeros → digest → claim → compress → pack.
 
-Work moves in batches of about 8 MiB (never less than one chunk) so every
+Work moves in batches of about 2 MiB (never less than one chunk) so every
 thread task is large enough to amortise Python's overhead.  One pool task
 carries a batch all the way: the C reader, the zero test, the digests, the
 claim of the chunks the store lacks, one zstd call for all of them, and the
@@ -11,8 +11,8 @@ fsyncs full packs in a thread of its own.
 
 The main thread only feeds the manifest, in ascending chunk order, and
 counts.  The number of tasks in flight is bounded, which bounds memory
-whatever the disk size, and batch buffers are recycled: a fresh 8 MiB buffer
-costs 2048 page faults, which on a virtual machine is a sizeable share of the
+whatever the disk size, and batch buffers are recycled: a fresh 2 MiB buffer
+costs 512 page faults, which on a virtual machine is a sizeable share of the
 work of reading it.
 """
 
@@ -29,7 +29,12 @@ import native
 from chunkstore import ChunkStore, WriteSession
 from engine.changes import Run
 
-BATCH_BYTES = 8 << 20
+# 2 MiB: large enough that per-task Python costs vanish (a full backup runs
+# as fast as with 8 MiB), small enough that the buffers in flight stay few
+# pages.  Fresh memory is dear on a VM whose host reclaims freed pages: with
+# 8 MiB batches a 60 MiB incremental took 16,000 page faults, with 2 MiB
+# 7,300, and a full backup's peak RSS fell from 86 to 43 MiB.
+BATCH_BYTES = 2 << 20
 
 
 @dataclass

@@ -12,8 +12,8 @@ files; ``open_disk`` refuses them and points at VDDK.
 
 ``HttpDisk`` has the shape the chunk pipeline wants from any source (``size``,
 ``extents()``, ``read_chunks()``, ``close()``).  Reads of consecutive chunks
-become one ranged GET (the pipeline's batches are ~8 MiB, and a store's
-default 1 MiB chunks keep even scattered reads at ≥ 1 MiB), and a small pool
+become one ranged GET (the pipeline's batches are ~2 MiB, and a store's
+default 256 KiB chunks keep even scattered reads at ≥ 256 KiB), and a small pool
 of keep-alive HTTPS connections lets the pipeline's threads read in parallel:
 socket I/O releases the GIL.  A request that fails on the network is retried
 once on a fresh connection; a 401 (session expired) once after a new login.
