@@ -239,20 +239,55 @@ def restore_backup(repo: Repository, ref: str, target: str | RestoreTarget, forc
     return RestoreResult(record, out.target, *counts)
 
 
+# Granularity of the holes a restore leaves inside a chunk: VMDK's grain and
+# CBT's block, and a multiple of every file system's block size.
+HOLE_BLOCK = 64 << 10
+
+
+def nonzero_runs(raw) -> list[tuple[int, int]]:
+    """[start, end) runs of ``raw`` holding a non-zero byte, in HOLE_BLOCK steps.
+
+    A chunk is stored whole even where part of it is zeros (the end of a
+    file, a partly written extent), and a target that reads as zeros does
+    not need those parts written: the restored file keeps the source's holes
+    and the restore writes less.  With 4 MiB chunks that was most of the
+    bytes written."""
+    flags = native.zero_chunks(raw, HOLE_BLOCK)
+    runs: list[tuple[int, int]] = []
+    for i, is_zero in enumerate(flags):
+        if is_zero:
+            continue
+        start = i * HOLE_BLOCK
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], start + HOLE_BLOCK)
+        else:
+            runs.append((start, start + HOLE_BLOCK))
+    if runs:
+        runs[-1] = (runs[-1][0], min(runs[-1][1], len(raw)))
+    return runs
+
+
 def _write_all(repo: Repository, txn, manifest: Manifest, out: RestoreTarget, workers: int,
                on_progress) -> tuple[int, int, int]:
     store = repo.store
     cs, size, zero = manifest.chunk_size, manifest.size, store.digester.zero_digest
     written = chunks_written = chunks_read = 0
 
+    sparse = not out.writes_zeros
+
     def work(span: _Span) -> int:
         data = store.read_span(span.pack_id, span.offset, span.length)
         done = 0
         for at, entry, digest, offsets in span.items:
             raw = store.decode_chunk(data, at, entry, digest)
+            runs = nonzero_runs(raw) if sparse else [(0, cs)]
+            view = memoryview(raw)
             for off in offsets:
                 n = min(cs, size - off)
-                out.write(off, raw[:n] if n < cs else raw)
+                for start, end in runs:
+                    if start >= n:
+                        break
+                    out.write(off + start, view[start:min(end, n)])
                 done += n
         return done
 

@@ -125,6 +125,28 @@ def test_holes_at_every_chunk_boundary(repo, tmp_path):
     assert rec.stats["zero_chunks"] + rec.stats["new_chunks"] + rec.stats["dedup_chunks"] == rec.stats["chunks_read"]
 
 
+def test_zero_blocks_inside_a_chunk_stay_holes(tmp_path):
+    """With 1 MiB chunks a chunk is stored whole, but the 64 KiB blocks of it
+    that are zeros are not written back: the restore keeps the source's holes."""
+    from engine.repository import Repository
+    big = 1 << 20
+    repo = Repository.init(str(tmp_path / "s1m"), chunk_size=big)
+    r = rng(13)
+    img = str(tmp_path / "p.img")
+    make_sparse(img, 3 * big + 5000)                    # ends inside a chunk
+    write_at(img, 0, r.bytes(CS))                        # block 0 of chunk 0
+    write_at(img, 5 * CS + 100, r.bytes(10))             # inside block 5
+    write_at(img, big + 15 * CS, r.bytes(CS))            # the last block of chunk 1
+    write_at(img, 3 * big, r.bytes(5000))                # the short last chunk
+    rec = backup_image(repo, img, "p", "full")
+    out = str(tmp_path / "p.out")
+    restore_backup(repo, rec.id, out)
+    assert same_file(out, img)
+    blocks = {k for s, n in allocated_ranges(out) for k in range(s // CS, -(-(s + n) // CS))}
+    assert blocks == {0, 5, 16 + 15, 48}
+    repo.close()
+
+
 def test_differential_needs_a_full(repo, tmp_path):
     img = str(tmp_path / "x.img")
     make_sparse(img, 1 << 20)
