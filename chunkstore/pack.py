@@ -132,7 +132,11 @@ class PackWriter:
         self._dir = directory
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         header = encode_pack_header(store_id, self.pack_id)
-        self.write_at(0, [header])
+        try:
+            self.write_at(0, [header])
+        except BaseException:
+            self.discard()  # nothing else knows this file yet
+            raise
         self.size = len(header)   # bytes reserved so far
         self.chunk_count = 0
         self.writers = 0          # threads between reserve and the end of write_at

@@ -100,9 +100,11 @@ def test_restore_refuses_to_overwrite(populated, tmp_path):
     assert target.read_bytes() == open(img, "rb").read()
 
 
-def test_full_file_system_fails_cleanly_with_advice(populated, tmp_path, monkeypatch, capsys):
-    """ENOSPC in the middle of writing packs: exit 1, the pack named, advice
-    given, and the store exactly as it was."""
+@pytest.mark.parametrize("fail_after", [0, 1, 2])
+def test_full_file_system_fails_cleanly_with_advice(populated, tmp_path, monkeypatch, capsys, fail_after):
+    """ENOSPC while writing packs (a pack header, or records, from either of
+    the worker threads): exit 1, the pack named, advice given, and the store
+    exactly as it was, with no pack file left behind."""
     import errno
 
     from engine import cli
@@ -116,14 +118,14 @@ def test_full_file_system_fails_cleanly_with_advice(populated, tmp_path, monkeyp
 
     def filling_up(fd, buffers, offset):
         calls[0] += 1
-        if calls[0] > 1:  # the pack header goes through, its first records do not
+        if calls[0] > fail_after:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_pwritev(fd, buffers, offset)
 
     monkeypatch.setattr(os, "pwritev", filling_up)
     code = cli.main(["backup", store, img, "--disk", "big"])
     err = capsys.readouterr().err
-    assert code == 1 and calls[0] > 1, (code, calls, err)
+    assert code == 1 and calls[0] > fail_after, (code, calls, err)
     assert ".pack: No space left on device" in err and "free space" in err, err
     monkeypatch.setattr(os, "pwritev", real_pwritev)
     assert store_fingerprint(store) == before
