@@ -20,6 +20,7 @@ points to is a guess blockvault does not make.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import threading
@@ -32,6 +33,7 @@ from engine.progress import human_bytes
 from engine.sources import target_format
 
 PARTIAL_SUFFIX = ".blockvault-partial"
+BLKROGET = 0x125E  # _IO(0x12, 94): is the block device read-only
 WHAT_RESTORE_WRITES = "restore writes regular files, block devices, or vddk:// disks"
 
 
@@ -137,6 +139,11 @@ class BlockDeviceTarget(RawTarget):
                 raise BadInputError(self._busy_message()) from None
             raise BadInputError(f"cannot open block device {self.target} for writing: {e.strerror}") from None
         self._write_lock = threading.Lock()
+        # Linux opens a read-only device for writing and fails each write (EPERM).
+        if int.from_bytes(fcntl.ioctl(self.fd, BLKROGET, bytes(4)), "little"):
+            self.discard()
+            raise BadInputError(f"block device {self.target} is read-only; make it writable "
+                                "(blockdev --setrw) or restore to another device")
         have = os.lseek(self.fd, 0, os.SEEK_END)
         if have < size:
             self.discard()
@@ -146,6 +153,12 @@ class BlockDeviceTarget(RawTarget):
         if have > size:
             self.warnings.append(f"block device {self.target} holds {have} bytes, the backup {size}: its last "
                                  f"{have - size} bytes are left as they were")
+
+    def write(self, offset: int, data) -> None:
+        try:
+            super().write(offset, data)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.target) from None
 
     def finish(self) -> None:
         os.fsync(self.fd)
@@ -235,7 +248,7 @@ def _is_block_device(target: str, fmt: str | None) -> bool:
     if st is not None and stat.S_ISBLK(st.st_mode):
         if fmt not in (None, "raw"):
             raise BadInputError(f"restore target {shown} is a block device, which takes the disk's raw bytes: "
-                                f"drop --format {fmt}, or give a file name for a {fmt} image")
+                                f"drop --format {fmt}")
         return True
     for test, kind in _NODE_KINDS:
         if st is not None and test(st.st_mode):

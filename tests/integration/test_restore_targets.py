@@ -80,11 +80,11 @@ def loop(tmp_path):
         pytest.skip("losetup (util-linux) is not installed: no loop device to restore onto")
     attached: list[Loop] = []
 
-    def attach(size: int) -> Loop:
+    def attach(size: int, *options: str) -> Loop:
         backing = str(tmp_path / f"backing{len(attached)}.img")
         with open(backing, "wb") as f:
             f.write(FILL * size)
-        proc = subprocess.run(["losetup", "-f", "--show", backing], capture_output=True, text=True)
+        proc = subprocess.run(["losetup", "-f", "--show", *options, backing], capture_output=True, text=True)
         if proc.returncode != 0:
             pytest.skip(f"cannot attach a loop device here (a container without loop devices?): "
                         f"{proc.stderr.strip()}")
@@ -231,6 +231,16 @@ def test_device_held_exclusively_is_refused(backed_up, loop):
     finally:
         os.close(holder)
     assert proc.returncode == 1 and f"restore target {dev.dev} is in use" in proc.stderr
+    dev.assert_intact()
+    assert dev.contents() == FILL * len(data)
+
+
+def test_read_only_device_is_refused(backed_up, loop):
+    store, data = backed_up
+    dev = loop(len(data), "--read-only")
+    proc = run_cli("restore", store, "d@1", dev.dev, "--force")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"block device {dev.dev} is read-only" in proc.stderr
     dev.assert_intact()
     assert dev.contents() == FILL * len(data)
 
