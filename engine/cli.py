@@ -117,9 +117,11 @@ def cmd_restore(args) -> int:
                                 on_start=lambda rec, total: progress.set_total(total),
                                 on_progress=progress.advance)
     progress.finish()
+    for text in result.warnings:
+        print(f"blockvault: warning: {text}", file=sys.stderr)
     doc = {"id": result.record.id, "target": result.target, "size": result.record.size,
            "bytes_written": result.bytes_written, "chunks_written": result.chunks_written,
-           "chunks_read": result.chunks_read}
+           "chunks_read": result.chunks_read, "warnings": result.warnings}
     emit(args, doc, f"restored {result.record.id} to {result.target} ({human_bytes(result.record.size)}, "
                      f"{human_bytes(result.bytes_written)} of data)")
     return EXIT_OK
@@ -247,16 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("restore", cmd_restore, "restore one backup to a raw image, a VMDK or a vSphere disk",
              "blockvault restore /backup/store db01@latest /restore/db01.img\n"
              "  blockvault restore /backup/store db01@3 /restore/db01.vmdk\n"
+             "  blockvault restore /backup/store db01@3 /dev/vg0/db01 --force    # a block device, in place\n"
              "  blockvault restore /backup/store db01@3 'vddk://vc.lab/vm-77?disk=[ds1] new/new.vmdk' --force")
     sp.add_argument("store", metavar="STORE")
     sp.add_argument("backup", metavar="DISK@N", help="backup id, e.g. db01@3 or db01@latest")
-    sp.add_argument("target", metavar="TARGET", help="file to write (sparse raw, or .vmdk), or a vddk:// URL")
+    sp.add_argument("target", metavar="TARGET",
+                    help="file to write (sparse raw, or .vmdk), a block device (written in place), or a vddk:// URL")
     sp.add_argument("--format", choices=("raw", "vmdk", "vddk"),
-                    help="what to write (default: vddk for vddk:// URLs, vmdk for *.vmdk, else raw)")
-    sp.add_argument("--force", action="store_true", help="replace TARGET if it exists (required for vddk)")
+                    help="what to write (default: vddk for vddk:// URLs, raw for block devices, vmdk for *.vmdk, "
+                         "else raw)")
+    sp.add_argument("--force", action="store_true",
+                    help="replace TARGET if it exists (required for block devices and vddk)")
     sp.add_argument("--credentials", metavar="FILE", help="vSphere credentials file for vddk:// targets")
     sp.add_argument("--zeroed-target", action="store_true",
-                    help="the vddk target disk is newly created: skip writing its zero chunks")
+                    help="the block device or vddk disk already reads as zeros: skip writing zero chunks "
+                         "(files are always new and sparse)")
     sp.add_argument("--threads", type=int, default=None, help="worker threads (default: two per core)")
 
     sp = cmd("verify", cmd_verify, "read and check every chunk; report what damage affects",

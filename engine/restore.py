@@ -1,45 +1,36 @@
-"""Restore one backup to a raw image: one manifest, parallel reads, sparse writes.
+"""Restore one backup to a target: one manifest, parallel reads, sparse writes.
 
 The manifest is walked a window of segments at a time; within a window the
 chunks are grouped by pack and sorted by offset, adjacent records are read
 with one pread, and the decompression and positional writes run in a thread
 pool (pread, zstd and pwrite all release the GIL).  A chunk used at several
-offsets is read once.  Zero chunks are never written: the target is created
-at its full size as a sparse file, so they stay holes.
+offsets is read once.  Zero chunks are not written to a target that reads
+as zeros (a new sparse file or VMDK, a disk or device declared zeroed), so
+they stay holes; targets that may hold old data get them written.
 
-Targets (``RestoreTarget``): a raw file (sparse), a monolithicSparse VMDK
-written by native's VMDK writer, or a vSphere disk through VDDK Write.  File
-targets are written to ``TARGET.blockvault-partial`` and renamed over the
-target only when every chunk is written and synced, so an interrupted
-restore never leaves a half-written file under the target's name.  A VDDK
-target is an existing disk written in place; unless it is known to be
-freshly created, zero chunks are written too, because it may hold old data.
+Where the bytes go, and which paths may receive them, is engine/targets.py.
 """
 
 from __future__ import annotations
 
-import os
-import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import native
 
 from chunkstore import IndexEntry
-from chunkstore.config import fsync_dir
 from chunkstore.pack import RECORD_HEADER_SIZE
 from engine.catalog import BackupRecord
-from engine.errors import BadInputError
 from engine.manifest import Manifest, segment_array
 from engine.pipeline import default_workers
 from engine.repository import Repository
-from engine.sources import target_format
+from engine.targets import (PARTIAL_SUFFIX, BlockDeviceTarget, RawTarget, RestoreTarget, VddkTarget,  # noqa: F401
+                            VmdkTarget, make_target)
 
 SPAN_BYTES = 8 << 20
 WINDOW_SEGMENTS = 16
-PARTIAL_SUFFIX = ".blockvault-partial"
 
 
 @dataclass
@@ -49,6 +40,7 @@ class RestoreResult:
     bytes_written: int
     chunks_written: int
     chunks_read: int
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -75,146 +67,6 @@ def _spans(entries: list[tuple[IndexEntry, bytes, list[int]]]) -> list[_Span]:
     return spans
 
 
-class RestoreTarget:
-    """Where restored bytes go: ``write(offset, data)`` from many threads at once."""
-
-    writes_zeros = False
-
-    def __init__(self, target: str, force: bool):
-        self.target = target
-        self.force = force
-
-    def check(self) -> None:
-        target = self.target
-        if os.path.isdir(target):
-            raise BadInputError(f"restore target {target} is a directory; give a file name")
-        if os.path.lexists(target) and not self.force:
-            raise BadInputError(f"restore target {target} exists; pass --force to overwrite it")
-        parent = os.path.dirname(os.path.abspath(target))
-        if not os.path.isdir(parent):
-            raise BadInputError(f"restore target directory {parent} does not exist")
-
-    @property
-    def partial(self) -> str:
-        return self.target + PARTIAL_SUFFIX
-
-    def open(self, size: int) -> None:
-        raise NotImplementedError
-
-    def write(self, offset: int, data) -> None:
-        raise NotImplementedError
-
-    def finish(self) -> None:
-        """Durable, and under the target's name."""
-        os.replace(self.partial, self.target)
-        fsync_dir(os.path.dirname(os.path.abspath(self.target)))
-
-    def discard(self) -> None:
-        try:
-            os.unlink(self.partial)
-        except FileNotFoundError:
-            pass
-
-
-class RawTarget(RestoreTarget):
-    """A sparse raw image: holes wherever the backup has zero chunks."""
-
-    def open(self, size: int) -> None:
-        self.fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        os.ftruncate(self.fd, size)
-        # Buffered writes to one file serialise on its inode lock, and the
-        # kernel spins while it waits: when page-cache writes were slow, perf
-        # put a third of a restore's CPU in rwsem_spin_on_owner.  Queueing on
-        # a lock of our own sleeps instead, and the other threads decompress.
-        self._write_lock = threading.Lock()
-
-    def write(self, offset: int, data) -> None:
-        with self._write_lock:
-            os.pwrite(self.fd, data, offset)
-
-    def finish(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        super().finish()
-
-    def discard(self) -> None:
-        if getattr(self, "fd", -1) >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        super().discard()
-
-
-class VmdkTarget(RestoreTarget):
-    """A hosted monolithicSparse VMDK; zero grains stay unallocated."""
-
-    def open(self, size: int) -> None:
-        self.disk = native.create_vmdk(self.partial, size)
-
-    def write(self, offset: int, data) -> None:
-        self.disk.write(offset, data)
-
-    def finish(self) -> None:
-        self.disk.finish()
-        self.disk.close()
-        super().finish()
-
-    def discard(self) -> None:
-        if getattr(self, "disk", None) is not None:
-            self.disk.close()
-        super().discard()
-
-
-class VddkTarget(RestoreTarget):
-    """An existing vSphere disk, written in place through VDDK."""
-
-    def __init__(self, target: str, force: bool, credentials_file: str | None = None, zeroed: bool = False):
-        super().__init__(target, force)
-        self.credentials_file = credentials_file
-        self.writes_zeros = not zeroed
-
-    def check(self) -> None:
-        from engine.vddk_url import parse_vddk_url
-        if parse_vddk_url(self.target).snapshot:
-            raise BadInputError("a restore writes a VM's base disk, never a snapshot: drop snapshot= from the URL")
-        if not self.force:
-            raise BadInputError(f"restoring to {self.target} overwrites that disk; pass --force to confirm")
-
-    def open(self, size: int) -> None:
-        from engine.vddk_url import open_vddk_url
-        try:
-            self.disk = open_vddk_url(self.target, self.credentials_file, writable=True)
-        except OSError as e:
-            raise BadInputError(f"cannot open {self.target} for writing: {e.strerror or e}") from None
-        if self.disk.size < size:
-            self.disk.close()
-            raise BadInputError(f"target disk holds {self.disk.size} bytes, the backup needs {size}; "
-                                "grow the disk first")
-
-    def write(self, offset: int, data) -> None:
-        self.disk.write(offset, data)
-
-    def finish(self) -> None:
-        self.disk.finish()
-        self.disk.close()
-
-    def discard(self) -> None:
-        if getattr(self, "disk", None) is not None and not self.disk.closed:
-            self.disk.close()
-
-
-def make_target(target: str, force: bool = False, fmt: str | None = None,
-                credentials_file: str | None = None, zeroed: bool = False) -> RestoreTarget:
-    kind = target_format(target, fmt)
-    if kind == "raw":
-        return RawTarget(target, force)
-    if kind == "vmdk":
-        return VmdkTarget(target, force)
-    if kind == "vddk":
-        return VddkTarget(target, force, credentials_file, zeroed)
-    raise BadInputError(f"restore format {fmt!r} is unknown; use raw, vmdk or vddk")
-
-
 def restore_backup(repo: Repository, ref: str, target: str | RestoreTarget, force: bool = False,
                    workers: int | None = None,
                    on_start: Callable[[BackupRecord, int], None] | None = None,
@@ -236,7 +88,7 @@ def restore_backup(repo: Repository, ref: str, target: str | RestoreTarget, forc
         except BaseException:
             out.discard()
             raise
-    return RestoreResult(record, out.target, *counts)
+    return RestoreResult(record, out.target, *counts, warnings=list(out.warnings))
 
 
 # Granularity of the holes a restore leaves inside a chunk: VMDK's grain and
