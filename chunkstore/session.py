@@ -128,7 +128,12 @@ class WriteSession:
                     self._retire(pack)
                     pack = None
                 if pack is None:
-                    pack = self._current[thread] = PackWriter(self.store.path, self.store.store_id)
+                    try:
+                        pack = PackWriter(self.store.path, self.store.store_id)
+                    except BaseException as e:  # the other writers stop too
+                        self._fail(e)
+                        raise
+                    self._current[thread] = pack
                     self._packs.append(pack)
                 if not plan or plan[-1][0] is not pack:
                     pack.writers += 1
@@ -144,7 +149,7 @@ class WriteSession:
                 pack.write_at(offset, parts)
         except BaseException as e:
             with self._mutex:
-                self._failure = self._failure or e
+                self._fail(e)
             raise
         finally:
             with self._mutex:
@@ -158,7 +163,21 @@ class WriteSession:
         if self._closed:
             raise StoreError("write session is closed")
         if self._failure is not None:
-            raise StoreError(f"write session failed earlier: {self._failure}") from self._failure
+            self._raise_failure("write session failed earlier")
+
+    def _raise_failure(self, context: str) -> None:
+        """Report the session's first failure, whichever thread asks.
+
+        Several threads write at once and the caller sees whichever of them
+        it collects first, so every later caller must get the same message
+        as the thread that met the failure: an OSError (a full file system,
+        an I/O error) is raised again with its errno and file name, for the
+        command line to name the pack and say what to do.
+        """
+        failure = self._failure
+        if isinstance(failure, OSError):
+            raise OSError(failure.errno, failure.strerror, failure.filename) from failure
+        raise StoreError(f"{context}: {failure}") from failure
 
     def _retire(self, pack: PackWriter) -> None:
         """No more reservations in ``pack``; it is sealed once its writers finish."""
@@ -184,10 +203,14 @@ class WriteSession:
         if due:
             self._checkpoint()
 
+    def _fail(self, error: BaseException) -> None:
+        """Record the session's first failure (mutex held); wake writers held back."""
+        self._failure = self._failure or error
+        self._sealed_one.notify_all()
+
     def _sealer_failed(self, error: BaseException) -> None:
         with self._mutex:
-            self._failure = self._failure or error
-            self._sealed_one.notify_all()
+            self._fail(error)
 
     def _checkpoint(self) -> None:
         """Commit the index entries of synced packs early, to bound memory.
@@ -230,7 +253,7 @@ class WriteSession:
             raise StoreError("write session committed twice")
         self._stop_writing()
         if self._failure is not None:
-            raise StoreError(f"write session failed, nothing committed: {self._failure}") from self._failure
+            self._raise_failure("write session failed, nothing committed")
         for pack in self._packs:
             if not pack.synced:  # not reached by the sealer: cannot happen unless it failed
                 raise StoreError(f"pack {pack.pack_id.hex()} was never synced; nothing committed")

@@ -12,7 +12,7 @@ want_test=0
 
 apt_packages=(gcc python3-dev zlib1g-dev)
 if [ "$want_test" = 1 ]; then
-  apt_packages+=(qemu-utils golang-go golang-github-vmware-govmomi-dev restic borgbackup zstd clang)
+  apt_packages+=(qemu-utils strace golang-go golang-github-vmware-govmomi-dev restic borgbackup zstd clang)
 fi
 
 missing=()

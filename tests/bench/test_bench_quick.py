@@ -4,6 +4,12 @@ It checks correctness only — every tool ran every step, every restore came
 back byte-identical, the results are complete — and never speed.  Outside
 CI it is skipped when the blockvault CLI or a peer is not installed; in CI
 (CI set) a missing tool is a failure, not a skip.
+
+The bench's own verdicts are not taken on trust: the run keeps its
+repositories (--keep), and the tests restore nights T1 and Tn from every one
+of them again and compare the bytes with the nights regenerated here from
+the workload's seed, and hold the numbers in results.json against what the
+kept stores themselves say (du, `list --json`, `stats --json`).
 """
 
 from __future__ import annotations
@@ -32,17 +38,78 @@ def _missing() -> list[str]:
     return missing
 
 
+def _du(path: Path) -> int:
+    """Allocated bytes, by du(1) itself rather than the bench's own walk."""
+    out = subprocess.run(["du", "-sB1", str(path)], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
+def kept_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict, Path, dict]:
+    """(process, results.json, the kept work folder, du of every repository right after the run)."""
     missing = _missing()
     if missing and not os.environ.get("CI"):
         pytest.skip(f"not installed: {', '.join(missing)} (tools/install.sh installs blockvault, bench/setup.sh the peers)")
     out = tmp_path_factory.mktemp("bench-quick")
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    work = out / "work"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out), "--keep",
+                           "--work", str(work)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     results = out / "results.json"
     assert results.exists(), f"no results.json; stderr:\n{proc.stderr[-5000:]}"
-    return proc, json.loads(results.read_text())
+    doc = json.loads(results.read_text())
+    du = {name: _du(_repo_root(work, name)) for name in doc["tools"]}
+    return proc, doc, work, du
+
+
+@pytest.fixture(scope="module")
+def quick_run(kept_run) -> tuple[subprocess.CompletedProcess, dict]:
+    return kept_run[0], kept_run[1]
+
+
+def _repo_root(work: Path, tool: str) -> Path:
+    """Where the bench keeps a tool's repository (what its stored_bytes measure)."""
+    if tool.startswith("blockvault-"):
+        return work / "blockvault" / tool.split("-", 1)[1] / "repo"
+    return work / "peers" / tool / "repo"
+
+
+@pytest.fixture(scope="module")
+def nights(kept_run, tmp_path_factory) -> dict[int, Path]:
+    """T1 and Tn regenerated here from the quick workload's seed (not the bench's image)."""
+    sys.path.insert(0, str(ROOT))
+    from bench.__main__ import QUICK  # noqa: E402
+    from bench.units import parse_size  # noqa: E402
+    from bench.workload import Workload, WorkloadConfig  # noqa: E402
+
+    _, doc, work, _ = kept_run
+    d = tmp_path_factory.mktemp("nights")
+    cfg = WorkloadConfig(size=parse_size(QUICK["size"]), allocated=parse_size(QUICK["allocated"]), seed=1,
+                         change_share=QUICK["change_share"], pattern=QUICK["pattern"])
+    assert QUICK["nights"] == NIGHTS and doc["workload"]["config"] == cfg.describe()
+    wl = Workload(str(d / "disk.img"), str(d / "cbt"), cfg)
+    try:
+        wl.create()
+        shutil.copyfile(d / "disk.img", d / "T1.img")
+        for _ in range(NIGHTS - 1):
+            wl.advance()
+    finally:
+        wl.close()
+    os.replace(d / "disk.img", d / f"T{NIGHTS}.img")
+    # The bench left its own image at the last night: the same bytes.
+    assert _same_file(work / "disk.img", d / f"T{NIGHTS}.img")
+    return {1: d / "T1.img", NIGHTS: d / f"T{NIGHTS}.img"}
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(4 << 20), fb.read(4 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
 
 
 def test_quick_run_succeeds(quick_run):
@@ -139,3 +206,98 @@ def test_workload_is_deterministic_and_cbt_covers_every_write(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_every_repository_restores_every_night_byte_for_byte(kept_run, nights, tmp_path):
+    """Restore T1 and Tn again from each kept repository, with each tool's own
+    restore command, and compare the bytes with the regenerated nights."""
+    sys.path.insert(0, str(ROOT))
+    from bench.peers import Borg, BorgFixed, Restic, TarZstd  # noqa: E402
+
+    _, doc, work, _ = kept_run
+    image = str(work / "disk.img")
+    for name, tool in doc["tools"].items():
+        backups = {s["night"]: s for s in tool["steps"] if s["step"] == "backup"}
+        for night, expected in nights.items():
+            out = tmp_path / name / f"T{night}"
+            out.mkdir(parents=True)
+            if tool["kind"] == "blockvault":
+                store = _repo_root(work, name)
+                proc = subprocess.run([sys.executable, "-m", "engine.cli", "restore", str(store),
+                                       backups[night]["backup_id"], str(out / "disk.img")],
+                                      cwd=ROOT, capture_output=True, text=True, timeout=300)
+                assert proc.returncode == 0, proc.stderr
+                restored = out / "disk.img"
+            else:
+                cls = {"restic": Restic, "borg": Borg, "borg-fixed": BorgFixed, "tar-zstd": TarZstd}[name]
+                runner = cls(str(work / "peers" / name))
+                if cls is Restic:
+                    runner.snapshots = {n: s["tool_report"]["snapshot_id"] for n, s in backups.items()}
+                    runner.image_path = image
+                elif cls is TarZstd:
+                    runner.archives = {n: runner._archive(n) for n in nights}
+                    runner.image_name = "disk.img"
+                else:
+                    runner.archives = set(backups)
+                    runner.image_name = "disk.img"
+                m, path = runner._restore(night, str(out))
+                assert m.ok, f"{name} T{night}: {m.error}"
+                restored = Path(path)
+            assert _same_file(restored, expected), f"{name}: restore of T{night} differs from the night"
+
+
+def test_reported_numbers_match_the_kept_stores(kept_run):
+    """results.json against the repositories themselves: sizes by du(1), and
+    for blockvault the ids, the per-backup stats and the store totals by its
+    own list/stats commands."""
+    _, doc, work, du = kept_run
+    sizes = {n["night"]: n["size_bytes"] for n in doc["workload"]["nights"]}
+    for name, tool in doc["tools"].items():
+        assert tool["stored_bytes_final"] == du[name], name
+        steps = [s for s in tool["steps"] if s["stored_bytes"] is not None]
+        assert steps[-1]["stored_bytes"] == du[name], name
+        backups = [s for s in tool["steps"] if s["step"] == "backup"]
+        for s in backups + [s for s in tool["steps"] if s["step"] == "restore"]:
+            assert s["logical_bytes"] == sizes[s["night"]], (name, s["step"], s["night"])
+        if tool["kind"] != "blockvault":
+            continue
+        store = str(_repo_root(work, name))
+
+        def cli(*args):
+            proc = subprocess.run([sys.executable, "-m", "engine.cli", *args, "--json"], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr
+            return json.loads(proc.stdout)
+
+        listed = {b["id"]: b for b in cli("list", store)["backups"]}
+        assert set(listed) == {s["backup_id"] for s in backups}
+        for s in backups:
+            rec = listed[s["backup_id"]]
+            assert rec["kind"] == s["mode"] and rec["size"] == sizes[s["night"]]
+            assert rec["stats"]["new_chunks"] == s["tool_report"]["new_chunks"]
+            assert rec["stats"]["stored_bytes"] == s["tool_report"]["stored_bytes"]
+        stats = cli("stats", store)
+        assert stats == tool["info"]["stats"]
+        # Every chunk in the store was new in exactly one backup; the packs hold
+        # the records the backups wrote plus a 64-byte header and trailer each.
+        assert stats["chunks"] == sum(b["stats"]["new_chunks"] for b in listed.values())
+        assert stats["stored_bytes"] == sum(b["stats"]["stored_bytes"] for b in listed.values()) + 128 * stats["packs"]
+        assert stats["backups"] == NIGHTS and stats["chunk_size"] == tool["info"]["chunk_size"]
+
+
+def test_the_bench_comparison_sees_one_changed_byte(tmp_path):
+    """`identical` in results.json comes from ImageScan.same_content: it must
+    tell apart two images that differ in one byte, or only in size."""
+    sys.path.insert(0, str(ROOT))
+    from bench.workload import scan_image  # noqa: E402
+
+    a, b, c = tmp_path / "a.img", tmp_path / "b.img", tmp_path / "c.img"
+    data = os.urandom(3 << 20)
+    a.write_bytes(data)
+    b.write_bytes(data[:(2 << 20) + 5] + bytes([data[(2 << 20) + 5] ^ 1]) + data[(2 << 20) + 6:])
+    c.write_bytes(data + bytes(4096))
+    base = scan_image(str(a))
+    assert base.same_content(scan_image(str(a)))[0]
+    same, why = base.same_content(scan_image(str(b)))
+    assert not same and "first at offset 2097152" in why
+    assert not base.same_content(scan_image(str(c)))[0]

@@ -1,5 +1,6 @@
 """WriteSession under concurrent use: claims, parallel appends, the sealer thread."""
 
+import errno
 import os
 import threading
 import time
@@ -134,11 +135,14 @@ def test_a_failed_fsync_fails_the_session_and_commits_nothing(tmp_path, monkeypa
     monkeypatch.setattr(PackWriter, "sync", failing_sync)
     r = rng(14)
     chunks = [r.bytes(CS) for _ in range(40)]
-    with pytest.raises(StoreError, match="Input/output error"):
+    # The sealer meets the failure; the writer (or the commit) after it gets
+    # the same OSError, with the pack's name, for the CLI to explain.
+    with pytest.raises(OSError, match="Input/output error") as failed:
         with store.writer() as w:
             for d, codec, p in _encode_all(store, chunks):
                 w.write([(d, codec, CS, p)])
             w.commit()
+    assert failed.value.errno == errno.EIO and failed.value.filename.endswith(".pack")
     with store.read_txn() as txn:
         assert all(store.lookup(txn, store.digester(c)) is None for c in chunks)
     assert _packs(tmp_path) == []  # the aborted session deleted its packs
@@ -153,4 +157,48 @@ def test_a_closed_session_refuses_writes(tmp_path):
     codec, payload = store.codec.encode(data)
     with pytest.raises(StoreError, match="closed"):
         w.write([(store.digester(data), codec, CS, payload)])
+    store.close()
+
+
+@pytest.mark.parametrize("fail_at", ["header", "record"])
+def test_every_thread_after_a_write_failure_gets_the_original_error(tmp_path, monkeypatch, fail_at):
+    """ENOSPC met by one writing thread: every later write, from any thread,
+    and the commit raise the same OSError (errno and pack path), so the
+    message does not depend on which worker the caller hears from first."""
+    store = _store(tmp_path)
+    r = rng(16)
+    (a, b) = _encode_all(store, [r.bytes(CS), r.bytes(CS)])
+    real_pwritev, calls = os.pwritev, [0]
+
+    def filling_up(fd, buffers, offset):
+        calls[0] += 1
+        if calls[0] > (0 if fail_at == "header" else 1):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwritev(fd, buffers, offset)
+
+    with store.writer() as w:
+        monkeypatch.setattr(os, "pwritev", filling_up)
+        with pytest.raises(OSError) as first:
+            w.write([(a[0], a[1], CS, a[2])])
+        monkeypatch.setattr(os, "pwritev", real_pwritev)  # the disk has room again
+        assert first.value.errno == errno.ENOSPC and first.value.filename.endswith(".pack")
+        later: list[BaseException] = []
+
+        def other_thread():
+            try:
+                w.write([(b[0], b[1], CS, b[2])])
+            except BaseException as e:  # noqa: BLE001 - inspected below
+                later.append(e)
+
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+        assert len(later) == 1 and type(later[0]) is OSError, later
+        assert (later[0].errno, later[0].filename) == (errno.ENOSPC, first.value.filename)
+        with pytest.raises(OSError) as at_commit:
+            w.commit()
+        assert (at_commit.value.errno, at_commit.value.filename) == (errno.ENOSPC, first.value.filename)
+    assert _packs(tmp_path) == []
+    with store.read_txn() as txn:
+        assert store.lookup(txn, a[0]) is None and store.lookup(txn, b[0]) is None
     store.close()
