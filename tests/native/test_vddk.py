@@ -525,6 +525,36 @@ def test_credentials_never_in_log_or_messages(h, image):
             assert secret not in text
 
 
+def test_credentials_struck_from_texts_a_library_repeats(h, image):
+    """VDDK_STUB_LEAK: the library repeats the user name and password in every error text and in
+    warnings it logs (as a careless or debug build may).  None of it may reach the output, on
+    any path: success, wrong password, a disk that is not there, a failed read, a cookie login."""
+    leak = {"VDDK_STUB_LEAK": "1"}
+    ok = subprocess.run([str(h.build["tool"]), *map(str, h.remote()), "info"], env={**h.env, **leak},
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    outputs = {"success": ok.stdout + ok.stderr,
+               "wrong password": h.run(*h.remote(), "info", ok=False,
+                                       env={**leak, "VDDK_STUB_PASSWORD": "something-else"}),
+               "open failure": h.run(*h.remote(disk="[ds1] nope.vmdk"), "info", ok=False, env=leak),
+               "read failure": h.run(*h.remote(), "dump", h.tmp / "d.raw", ok=False,
+                                     env={**leak, "VDDK_STUB_FAIL": "Read:7"}),
+               "cookie login": h.run(*h.remote(), "info", ok=False,
+                                     env={**leak, "VDDK_TOOL_COOKIE": COOKIE, "VDDK_STUB_FAIL": "Open:1"})}
+    for what, text in outputs.items():
+        for secret in (PASSWORD, USER, COOKIE, "something-else"):
+            assert secret not in text, (what, secret, text)
+    assert PASSWORD not in h.log.read_text()
+    # The library did repeat them, struck out: the check above means something.
+    assert "vddk-log warning: VixDiskLibStub: connecting to vcenter.example.test [session user=*** " \
+           "password=***]" in outputs["success"]
+    assert "(VIX_E_AUTHENTICATION_FAIL): Authentication failure [session user=*** password=***]" \
+        in outputs["wrong password"]
+    assert "A file was not found [session user=*** password=***]" in outputs["open failure"]
+    assert "VixDiskLibStub: cannot open [ds1] nope.vmdk [session user=*** password=***]" \
+        in outputs["open failure"]
+
+
 # ---- the stub itself -------------------------------------------------------------------------
 
 STUB_CHECKS = textwrap.dedent(r"""
