@@ -29,6 +29,7 @@ import re
 import threading
 from typing import Callable, Iterator
 
+from engine.credentials import redact
 from engine.vsphere.connection import Connection
 from engine.vsphere.errors import NETWORK_ERRORS, ConnectionLost, VsphereError, describe_fault
 
@@ -160,7 +161,7 @@ class DatastoreHttp:
                 resp.read()
                 raise VsphereError(f"reading {label}: {e}") from None
         elif not (resp.status == 200 and offset == 0 and resp.length == n):
-            detail = resp.read(300).decode("utf-8", "replace").strip()
+            detail = redact(resp.read(300).decode("utf-8", "replace").strip())
             raise VsphereError(f"reading {label} at offset {offset}: HTTP {resp.status} {resp.reason}"
                                + (f" ({detail})" if detail else ""))
         got = 0
@@ -187,7 +188,7 @@ class DatastoreHttp:
                                   headers={"Content-Length": str(size), "Content-Type": "application/octet-stream",
                                            "Cookie": self.conn.cookie})
                     resp = c.getresponse()
-                    detail = resp.read(300).decode("utf-8", "replace").strip()
+                    detail = redact(resp.read(300).decode("utf-8", "replace").strip())
                 finally:
                     c.close()
             except NETWORK_ERRORS as e:
