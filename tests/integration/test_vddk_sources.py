@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from helpers import REPO_ROOT, make_sparse, rng, run_cli, same_file, text_bytes, write_at
+from helpers import REPO_ROOT, make_sparse, rng, run_cli, same_file, store_fingerprint, text_bytes, write_at
 
 STUB_SRC = os.path.join(REPO_ROOT, "tests", "vddk_stub", "vixDiskLibStub.c")
 PASSWORD = "S3cret-pa55word!"
@@ -92,6 +92,7 @@ def test_restore_writes_a_vsphere_disk(vsphere, tmp_path):
 
 def test_wrong_password_and_missing_credentials(vsphere):
     v = vsphere
+    before = store_fingerprint(v["store"])
     env = dict(v["env"], BLOCKVAULT_VSPHERE_PASSWORD="wrong-one")
     proc = run_cli("backup", v["store"], v["url"], "--disk", "d", env=env)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
@@ -102,6 +103,7 @@ def test_wrong_password_and_missing_credentials(vsphere):
     with_creds = v["url"].replace("vddk://", "vddk://backup:x@")
     proc = run_cli("backup", v["store"], with_creds, "--disk", "d", env=v["env"])
     assert proc.returncode == 1 and "do not belong" in proc.stderr
+    assert store_fingerprint(v["store"]) == before
 
 
 def test_credentials_file(vsphere, tmp_path):
@@ -173,6 +175,8 @@ def test_secrets_never_leak_on_any_path(vsphere, tmp_path):
 
 def test_missing_library_is_a_clear_error(vsphere, tmp_path):
     v = vsphere
+    before = store_fingerprint(v["store"])
     url = v["url"].split("&library=")[0] + f"&library={tmp_path / 'nowhere'}"
     proc = run_cli("backup", v["store"], url, "--disk", "d", env=v["env"])
     assert proc.returncode == 1 and "libvixDiskLib" in proc.stderr and "Traceback" not in proc.stderr
+    assert store_fingerprint(v["store"]) == before

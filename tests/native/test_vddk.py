@@ -325,6 +325,7 @@ def test_vddk65_library_without_allocated_blocks(h, image):
 
 def test_call_sequence(h, image):
     h.run(*h.remote(), "dump", h.tmp / "dump.raw")
+    assert (h.tmp / "dump.raw").read_bytes() == image.read_bytes()
     assert h.job_calls() == ["InitEx", "PrepareForAccess", "ConnectEx", "Open", "GetInfo",
                              "GetTransportMode", "QueryAllocatedBlocks", "FreeBlockList", "Read",
                              "Close", "Disconnect", "Cleanup", "EndAccess", "Exit"]
@@ -397,8 +398,24 @@ def test_write_back_over_old_data_with_zeroed_holes(h, image):
     assert target.read_bytes() == image.read_bytes()
 
 
+def test_write_puts_exactly_the_bytes_asked_for(h, image):
+    """Writes through VDDK at sector offsets: the disk file holds the new bytes there and its
+    old bytes everywhere else, byte for byte."""
+    size = image.stat().st_size
+    target = write_image(h.disk(snapshot=None), size, {0: image.read_bytes()})
+    want = bytearray(image.read_bytes())
+    for offset, data in ((0, b"\x01" * SECTOR), (3 * CHUNK - SECTOR, os.urandom(2 * SECTOR + 4 * CHUNK)),
+                         (size - 2 * SECTOR, os.urandom(2 * SECTOR))):
+        src = h.tmp / "patch.bin"
+        src.write_bytes(data)
+        r = h.run(*h.remote(snapshot=None), "write", offset, src)
+        assert r["bytes_written"] == len(data)
+        want[offset:offset + len(data)] = data
+        assert target.read_bytes() == want
+
+
 def test_unaligned_write_is_refused_before_vddk(h, image):
-    write_image(h.disk(snapshot=None), image.stat().st_size, {})
+    target = write_image(h.disk(snapshot=None), image.stat().st_size, {})
     src = h.tmp / "small.bin"
     src.write_bytes(b"q" * 512)
     err = h.run(*h.remote(snapshot=None), "write", 100, src, ok=False)
@@ -407,6 +424,7 @@ def test_unaligned_write_is_refused_before_vddk(h, image):
     assert "Write" not in h.calls()
     err = h.run(*h.remote(snapshot=None), "write", image.stat().st_size, src, ok=False)
     assert "end past the capacity" in err
+    assert target.read_bytes() == bytes(image.stat().st_size)  # nothing was written
 
 
 # ---- errors ----------------------------------------------------------------------------------
