@@ -77,6 +77,8 @@ def test_secrets_never_leak_on_error_paths(vcsim_factory, tmp_path):
                                       "--vddk-library", not_a_library, "--json", env=env)
     runs["open failure"] = bv("vsphere", "backup", store, *srv, "--vm", "sec01", "--transport", "vddk",
                               "--vddk-library", tmp_path / "vddk", "--json", env=env)
+    runs["restore open failure"] = bv("vsphere", "restore", store, "sec01@1", *srv, "--name", "sec01-dr",
+                                      "--transport", "vddk", "--vddk-library", tmp_path / "vddk", "--json", env=env)
 
     for what, proc in runs.items():
         assert _leaks(proc) == [], (what, proc.stdout, proc.stderr)
@@ -89,6 +91,8 @@ def test_secrets_never_leak_on_error_paths(vcsim_factory, tmp_path):
     # The stand-in did repeat the credentials: in its error text and in a logged warning.
     assert "A file was not found [session user=*** password=***]" in runs["open failure"].stderr
     assert "VixDiskLibStub: connecting to 127.0.0.1 [session user=*** password=***]" in runs["open failure"].stderr
+    assert "A file was not found [session user=*** password=***]" in runs["restore open failure"].stderr
+    assert "the half-restored VM sec01-dr was removed" in runs["restore open failure"].stderr
     blob = all_bytes_under(store)
     assert SECRET.encode() not in blob and USER.encode() not in blob
     assert vm.snapshot is None
