@@ -160,9 +160,9 @@ class DiskJob:
             transferred = getattr(source, "bytes_transferred", None)
             short = getattr(source, "file_length", None)
             if short is not None:
-                self.warn(f"{self.label}: its file {flat_file(self.device.backing.fileName)} holds only {short} of the disk's {self.capacity} "
-                          "bytes (a thin disk stored short on its datastore); the bytes past its end were read as "
-                          "zeros")
+                self.warn(f"{self.label}: its file {flat_file(self.device.backing.fileName)} holds only {short} "
+                          f"of the disk's {self.capacity} bytes (a thin disk stored short on its datastore); the "
+                          "bytes past its end were read as zeros")
         finally:
             source.close()
         rec = prepared.record

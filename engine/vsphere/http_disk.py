@@ -8,7 +8,9 @@ option.  It reads a FlatVer2 disk's ``-flat.vmdk`` as the raw image it is;
 while the backup snapshot exists that file is the frozen base disk (the VM
 writes into the snapshot's redo log), so what is read is the snapshot's
 instant.  Disks with a parent chain (the VM had other snapshots) are not flat
-files; ``open_disk`` refuses them and points at VDDK.
+files; ``open_disk`` refuses them and points at VDDK.  A flat file stored
+shorter than its disk reads as zeros past its end (``served_length``), and
+``HttpDisk.file_length`` tells the run to warn about it.
 
 ``HttpDisk`` has the shape the chunk pipeline wants from any source (``size``,
 ``extents()``, ``read_chunks()``, ``close()``).  Reads of consecutive chunks
