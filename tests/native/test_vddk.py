@@ -157,7 +157,7 @@ class Harness:
                         VDDK_TOOL_PASSWORD=PASSWORD,
                         ASAN_OPTIONS="detect_leaks=1:abort_on_error=0",
                         UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
-        for k in ("VDDK_STUB_FAIL", "VDDK_STUB_MODES", "VDDK_STUB_THUMBPRINT",
+        for k in ("VDDK_STUB_FAIL", "VDDK_STUB_MODES", "VDDK_STUB_THUMBPRINT", "VDDK_STUB_LEAK",
                   "VDDK_STUB_DELAY_US", "VDDK_TOOL_COOKIE"):
             self.env.pop(k, None)
 
