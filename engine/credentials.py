@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from dataclasses import dataclass, field
 
 from engine.errors import BadInputError
@@ -19,12 +20,49 @@ USER_VAR = "BLOCKVAULT_VSPHERE_USER"
 PASSWORD_VAR = "BLOCKVAULT_VSPHERE_PASSWORD"
 
 
+REDACTED = "***"
+_secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+
+
+def _remember(secret: str | None, is_user: bool = False) -> None:
+    """Note a secret for ``redact``.  A password of fewer than 3 characters,
+    and a user name that is not domain-style (``@`` or ``\\``), are not
+    struck: a plain name like "backup" is no secret, and too common a word
+    to strike from every message (the same rule as native/vddk_library.c)."""
+    if not secret or len(secret) < len(REDACTED) or (is_user and not any(c in secret for c in "@\\")):
+        return
+    with _secrets_lock:
+        _secrets.add(secret)
+
+
+def redact(text: str) -> str:
+    """``text`` with every password (and domain-style user name) this process
+    was given replaced by ``***``.
+
+    Applied wherever a text we do not control enters one of our messages:
+    pyvmomi faults, HTTP answers, VDDK's errors, so that a server or a
+    library that repeats what it was given cannot leak it to a terminal, a
+    log or ``--json`` output.
+    """
+    with _secrets_lock:
+        secrets = sorted(_secrets, key=len, reverse=True)  # longest first: one may contain another
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
 @dataclass(frozen=True)
 class Credentials:
     user: str
     password: str = field(repr=False)
     source: str = "environment"
     warnings: tuple = ()
+
+    def __post_init__(self) -> None:
+        _remember(self.password)
+        _remember(self.user, is_user=True)
 
 
 def load_credentials(path: str | None = None, env=os.environ) -> Credentials:

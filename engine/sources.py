@@ -10,6 +10,7 @@ extents, chunk reads.
 
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import contextmanager
 from typing import Iterator
@@ -59,23 +60,37 @@ def opened_source(spec: str, credentials_file: str | None = None) -> Iterator["n
         with disk:
             yield disk
         return
-    from engine.credentials import load_credentials
+    from engine.credentials import load_credentials, redact
     from engine.vddk_url import parse_vddk_url
     target = parse_vddk_url(spec)
-    conn = target.connection(load_credentials(credentials_file))
+    creds = load_credentials(credentials_file)
+    conn = target.connection(creds)
+
+    def why(e: OSError) -> str:
+        """VDDK's message, struck of credentials, and where the refused ones came from."""
+        text = redact(e.strerror or str(e))
+        if e.errno == errno.EACCES:  # VIX_E_AUTHENTICATION_FAIL and the like
+            origin = "the environment" if creds.source == "environment" else creds.source
+            text += f"; check the credentials from {origin}"
+        return text
+
     try:
         native.vddk_prepare_access(IDENTITY, **conn)
     except OSError as e:
-        raise BadInputError(f"VDDK PrepareForAccess for {target.vm_moref} on {target.server} failed: {e}") from None
+        raise BadInputError(f"VDDK PrepareForAccess for {target.vm_moref} on {target.server} failed: "
+                            f"{why(e)}") from None
     try:
         try:
             disk = native.open_vddk(target.disk, **conn)
         except OSError as e:
-            raise BadInputError(f"cannot open {spec}: {e.strerror or e}") from None
+            raise BadInputError(f"cannot open {spec}: {why(e)}") from None
         with disk:
             yield disk
     finally:
-        native.vddk_end_access(IDENTITY, **conn)
+        try:
+            native.vddk_end_access(IDENTITY, **conn)
+        except OSError as e:  # VDDK's text may repeat the credentials it was given
+            raise OSError(e.errno, redact(e.strerror or str(e))) from None
 
 
 def describe(disk) -> dict:

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import native
 
-from engine.credentials import Credentials, load_credentials
+from engine.credentials import Credentials, load_credentials, redact
 from engine.errors import BadInputError
 
 _KEYS = {"disk", "snapshot", "transport", "thumbprint", "library"}
@@ -69,4 +69,8 @@ def parse_vddk_url(url: str) -> VddkTarget:
 
 def open_vddk_url(url: str, credentials_file: str | None = None, writable: bool = False):
     target = parse_vddk_url(url)
-    return native.open_vddk(target.disk, writable=writable, **target.connection(load_credentials(credentials_file)))
+    try:
+        return native.open_vddk(target.disk, writable=writable,
+                                **target.connection(load_credentials(credentials_file)))
+    except OSError as e:  # VDDK's text may repeat the credentials it was given
+        raise OSError(e.errno, redact(e.strerror or str(e))) from None

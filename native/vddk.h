@@ -47,6 +47,9 @@
  * end_access) copies them into private buffers for VDDK and wipes those copies with
  * explicit_bzero() as soon as VDDK returns -- for vddk_open right after ConnectEx -- so no copy
  * lives as long as the handle.  The caller's own strings are const and left to the caller.
+ * One exception: a private list of the passwords, cookies and domain-style user names used,
+ * kept to strike them ("***") from every text that comes from VDDK -- error texts and log
+ * lines -- since a library may repeat what it was given.
  *
  * Library environment.  VDDK dlopen()s its bundled libraries from its own directory, so the
  * process should be started with LD_LIBRARY_PATH including <vddk>/lib64 (nbdkit re-execs

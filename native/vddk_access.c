@@ -69,6 +69,9 @@ int vddk_params_build(vddk_params *pp, const vddk_conn *c, int with_vm, char *er
         pp->vmx = strdup(vm);
     else if (with_vm && asprintf(&pp->vmx, "moref=%s", vm) < 0)
         pp->vmx = NULL;
+    vddk_redact_add(c->user, 1);
+    vddk_redact_add(c->password, 0);
+    vddk_redact_add(c->cookie, 0);
     pp->secret[0] = strdup(c->user);
     pp->secret[1] = strdup(c->password);
     pp->secret[2] = c->cookie ? strdup(c->cookie) : NULL;

@@ -180,6 +180,11 @@ int vddk_fail(char *err, int errnum, const char *fmt, ...) __attribute__((format
 int vddk_vix_fail(char *err, VixError e, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+/* Credentials given to VDDK, struck from every text of VDDK's (error texts, log lines) by
+ * vddk_redact(); see vddk_library.c.  is_user: only a domain-style name (with '@' or '\\'). */
+void vddk_redact_add(const char *secret, int is_user);
+void vddk_redact(char *buf);
+
 static inline const char *vddk_or_null(const char *s) { return s ? s : "NULL"; }
 
 /* ---------------------------------------------------------------------------------------- */

@@ -96,6 +96,62 @@ static const char *vix_name(VixError e, int *errnum)
     return "unnamed VixError";
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* Redaction of credentials in VDDK's own texts                                              */
+/* ---------------------------------------------------------------------------------------- */
+
+/* The passwords, cookies and domain-style user names (with '@' or '\\') handed to VDDK in this
+ * process.  A library is free to repeat them in an error text or a log line (a careless or
+ * debugging build does); every text that comes from VDDK goes through vddk_redact() before it
+ * is shown, so none of them is ever printed.  These are the only copies kept past the call
+ * that needed them; they live until the process exits, like the caller's own strings. */
+#define REDACT_MAX 16
+#define REDACT_MARK "***"
+static pthread_mutex_t redact_lock = PTHREAD_MUTEX_INITIALIZER;
+static char *redact_list[REDACT_MAX];
+static size_t redact_count;
+
+void vddk_redact_add(const char *secret, int is_user)
+{
+    if (!secret || strlen(secret) < strlen(REDACT_MARK))
+        return; /* striking every "a" from a message would say nothing either */
+    if (is_user && !strpbrk(secret, "@\\"))
+        return; /* a plain user name ("backup") is no secret, and too common a word to strike */
+    pthread_mutex_lock(&redact_lock);
+    size_t i = 0;
+    while (i < redact_count && strcmp(redact_list[i], secret) != 0)
+        i++;
+    if (i == redact_count) {
+        char *copy = strdup(secret);
+        if (copy && redact_count == REDACT_MAX) { /* the oldest goes */
+            free(redact_list[0]);
+            memmove(redact_list, redact_list + 1, (REDACT_MAX - 1) * sizeof *redact_list);
+            redact_count--;
+        }
+        if (copy)
+            redact_list[redact_count++] = copy;
+    }
+    pthread_mutex_unlock(&redact_lock);
+}
+
+/* Replace every registered secret in the NUL-terminated buf by "***"; never longer, since a
+ * secret has at least as many characters as the mark. */
+void vddk_redact(char *buf)
+{
+    const size_t mark = strlen(REDACT_MARK);
+    pthread_mutex_lock(&redact_lock);
+    for (size_t i = 0; i < redact_count; i++) {
+        const size_t len = strlen(redact_list[i]);
+        char *at = buf;
+        while ((at = strstr(at, redact_list[i])) != NULL) {
+            memcpy(at, REDACT_MARK, mark);
+            memmove(at + mark, at + len, strlen(at + len) + 1);
+            at += mark;
+        }
+    }
+    pthread_mutex_unlock(&redact_lock);
+}
+
 /* A failure outside VDDK: err = the formatted message, errno = errnum. */
 int vddk_fail(char *err, int errnum, const char *fmt, ...)
 {
@@ -129,6 +185,7 @@ int vddk_vix_fail(char *err, VixError e, const char *fmt, ...)
     const char *name = vix_name(e, &errnum);
     vddk_bounded(err, VDDK_ERRLEN, "%s failed: VDDK error %" PRIu64 "%s (%s): %.*s", what,
                  (uint64_t)VIX_ERROR_CODE(e), full, name, (int)n, shown);
+    vddk_redact(err); /* VDDK's text may repeat what it was given */
     if (text)
         vddk_g.fn.FreeErrorText(text);
     vddk_tls_errcode = e;
@@ -161,6 +218,7 @@ static void log_emit(int level, const char *fmt, va_list args)
     size_t n = strlen(msg);
     while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
         msg[--n] = '\0';
+    vddk_redact(msg);
     /* VDDK 7 reports its failed telemetry as errors on every connection; not our problem. */
     if (level > VDDK_LOG_INFO &&
         (strstr(msg, "Get CEIP status failed") || strstr(msg, "VDDK_PhoneHome:")))

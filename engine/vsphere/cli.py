@@ -45,13 +45,15 @@ def _log():
 def _setup_logging() -> None:
     import logging
 
+    from engine.credentials import redact
+
     class StderrHandler(logging.Handler):
         """``blockvault: warning: ...`` lines on stderr, as the rest of the CLI writes them."""
 
         def emit(self, record: logging.LogRecord) -> None:
             level = "WARNING" if record.levelno >= logging.ERROR else "warning"
             try:
-                sys.stderr.write(f"blockvault: {level}: {record.getMessage()}\n")
+                sys.stderr.write(f"blockvault: {level}: {redact(record.getMessage())}\n")
                 sys.stderr.flush()
             except Exception:  # noqa: BLE001 - logging must never fail the run
                 pass

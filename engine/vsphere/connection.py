@@ -180,7 +180,8 @@ class Connection:
         except NETWORK_ERRORS as e:
             raise ConnectionLost(f"cannot reach vCenter {self.endpoint}: {describe_fault(e)}") from None
         except Exception as e:  # pyVim raises a bare Exception for "not a VIM server"
-            raise VsphereError(f"{self.endpoint} does not answer as a vSphere API endpoint: {e}") from None
+            raise VsphereError(f"{self.endpoint} does not answer as a vSphere API endpoint: "
+                               f"{describe_fault(e)}") from None
 
         def login(stub) -> None:
             vim.ServiceInstance("ServiceInstance", stub).content.sessionManager.Login(creds.user, creds.password)
@@ -200,6 +201,8 @@ class Connection:
         except NETWORK_ERRORS as e:
             raise ConnectionLost(f"lost the connection to vCenter {self.endpoint} while logging in: "
                                  f"{describe_fault(e)}") from None
+        except Exception as e:  # noqa: BLE001 - any other fault: never raw (it may echo the request)
+            raise VsphereError(f"logging in to vCenter {self.endpoint} failed: {describe_fault(e)}") from None
         if keepalive > 0:
             self._keepalive_thread = threading.Thread(target=self._keepalive, args=(keepalive,),
                                                       name="bv-vsphere-keepalive", daemon=True)

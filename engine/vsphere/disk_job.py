@@ -31,7 +31,7 @@ from engine.changes import extents_to_runs
 from engine.vsphere import cbt_sample
 from engine.vsphere.changed_areas import (ALL_ALLOCATED, BadChangedAreas, ChangeIdRejected, query_changed_areas,
                                           same_tracking)
-from engine.vsphere.inventory import disk_capacity
+from engine.vsphere.inventory import disk_capacity, flat_file
 
 log = logging.getLogger("blockvault.vsphere")
 
@@ -158,6 +158,11 @@ class DiskJob:
                 on_plan=on_plan)
             transport = getattr(source, "transport", run.transport)
             transferred = getattr(source, "bytes_transferred", None)
+            short = getattr(source, "file_length", None)
+            if short is not None:
+                self.warn(f"{self.label}: its file {flat_file(self.device.backing.fileName)} holds only {short} "
+                          f"of the disk's {self.capacity} bytes (a thin disk stored short on its datastore); the "
+                          "bytes past its end were read as zeros")
         finally:
             source.close()
         rec = prepared.record

@@ -13,6 +13,7 @@ import http.client
 import socket
 import ssl
 
+from engine.credentials import redact
 from engine.errors import BackupError
 
 
@@ -40,8 +41,18 @@ def describe_fault(exc: BaseException) -> str:
 
     ``str()`` of a pyvmomi fault prints the whole data object; only the
     message, the fault's type and the few fields that help (file names,
-    the invalid property) are kept.
+    the invalid property) are kept, and any credential the server repeats
+    in them is struck (``redact``).
     """
+    return redact(_describe(exc))
+
+
+def describe_native(exc: OSError) -> str:
+    """The message of an OSError from ``native`` (VDDK's error text included), struck of credentials."""
+    return redact(exc.strerror or str(exc))
+
+
+def _describe(exc: BaseException) -> str:
     try:
         from pyVmomi import vmodl
     except ImportError:  # pragma: no cover - pyvmomi is the vsphere extra

@@ -8,7 +8,9 @@ option.  It reads a FlatVer2 disk's ``-flat.vmdk`` as the raw image it is;
 while the backup snapshot exists that file is the frozen base disk (the VM
 writes into the snapshot's redo log), so what is read is the snapshot's
 instant.  Disks with a parent chain (the VM had other snapshots) are not flat
-files; ``open_disk`` refuses them and points at VDDK.
+files; ``open_disk`` refuses them and points at VDDK.  A flat file stored
+shorter than its disk reads as zeros past its end (``served_length``), and
+``HttpDisk.file_length`` tells the run to warn about it.
 
 ``HttpDisk`` has the shape the chunk pipeline wants from any source (``size``,
 ``extents()``, ``read_chunks()``, ``close()``).  Reads of consecutive chunks
@@ -29,6 +31,7 @@ import re
 import threading
 from typing import Callable, Iterator
 
+from engine.credentials import redact
 from engine.vsphere.connection import Connection
 from engine.vsphere.errors import NETWORK_ERRORS, ConnectionLost, VsphereError, describe_fault
 
@@ -40,6 +43,51 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 class _Unauthorized(Exception):
     pass
+
+
+def served_length(status: int, content_range: str, offset: int, n: int,
+                  capacity: int | None) -> tuple[int, int | None]:
+    """How many of the ``n`` bytes asked for at ``offset`` a 206 or 416 answer
+    carries, and the file's length as stated (None: ``*``).
+
+    A thin disk's ``-flat.vmdk`` may be stored shorter than the disk (govmomi's
+    simulator does so; some datastores may too): then the server cuts the range
+    at the end of the file (206, ``bytes A-END/TOTAL``) or refuses a range wholly
+    past it (416, ``bytes */TOTAL``).  That is accepted only when TOTAL is stated,
+    is exactly where the bytes stop, and is below the disk's ``capacity``: the
+    bytes past the file's end are then zeros, as the raw reader reads past the
+    end of an image.  Anything else (a file longer than the disk, a short body
+    with no stated length, another range) raises ValueError with the reason.
+    """
+    asked = f"asked for bytes {offset}-{offset + n - 1}"
+    m = _CONTENT_RANGE.fullmatch(content_range or "")
+    total = int(m.group(3)) if m and m.group(3) != "*" else None
+    if status == 416:
+        m416 = re.fullmatch(r"bytes \*/(\d+)", content_range or "")
+        total = int(m416.group(1)) if m416 else None
+        if total is not None and capacity is not None and total <= offset and total < capacity:
+            return 0, total
+        raise ValueError(f"{asked}, the server refused the range (HTTP 416, Content-Range {content_range!r})"
+                         + _versus(total, capacity))
+    if not m or int(m.group(1)) != offset:
+        raise ValueError(f"{asked}, the server sent {content_range!r}")
+    end = int(m.group(2))
+    if total is not None and capacity is not None and total > capacity:
+        raise ValueError(f"{asked}, the server sent {content_range!r}: the file is {total} bytes, longer than "
+                         f"the disk's capacity of {capacity} bytes")
+    if end == offset + n - 1:
+        return n, total
+    if offset <= end < offset + n - 1 and total == end + 1 and capacity is not None:
+        return end + 1 - offset, total
+    raise ValueError(f"{asked}, the server sent {content_range!r}" + _versus(total, capacity))
+
+
+def _versus(total: int | None, capacity: int | None) -> str:
+    if total is None:
+        return " without stating the file's length"
+    if capacity is not None and total >= capacity:
+        return f" for a file of {total} bytes, which is not shorter than the disk's {capacity}"
+    return ""
 
 
 class DatastoreHttp:
@@ -75,13 +123,19 @@ class DatastoreHttp:
                 raise
             self._idle.put(c)
 
-    def read_into(self, url: str, offset: int, view: memoryview, label: str) -> None:
-        """Fill ``view`` with the file's bytes at ``offset`` (one ranged GET)."""
+    def read_into(self, url: str, offset: int, view: memoryview, label: str,
+                  capacity: int | None = None) -> tuple[int, int | None]:
+        """Fill ``view`` with the file's bytes at ``offset`` (one ranged GET).
+
+        Returns how many bytes the file had there and the file's length as
+        the server stated it: fewer bytes than ``len(view)`` only when that
+        length is below ``capacity`` (the disk's size, see served_length);
+        the rest of ``view`` is then the caller's to fill.
+        """
         for attempt in (1, 2):
             try:
                 with self._borrow() as c:
-                    self._get(c, url, offset, view, label)
-                return
+                    return self._get(c, url, offset, view, label, capacity)
             except _Unauthorized:
                 if attempt == 2:
                     raise VsphereError(f"datastore access to {label} on vCenter {self.conn.endpoint} was refused "
@@ -91,27 +145,30 @@ class DatastoreHttp:
                 if attempt == 2:
                     raise ConnectionLost(f"lost the connection to vCenter {self.conn.endpoint} while reading "
                                          f"{label} at offset {offset}: {describe_fault(e)}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    def _get(self, c, url: str, offset: int, view: memoryview, label: str) -> None:
+    def _get(self, c, url: str, offset: int, view: memoryview, label: str,
+             capacity: int | None) -> tuple[int, int | None]:
         n = len(view)
         c.request("GET", url, headers={"Range": f"bytes={offset}-{offset + n - 1}", "Cookie": self.conn.cookie})
         resp = c.getresponse()
         if resp.status == 401:
             resp.read()
             raise _Unauthorized()
-        if resp.status == 206:
-            m = _CONTENT_RANGE.fullmatch(resp.getheader("Content-Range", ""))
-            if not m or int(m.group(1)) != offset or int(m.group(2)) != offset + n - 1:
+        length = None
+        if resp.status in (206, 416):
+            try:
+                n, length = served_length(resp.status, resp.getheader("Content-Range", ""), offset, len(view), capacity)
+            except ValueError as e:
                 resp.read()
-                raise VsphereError(f"reading {label}: asked for bytes {offset}-{offset + n - 1}, the server sent "
-                                   f"{resp.getheader('Content-Range')!r}")
+                raise VsphereError(f"reading {label}: {e}") from None
         elif not (resp.status == 200 and offset == 0 and resp.length == n):
-            detail = resp.read(300).decode("utf-8", "replace").strip()
+            detail = redact(resp.read(300).decode("utf-8", "replace").strip())
             raise VsphereError(f"reading {label} at offset {offset}: HTTP {resp.status} {resp.reason}"
                                + (f" ({detail})" if detail else ""))
         got = 0
         while got < n:
-            k = resp.readinto(view[got:])
+            k = resp.readinto(view[got:n])
             if not k:
                 raise http.client.IncompleteRead(bytes(), n - got)
             got += k
@@ -119,6 +176,7 @@ class DatastoreHttp:
         with self._lock:
             self.bytes_received += n
             self.requests += 1
+        return n, length
 
     def upload(self, url: str, path: str, label: str, on_progress: Callable[[int], None] | None = None) -> int:
         """PUT the whole of local file ``path`` to ``url``, streamed; returns its size."""
@@ -132,7 +190,7 @@ class DatastoreHttp:
                                   headers={"Content-Length": str(size), "Content-Type": "application/octet-stream",
                                            "Cookie": self.conn.cookie})
                     resp = c.getresponse()
-                    detail = resp.read(300).decode("utf-8", "replace").strip()
+                    detail = redact(resp.read(300).decode("utf-8", "replace").strip())
                 finally:
                     c.close()
             except NETWORK_ERRORS as e:
@@ -185,6 +243,9 @@ class HttpDisk:
         self.path = label
         self._allocated = allocated
         self.closed = False
+        # Set when the flat file turned out shorter than the disk: its length.
+        self.file_length: int | None = None
+        self._short_lock = threading.Lock()
 
     def extents(self) -> list[tuple[int, int]]:
         """Allocated areas: QueryChangedDiskAreas(changeId "*") of the snapshot."""
@@ -209,7 +270,11 @@ class HttpDisk:
     def _read_span(self, offset: int, slot: memoryview) -> None:
         inside = max(0, min(len(slot), self.size - offset))
         if inside:
-            self.http.read_into(self.url, offset, slot[:inside], self.path)
+            got, length = self.http.read_into(self.url, offset, slot[:inside], self.path, capacity=self.size)
+            if got < inside:  # the flat file ends before the disk does: see served_length
+                with self._short_lock:
+                    self.file_length = length if self.file_length is None else min(self.file_length, length)
+                inside = got
         if inside < len(slot):
             slot[inside:] = bytes(len(slot) - inside)
 

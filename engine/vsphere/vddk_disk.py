@@ -23,7 +23,7 @@ import os
 import native
 
 from engine.vsphere.connection import Connection
-from engine.vsphere.errors import VsphereError
+from engine.vsphere.errors import VsphereError, describe_native
 
 LIBRARY_ENV = "BLOCKVAULT_VDDK_LIBRARY"
 DEFAULT_DIRS = ("/usr/lib/vmware-vix-disklib", "/usr/local/lib/vmware-vix-disklib",
@@ -85,7 +85,7 @@ def open_disk(conn: Connection, library: str | None, vm_moref: str, snapshot_mor
                                 **connection_args(conn, library, vm_moref))
     except OSError as e:
         # native's messages name the VDDK call and error, never the credentials.
-        raise VsphereError(f"VDDK could not open {disk_path} of {vm_moref}: {e.strerror or e}") from None
+        raise VsphereError(f"VDDK could not open {disk_path} of {vm_moref}: {describe_native(e)}") from None
 
 
 class AccessBracket:
@@ -107,7 +107,7 @@ class AccessBracket:
             native.vddk_prepare_access(self.IDENTITY, **self.args)
             self.prepared = True
         except OSError as e:
-            self.warn(f"VDDK PrepareForAccess failed ({e.strerror or e}); storage migrations are not blocked "
+            self.warn(f"VDDK PrepareForAccess failed ({describe_native(e)}); storage migrations are not blocked "
                       "during this backup")
 
     def end(self) -> None:
@@ -116,5 +116,5 @@ class AccessBracket:
         try:
             native.vddk_end_access(self.IDENTITY, **self.args)
         except OSError as e:
-            self.warn(f"VDDK EndAccess failed ({e.strerror or e}); vCenter may keep storage migrations of this "
+            self.warn(f"VDDK EndAccess failed ({describe_native(e)}); vCenter may keep storage migrations of this "
                       "VM disabled until it is called")

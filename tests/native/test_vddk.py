@@ -157,7 +157,7 @@ class Harness:
                         VDDK_TOOL_PASSWORD=PASSWORD,
                         ASAN_OPTIONS="detect_leaks=1:abort_on_error=0",
                         UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
-        for k in ("VDDK_STUB_FAIL", "VDDK_STUB_MODES", "VDDK_STUB_THUMBPRINT",
+        for k in ("VDDK_STUB_FAIL", "VDDK_STUB_MODES", "VDDK_STUB_THUMBPRINT", "VDDK_STUB_LEAK",
                   "VDDK_STUB_DELAY_US", "VDDK_TOOL_COOKIE"):
             self.env.pop(k, None)
 
@@ -325,6 +325,7 @@ def test_vddk65_library_without_allocated_blocks(h, image):
 
 def test_call_sequence(h, image):
     h.run(*h.remote(), "dump", h.tmp / "dump.raw")
+    assert (h.tmp / "dump.raw").read_bytes() == image.read_bytes()
     assert h.job_calls() == ["InitEx", "PrepareForAccess", "ConnectEx", "Open", "GetInfo",
                              "GetTransportMode", "QueryAllocatedBlocks", "FreeBlockList", "Read",
                              "Close", "Disconnect", "Cleanup", "EndAccess", "Exit"]
@@ -397,8 +398,24 @@ def test_write_back_over_old_data_with_zeroed_holes(h, image):
     assert target.read_bytes() == image.read_bytes()
 
 
+def test_write_puts_exactly_the_bytes_asked_for(h, image):
+    """Writes through VDDK at sector offsets: the disk file holds the new bytes there and its
+    old bytes everywhere else, byte for byte."""
+    size = image.stat().st_size
+    target = write_image(h.disk(snapshot=None), size, {0: image.read_bytes()})
+    want = bytearray(image.read_bytes())
+    for offset, data in ((0, b"\x01" * SECTOR), (3 * CHUNK - SECTOR, os.urandom(2 * SECTOR + 4 * CHUNK)),
+                         (size - 2 * SECTOR, os.urandom(2 * SECTOR))):
+        src = h.tmp / "patch.bin"
+        src.write_bytes(data)
+        r = h.run(*h.remote(snapshot=None), "write", offset, src)
+        assert r["bytes_written"] == len(data)
+        want[offset:offset + len(data)] = data
+        assert target.read_bytes() == want
+
+
 def test_unaligned_write_is_refused_before_vddk(h, image):
-    write_image(h.disk(snapshot=None), image.stat().st_size, {})
+    target = write_image(h.disk(snapshot=None), image.stat().st_size, {})
     src = h.tmp / "small.bin"
     src.write_bytes(b"q" * 512)
     err = h.run(*h.remote(snapshot=None), "write", 100, src, ok=False)
@@ -407,6 +424,7 @@ def test_unaligned_write_is_refused_before_vddk(h, image):
     assert "Write" not in h.calls()
     err = h.run(*h.remote(snapshot=None), "write", image.stat().st_size, src, ok=False)
     assert "end past the capacity" in err
+    assert target.read_bytes() == bytes(image.stat().st_size)  # nothing was written
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -523,6 +541,36 @@ def test_credentials_never_in_log_or_messages(h, image):
     for text in outputs + [h.log.read_text()]:
         for secret in (PASSWORD, USER, COOKIE, "backup-operator"):
             assert secret not in text
+
+
+def test_credentials_struck_from_texts_a_library_repeats(h, image):
+    """VDDK_STUB_LEAK: the library repeats the user name and password in every error text and in
+    warnings it logs (as a careless or debug build may).  None of it may reach the output, on
+    any path: success, wrong password, a disk that is not there, a failed read, a cookie login."""
+    leak = {"VDDK_STUB_LEAK": "1"}
+    ok = subprocess.run([str(h.build["tool"]), *map(str, h.remote()), "info"], env={**h.env, **leak},
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    outputs = {"success": ok.stdout + ok.stderr,
+               "wrong password": h.run(*h.remote(), "info", ok=False,
+                                       env={**leak, "VDDK_STUB_PASSWORD": "something-else"}),
+               "open failure": h.run(*h.remote(disk="[ds1] nope.vmdk"), "info", ok=False, env=leak),
+               "read failure": h.run(*h.remote(), "dump", h.tmp / "d.raw", ok=False,
+                                     env={**leak, "VDDK_STUB_FAIL": "Read:7"}),
+               "cookie login": h.run(*h.remote(), "info", ok=False,
+                                     env={**leak, "VDDK_TOOL_COOKIE": COOKIE, "VDDK_STUB_FAIL": "Open:1"})}
+    for what, text in outputs.items():
+        for secret in (PASSWORD, USER, COOKIE, "something-else"):
+            assert secret not in text, (what, secret, text)
+    assert PASSWORD not in h.log.read_text()
+    # The library did repeat them, struck out: the check above means something.
+    assert "vddk-log warning: VixDiskLibStub: connecting to vcenter.example.test [session user=*** " \
+           "password=***]" in outputs["success"]
+    assert "(VIX_E_AUTHENTICATION_FAIL): Authentication failure [session user=*** password=***]" \
+        in outputs["wrong password"]
+    assert "A file was not found [session user=*** password=***]" in outputs["open failure"]
+    assert "VixDiskLibStub: cannot open [ds1] nope.vmdk [session user=*** password=***]" \
+        in outputs["open failure"]
 
 
 # ---- the stub itself -------------------------------------------------------------------------

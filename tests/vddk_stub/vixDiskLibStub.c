@@ -40,6 +40,11 @@
  *                       its n-th call on (default the first)
  *   VDDK_STUB_DELAY_US  each Read/Write sleeps this long, widening the window in which a second
  *                       concurrent call on the same handle is caught
+ *   VDDK_STUB_LEAK      when set, the stub behaves like a careless library: every error text
+ *                       (GetErrorText) ends with the user name and password of the last remote
+ *                       ConnectEx/PrepareForAccess/Cleanup parameters, and each ConnectEx and
+ *                       failed Open logs them through the warning callback.  The caller must
+ *                       keep them out of everything it prints.  (The call log never has them.)
  *
  * Checks on the caller (each a VIOLATION line plus an error code): calls before InitEx
  * (VIX_E_DISK_NOINIT), InitEx twice or with NULL log callbacks, ConnectEx parameters that would
@@ -112,6 +117,27 @@ static VixError violation(const char *fn, VixError e, const char *what)
 
 static pthread_mutex_t inject_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct { char name[32]; unsigned long calls; } inject_calls[64];
+
+/* VDDK_STUB_LEAK: the credentials a careless library would repeat in its texts. */
+static pthread_mutex_t leak_lock = PTHREAD_MUTEX_INITIALIZER;
+static char leak_text[600];
+
+static void leak_remember(const char *user, const char *secret)
+{
+    if (!getenv("VDDK_STUB_LEAK"))
+        return;
+    pthread_mutex_lock(&leak_lock);
+    snprintf(leak_text, sizeof leak_text, " [session user=%s password=%s]", user, secret);
+    pthread_mutex_unlock(&leak_lock);
+}
+
+/* A copy of the leaked credentials text ("" without VDDK_STUB_LEAK or a connection yet). */
+static void leak_copy(char *dst, size_t size)
+{
+    pthread_mutex_lock(&leak_lock);
+    snprintf(dst, size, "%s", getenv("VDDK_STUB_LEAK") ? leak_text : "");
+    pthread_mutex_unlock(&leak_lock);
+}
 
 /* The code VDDK_STUB_FAIL injects into this call of fn, or VIX_OK. */
 static VixError injected(const char *fn)
@@ -340,7 +366,10 @@ char *VixDiskLib_GetErrorText(VixError err, const char *locale)
     for (size_t i = 0; i < sizeof error_texts / sizeof error_texts[0]; i++)
         if (error_texts[i].code == VIX_ERROR_CODE(err))
             text = error_texts[i].text;
-    char *copy = strdup(text);
+    char leak[sizeof leak_text], *copy = malloc(strlen(text) + sizeof leak);
+    leak_copy(leak, sizeof leak);
+    if (copy)
+        sprintf(copy, "%s%s", text, leak);
     if (copy) {
         pthread_mutex_lock(&S.lock);
         S.texts++;
@@ -428,6 +457,7 @@ static VixError check_params(const char *fn, const VixDiskLibConnectParams *p, i
     }
     if (!user || !secret)
         return violation(fn, VIX_E_INVALID_ARG, "NULL user name or password (VDDK would crash)");
+    leak_remember(user, secret);
     const char *want_user = getenv("VDDK_STUB_USER");
     const char *want_pass = getenv("VDDK_STUB_PASSWORD");
     if ((want_user && strcmp(want_user, user) != 0) ||
@@ -449,6 +479,10 @@ VixError VixDiskLib_ConnectEx(const VixDiskLibConnectParams *connectParams, Bool
     VixError e = check_params("ConnectEx", connectParams, 1, &remote);
     if (e)
         return e;
+    char leak[sizeof leak_text];
+    leak_copy(leak, sizeof leak);
+    if (remote && leak[0])
+        call_log(S.warn, "VixDiskLibStub: connecting to %s%s\n", connectParams->serverName, leak);
     if (transportModes && !modes_valid(transportModes))
         return violation("ConnectEx", VIX_E_INVALID_ARG, "unknown transport mode");
     if (snapshotRef && !remote)
@@ -680,6 +714,14 @@ VixError VixDiskLib_Open(const VixDiskLibConnection connection, const char *path
 
     int writable = !c->read_only && !(flags & VIXDISKLIB_FLAG_OPEN_READ_ONLY);
     int fd = open(file, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+    if (fd < 0) {
+        int saved = errno;
+        char leak[sizeof leak_text];
+        leak_copy(leak, sizeof leak);
+        if (leak[0])
+            call_log(S.warn, "VixDiskLibStub: cannot open %s%s\n", path, leak);
+        errno = saved;
+    }
     if (fd < 0)
         return failed("Open", errno == ENOENT || errno == ENOTDIR ? VIX_E_FILE_NOT_FOUND
                               : errno == EACCES                  ? VIX_E_FILE_ACCESS_ERROR

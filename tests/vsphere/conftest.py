@@ -38,16 +38,34 @@ def _ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
+SKIP_MARK = "vSphere tests unavailable: "
+
+
 def _unavailable(reason: str) -> None:
     if _ci():
         pytest.fail(f"vcsim tests cannot run under CI: {reason}", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(SKIP_MARK + reason)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One loud line at the end of the run when simulator tests were skipped: a
+    green run that tested nothing of vSphere must not look like a full one."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        text = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        if SKIP_MARK in text:
+            why = text.split(SKIP_MARK, 1)[1]
+            reasons[why] = reasons.get(why, 0) + 1
+    for why, count in reasons.items():
+        terminalreporter.write_line(f"vSphere tests SKIPPED ({count}): {why}; under CI (CI=true) this fails the run",
+                                    red=True, bold=True)
 
 
 def _binary() -> Path:
     path = Path(os.environ.get("VCSIM_BIN") or DEFAULT_BINARY)
     if not (path.is_file() and os.access(path, os.X_OK)):
-        _unavailable(f"vcsim binary not found at {path} (build it with: bash tools/vcsim/build.sh)")
+        _unavailable(f"simulator binary {path} not built (run: bash tools/vcsim/build.sh, or set VCSIM_BIN)")
     return path
 
 

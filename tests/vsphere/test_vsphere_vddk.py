@@ -25,7 +25,8 @@ import textwrap
 import pytest
 
 # vsphere_helpers skips the module without pyvmomi (and fails under CI instead).
-from vsphere_helpers import BLOCK, MiB, PASSWORD, REPO_ROOT, USER, create_vm, image, init_store, keep_images, write
+from vsphere_helpers import (BLOCK, MiB, PASSWORD, REPO_ROOT, USER, create_vm, image, init_store, keep_images,
+                             restore_disk_image, write)
 
 STUB_SRC = REPO_ROOT / "tests" / "vddk_stub" / "vixDiskLibStub.c"
 
@@ -119,11 +120,15 @@ def test_backup_and_disaster_recovery_through_vddk(vcsim, tmp_path, stub_library
     assert [d["transport"] for d in t1["disks"]] == ["nbdssl", "nbdssl"]   # what VDDK chose from the list
     assert [d["bytes_read"] for d in t1["disks"]] == [5 * BLOCK, BLOCK]    # QueryAllocatedBlocks
     point1 = keep_images(vcsim, vm, tmp_path, "t1")
+    for d, key in zip(t1["disks"], (a.key, b.key)):   # what VDDK served is what the disks hold
+        assert restore_disk_image(store, d["backup"], tmp_path / f"r1-{key}.img") == point1[key].read_bytes()
 
     write(vcsim, a, 4 * MiB, os.urandom(BLOCK))
     t2, log2, _ = run_child(vcsim, tmp_path, stub_library, what="backup", store=store, vm="vddk01")
     assert [(d["read"], d["bytes_read"]) for d in t2["disks"]] == [("changed-areas", BLOCK), ("changed-areas", 0)]
     point2 = keep_images(vcsim, vm, tmp_path, "t2")
+    for d, key in zip(t2["disks"], (a.key, b.key)):
+        assert restore_disk_image(store, d["backup"], tmp_path / f"r2-{key}.img") == point2[key].read_bytes()
 
     for log in (log1, log2):
         calls = [line.split()[0] for line in log.splitlines() if line and not line.startswith(" ")]

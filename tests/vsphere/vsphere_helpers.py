@@ -20,7 +20,7 @@ try:
 except ImportError:  # a declared test dependency: only a bare developer machine lacks it
     if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
         raise
-    pytest.skip("pyvmomi is not installed", allow_module_level=True)
+    pytest.skip("vSphere tests unavailable: pyvmomi is not installed", allow_module_level=True)  # see conftest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KiB, MiB = 1 << 10, 1 << 20

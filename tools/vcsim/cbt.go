@@ -465,11 +465,18 @@ func flatFile(disk *types.VirtualDisk) (string, error) {
 	return path.Join(dir, strings.TrimSuffix(p.Path, ".vmdk")+"-flat.vmdk"), nil
 }
 
+// growFlatFiles is the -grow-flat-files flag.
+var growFlatFiles = true
+
 // growToCapacity makes the flat file as long as the disk (sparse, so it costs
 // no space), as on a real datastore: vcsim creates it empty, and an HTTP
 // range read of a never-written area would otherwise get 416 instead of
-// zeros. The file is never shrunk.
+// zeros. The file is never shrunk. With -grow-flat-files=false it is left as
+// short as the guest wrote it (clients must read past its end as zeros).
 func growToCapacity(flat string, capacity int64) {
+	if !growFlatFiles {
+		return
+	}
 	st, err := os.Stat(flat)
 	if err != nil || !st.Mode().IsRegular() || st.Size() >= capacity {
 		return

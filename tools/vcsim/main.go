@@ -50,6 +50,9 @@ func main() {
 		"QueryChangedDiskAreas: at most this many extents in one reply")
 	folderAuth := flag.Bool("folder-auth", true,
 		"require a valid session cookie for /folder datastore file access, as a real vCenter does")
+	flag.BoolVar(&growFlatFiles, "grow-flat-files", true,
+		"keep every disk's -flat.vmdk as long as the disk's capacity (false: as short as what was written, "+
+			"like a thin disk on a datastore that stores it short)")
 	exitWithParent := flag.Bool("exit-with-parent", false,
 		"stop (and clean up) when the parent process goes away, e.g. a test runner that was killed")
 	flag.Parse()
