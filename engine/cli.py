@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("demo", cmd_demo, "back up, restore and verify a generated sparse image in a scratch store",
              "blockvault demo --dir /tmp/bv-demo --size 2G")
     sp.add_argument("--dir", default=os.path.join(os.getcwd(), "blockvault-demo"),
-                    help="scratch directory (default ./blockvault-demo, replaced)")
+                    help="scratch directory (default ./blockvault-demo): a new or empty directory, or one an "
+                         "earlier demo made (its files are replaced); anything else is refused")
     sp.add_argument("--size", default="1G", help="apparent size of the generated image (default 1G)")
 
     register_vsphere(sub)
