@@ -284,6 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warnings_to_stderr() -> None:
+    """The engine's warnings (logger ``blockvault.backup``) as ``blockvault: warning: ...`` on stderr."""
+    import logging
+    log = logging.getLogger("blockvault.backup")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("blockvault: warning: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     from engine.allocator import keep_freed_memory
     keep_freed_memory()
@@ -294,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.set_threshold(50_000, 20, 100)
     parser = build_parser()
     args = parser.parse_args(argv)
+    _warnings_to_stderr()
     try:
         return args.func(args)
     except StoreError as e:

@@ -79,8 +79,11 @@ def opened_source(spec: str, credentials_file: str | None = None) -> Iterator["n
 
 
 def describe(disk) -> dict:
-    """What a backup records about where its data came from (never credentials)."""
-    doc = {"kind": disk.kind, "path": disk.path}
+    """What a backup records about where its data came from (never credentials).
+
+    A file's path is made absolute: it identifies the source across runs
+    started from other directories (engine/identity.py)."""
+    doc = {"kind": disk.kind, "path": disk.path if disk.kind == "vddk" else os.path.abspath(disk.path)}
     doc.update({k: v for k, v in disk.info.items() if k in ("create_type", "transport")})
     return doc
 
