@@ -98,9 +98,11 @@ def plan_read(repo: Repository, txn, disk, disk_name: str, mode: str,
         if changed is not None:
             point, how = changed
             use = "the change list is not used: " if changes is not None else ""
+            resized = all(h.startswith("size ") for h in how)
+            question = "was it resized?" if resized else "is it another disk's image?"
             warnings.append(
                 f"SOURCE CHANGED: disk {disk_name} is not read from the source {point.id} was read from "
-                f"({'; '.join(how)}); is it another disk's image? This {mode} does not build on {base.id}: "
+                f"({'; '.join(how)}); {question} This {mode} does not build on {base.id}: "
                 f"{use}the whole disk is read (every allocated extent; only the chunks the store lacks "
                 "are stored)")
             changes = None
