@@ -94,7 +94,10 @@ def plan_read(repo: Repository, txn, disk, disk_name: str, mode: str,
                 f"a {mode} backup of disk {disk_name!r} needs an earlier {what}, and there is none; "
                 "run a full backup first (--mode full)"
             )
-        changed = source_change(catalog, txn, disk_name, base, identity, size)
+        # Without an identity (a VM disk: DiskJob has judged its capacity) and without a
+        # list there is nothing to decide: the disk is read in full either way.
+        changed = (source_change(catalog, txn, disk_name, base, identity, size)
+                   if identity is not None or changes is not None else None)
         if changed is not None:
             point, how = changed
             use = "the change list is not used: " if changes is not None else ""

@@ -25,3 +25,27 @@ def test_disk_record_keeps_the_cbt_fallback_warning(vcsim, tmp_path):
     assert proc.returncode == 0, proc.stderr
     records = json.loads(proc.stdout)["backups"]
     assert [r["warnings"] for r in records] == [[], [warning]]
+
+
+def test_a_resized_disk_is_warned_about_once(vcsim, tmp_path):
+    """DiskJob says why a resized disk is read in full; backup_disk must not add its own
+    'SOURCE CHANGED' for the same resize (one cause, one warning)."""
+    from pyVim.task import WaitForTask
+    from pyVmomi import vim
+    from vsphere_helpers import MiB
+
+    store, srv = init_store(tmp_path / "store"), server_args(vcsim)
+    vm = create_vm(vcsim, "grows2", [2 * 1024], cbt=True)
+    disk = vcsim.disks(vm.config)[0]
+    write(vcsim, disk, 0, os.urandom(BLOCK))
+    bv_json("vsphere", "backup", store, *srv, "--vm", "grows2")
+    disk.capacityInKB, disk.capacityInBytes = 4 * 1024, 4 * MiB
+    WaitForTask(vm.ReconfigVM_Task(vim.vm.ConfigSpec(deviceChange=[
+        vim.vm.device.VirtualDeviceSpec(operation="edit", device=disk)])))
+    t2 = bv_json("vsphere", "backup", store, *srv, "--vm", "grows2")
+    [warning] = t2["warnings"]
+    assert "capacity changed" in warning
+    assert t2["disks"][0]["warnings"] == [warning]
+    records = json.loads(bv("list", store, "--disk", t2["disks"][0]["backup"].rpartition("@")[0],
+                            "--json").stdout)["backups"]
+    assert records[-1]["warnings"] == [warning]
