@@ -100,7 +100,7 @@ def plan_read(repo: Repository, txn, disk, disk_name: str, mode: str,
                    if identity is not None or changes is not None else None)
         if changed is not None:
             point, how = changed
-            use = "the change list is not used: " if changes is not None else ""
+            use = "the change list is not used and " if changes is not None else ""
             resized = all(h.startswith("size ") for h in how)
             question = "was it resized?" if resized else "is it another disk's image?"
             warnings.append(

@@ -82,11 +82,11 @@ def check_cover(changes: ChangeList, disk_size: int, disk_name: str) -> None:
                "is it one reply of a looped QueryChangedDiskAreas? Merge every reply, from offset 0, "
                "into one list")
     else:
-        gap = (f"it covers {changes.end} bytes, the disk is {disk_size} bytes: "
+        gap = (f"its length {changes.end} is not the disk's size {disk_size}: "
                "is it the change list of another disk?")
     raise BadInputError(
         f"{changes.origin} covers bytes [{changes.start}, {changes.end}) of disk {disk_name}, which is "
-        f"{disk_size} bytes; {gap} Outside what it covers a change list says nothing, so it cannot be "
+        f"{disk_size} bytes; {gap}. Outside what it covers a change list says nothing, so it cannot be "
         f"used: give one with startOffset 0 and length {disk_size}, or leave out --changed-areas "
         "(every allocated extent is then read, and only the chunks the store lacks are stored)")
 

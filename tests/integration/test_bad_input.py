@@ -61,10 +61,10 @@ def test_bad_changed_areas(populated, tmp_path, content, needle):
 
 @pytest.mark.parametrize("doc,needle", [
     ({"startOffset": 0, "length": 8 * CS, "changedArea": [{"start": 0, "length": 100}]},
-     "it covers 524288 bytes, the disk is 1048576 bytes: is it the change list of another disk?"),
+     "its length 524288 is not the disk's size 1048576: is it the change list of another disk?"),
     ({"startOffset": 8 * CS, "length": 8 * CS, "changedArea": [{"start": 9 * CS, "length": 100}]},
      "the first 524288 bytes are not covered (startOffset 524288)"),
-    ({"startOffset": 0, "length": 0, "changedArea": []}, "it covers 0 bytes, the disk is 1048576 bytes"),
+    ({"startOffset": 0, "length": 0, "changedArea": []}, "its length 0 is not the disk's size 1048576"),
 ])
 def test_change_list_that_does_not_cover_the_disk(populated, tmp_path, doc, needle):
     """What a change list does not cover is unknown, not unchanged: such a list is refused,

@@ -68,8 +68,8 @@ def test_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize("start,end,needle", [
-    (0, 5 * CS, "it covers 327680 bytes, the disk is 655360 bytes: is it the change list of another disk?"),
-    (0, 0, "it covers 0 bytes, the disk is 655360 bytes"),        # a list that covers nothing
+    (0, 5 * CS, "its length 327680 is not the disk's size 655360: is it the change list of another disk?"),
+    (0, 0, "its length 0 is not the disk's size 655360"),        # a list that covers nothing
     (CS, 10 * CS, "the first 65536 bytes are not covered (startOffset 65536)"),
     (CS, 4 * CS, "the first 65536 bytes are not covered"),
 ])
