@@ -175,8 +175,10 @@ def _restore_all(repo, tmp_path, points):
 def test_shrink_then_grow_keeps_no_stale_byte_at_the_old_edge(repo, tmp_path):
     """10.5 chunks -> 7.25 -> 12.7 with change lists that never mention the edge chunk 7
     (7.25 chunks is a 4 KiB multiple: no allocated block of the file reaches past it, so only
-    an edge rule, not the allocation, can make a backup read chunk 7 again): the bytes of chunk 7 past 7.25 chunks are gone after the shrink and must come back as
-    zeros after the grow, not as what the first backup read there."""
+    a resize rule, not the allocation, makes a backup read chunk 7 again; today a resized
+    disk is read in full, it used to be an edge re-read that a mutant removed): the bytes of
+    chunk 7 past 7.25 chunks are gone after the shrink and must come back as zeros after the
+    grow, not as what the first backup read there."""
     r = rng(14)
     img = str(tmp_path / "e.img")
     make_sparse(img, int(10.5 * CS))
