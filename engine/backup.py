@@ -13,6 +13,15 @@ store lacks; its manifest is then built from what it read, so it is
 complete even if the base was wrong.  Either way the result is a synthetic
 full.
 
+A change list is used only when it can be right: it must cover the whole
+disk (engine/changes.py), and the disk must be the one the chain was read
+from — same size, and for files the same kind and path (engine/identity.py)
+— at every point since the base.  A different source is not an error (a
+resized disk, an image moved): it is a warning, and the disk is read in
+full as without a change list.  That rule also covers a resize: a shrunk
+or grown disk never overlays its base, so no chunk at the old edge can
+keep bytes the disk no longer has.
+
 ``backup_disk`` prepares one disk inside a write session and
 ``commit_backups`` commits any number of prepared disks at once: a VM's
 disks become visible together or not at all.
@@ -20,18 +29,22 @@ disks become visible together or not at all.
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from engine.catalog import KINDS, BackupRecord, check_disk_name
-from engine.changes import Run, extents_to_runs, load_changed_areas, merge_runs, run_chunks
+from engine.changes import ChangeList, Run, check_cover, extents_to_runs, load_changed_areas, run_chunks
 from engine.errors import BadInputError, NotFoundError
+from engine.identity import differences, source_identity
 from engine.manifest import Manifest, ManifestBuilder
 from engine.pipeline import ChunkPipeline, default_workers
 from engine.repository import Repository
-from engine.sources import describe, opened_source
+from engine.sources import opened_source
+
+log = logging.getLogger("blockvault.backup")
 
 
 @dataclass
@@ -46,18 +59,33 @@ class ReadPlan:
     runs: list[Run]
     base: BackupRecord | None
     base_manifest: Manifest | None  # the manifest overlaid (None: built from what is read)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def chunks(self) -> int:
         return run_chunks(self.runs)
 
 
+def source_change(catalog, txn, disk_name: str, base: BackupRecord, identity: dict | None,
+                  size: int) -> tuple[BackupRecord, list[str]] | None:
+    """The first point since ``base`` (the chain's last point first) whose
+    source differs from the one read now, with how; None if none does."""
+    since = [r for r in catalog.for_name(txn, disk_name) if r.seq >= base.seq]
+    for point in since[-1:] + since[:-1]:
+        found = differences(point, identity, size)
+        if found:
+            return point, found
+    return None
+
+
 def plan_read(repo: Repository, txn, disk, disk_name: str, mode: str,
-              changed_areas: list[tuple[int, int]] | None) -> ReadPlan:
+              changes: ChangeList | list[tuple[int, int]] | None, identity: dict | None = None) -> ReadPlan:
+    """What to read, and on which base; ``changes`` as a plain list is taken
+    to cover the whole disk (vSphere's replies are looped over its capacity)."""
     if mode not in KINDS:
         raise BadInputError(f"backup mode {mode!r} is unknown; use full, incremental or differential")
     catalog, cs, size = repo.catalog, repo.store.chunk_size, disk.size
-    base = None
+    base, warnings = None, []
     if mode != "full":
         base = catalog.latest(txn, disk_name, kind="full" if mode == "differential" else None)
         if base is None:
@@ -66,34 +94,51 @@ def plan_read(repo: Repository, txn, disk, disk_name: str, mode: str,
                 f"a {mode} backup of disk {disk_name!r} needs an earlier {what}, and there is none; "
                 "run a full backup first (--mode full)"
             )
-    if changed_areas is None:
-        return ReadPlan(extents_to_runs(disk.extents(), cs, size), base, None)
-
+        # Without an identity (a VM disk: DiskJob has judged its capacity) and without a
+        # list there is nothing to decide: the disk is read in full either way.
+        changed = (source_change(catalog, txn, disk_name, base, identity, size)
+                   if identity is not None or changes is not None else None)
+        if changed is not None:
+            point, how = changed
+            use = "the change list is not used and " if changes is not None else ""
+            resized = all(h.startswith("size ") for h in how)
+            question = "was it resized?" if resized else "is it another disk's image?"
+            warnings.append(
+                f"SOURCE CHANGED: disk {disk_name} is not read from the source {point.id} was read from "
+                f"({'; '.join(how)}); {question} This {mode} does not build on {base.id}: "
+                f"{use}the whole disk is read (every allocated extent; only the chunks the store lacks "
+                "are stored)")
+            changes = None
+    if changes is None:
+        return ReadPlan(extents_to_runs(disk.extents(), cs, size), base, None, warnings)
+    if not isinstance(changes, ChangeList):
+        changes = ChangeList.whole(changes, size)
+    check_cover(changes, size, disk_name)
     base_manifest = repo.manifests.get(txn, base.key, base.id)
-    runs = extents_to_runs(changed_areas, cs, size)
-    if size != base.size:
-        # CBT knows nothing of space the base never had: read what is allocated
-        # there.  The chunk holding the smaller of the two ends changes shape
-        # either way, so it is read again too.
-        grown = [(s, n) for s, n in disk.extents() if s + n > base.size]
-        edge = (min(size, base.size) - 1) // cs if min(size, base.size) > 0 else None
-        extra = [(edge, edge + 1)] if edge is not None and edge * cs < size else []
-        runs = merge_runs(runs, extents_to_runs(grown, cs, size), extra)
-    return ReadPlan(runs, base, base_manifest)
+    return ReadPlan(extents_to_runs(changes.extents, cs, size), base, base_manifest, warnings)
 
 
 def backup_disk(repo: Repository, session, pool: ThreadPoolExecutor, workers: int, disk, disk_name: str,
-                mode: str, changed_areas: list[tuple[int, int]] | None = None,
+                mode: str, changed_areas: ChangeList | list[tuple[int, int]] | None = None,
                 change_id: str | None = None, metadata: dict | None = None,
                 on_progress: Callable[[int], None] | None = None,
-                on_plan: Callable[[int], None] | None = None) -> PreparedBackup:
-    """Read one disk into the session; nothing is visible until commit_backups."""
+                on_plan: Callable[[int], None] | None = None,
+                identity: dict | None = None, warnings: list[str] | None = None) -> PreparedBackup:
+    """Read one disk into the session; nothing is visible until commit_backups.
+
+    ``identity`` (engine/identity.py) is compared with the chain's points;
+    ``warnings`` are the caller's for this disk, and this backup's own are
+    added to that list (and logged): the record carries them all."""
     check_disk_name(disk_name)
     started = time.time()
     store = repo.store
     cs = store.chunk_size
+    notes = warnings if warnings is not None else []
     with store.read_txn() as txn:
-        plan = plan_read(repo, txn, disk, disk_name, mode, changed_areas)
+        plan = plan_read(repo, txn, disk, disk_name, mode, changed_areas, identity)
+        for text in plan.warnings:
+            log.warning(text)
+            notes.append(text)
         seq = repo.catalog.next_seq(txn, disk_name)
         if on_plan:
             on_plan(min(plan.chunks * cs, disk.size))
@@ -107,7 +152,8 @@ def backup_disk(repo: Repository, session, pool: ThreadPoolExecutor, workers: in
         base=plan.base.id if plan.base else None, size=disk.size, chunk_size=cs,
         change_id=change_id, metadata=metadata or {},
         stats={**stats.as_dict(), "nonzero_chunks": manifest.nonzero_chunks,
-               "changed_areas": changed_areas is not None},
+               "changed_areas": plan.base_manifest is not None},
+        warnings=list(notes),
     )
     return PreparedBackup(record, manifest, builder.new_segments)
 
@@ -142,8 +188,9 @@ def backup_image(repo: Repository, source: str, disk_name: str, mode: str = "ful
         workers = workers or default_workers()
         with repo.store.writer(wait=wait, purpose=f"backup of {disk_name}") as session, \
                 ThreadPoolExecutor(workers, thread_name_prefix="bv-backup") as pool:
+            identity = source_identity(disk)
             prepared = backup_disk(repo, session, pool, workers, disk, disk_name, mode, changed,
-                                   change_id=change_id, metadata={"source": describe(disk)},
-                                   on_progress=on_progress, on_plan=on_plan)
+                                   change_id=change_id, metadata={"source": identity},
+                                   on_progress=on_progress, on_plan=on_plan, identity=identity)
             commit_backups(repo, session, [prepared])
     return prepared.record

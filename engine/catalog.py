@@ -47,6 +47,9 @@ class BackupRecord:
     change_id: str | None = None
     stats: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    # What the backup had to warn about (a source that changed, a change list
+    # not used...); entries written before this field existed load as [].
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def id(self) -> str:

@@ -5,11 +5,17 @@ changed-areas file (vSphere's DiskChangeInfo) for an incremental — is
 turned into the same thing: sorted, merged runs of chunk indices on the
 store's chunk grid.  Runs, not index arrays, so a 2 TiB disk costs a few
 tuples, not millions of integers.
+
+A change list speaks only for the span it covers, ``[startOffset,
+startOffset + length)``: what lies outside is unknown, not unchanged.  So
+a list is kept with its cover (``ChangeList``), and a backup that uses one
+first checks that the cover is exactly its disk (``check_cover``).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Iterable
 
 from engine.errors import BadInputError
@@ -48,11 +54,52 @@ def run_chunks(runs: Iterable[Run]) -> int:
     return sum(end - first for first, end in runs)
 
 
-def load_changed_areas(path: str, disk_size: int) -> list[tuple[int, int]]:
+@dataclass(frozen=True)
+class ChangeList:
+    """Changed extents (start, length) and the span [start, end) of the disk they speak for."""
+
+    extents: list[tuple[int, int]]
+    start: int
+    end: int
+    origin: str  # where the list came from, for messages
+
+    @classmethod
+    def whole(cls, extents: list[tuple[int, int]], size: int, origin: str = "change list") -> "ChangeList":
+        """A list known to cover the whole disk (vSphere's replies, looped over the capacity)."""
+        return cls(list(extents), 0, size, origin)
+
+
+def check_cover(changes: ChangeList, disk_size: int, disk_name: str) -> None:
+    """Refuse a change list that does not cover exactly [0, disk_size).
+
+    Bytes outside the cover would be taken from the base as if unchanged,
+    and a list that covers less than the disk is most often another disk's
+    (or one reply of a looped QueryChangedDiskAreas)."""
+    if changes.start == 0 and changes.end == disk_size:
+        return
+    if changes.start > 0:
+        gap = (f"the first {changes.start} bytes are not covered (startOffset {changes.start}): "
+               "is it one reply of a looped QueryChangedDiskAreas? Merge every reply, from offset 0, "
+               "into one list")
+    else:
+        gap = (f"its length {changes.end} is not the disk's size {disk_size}: "
+               "is it the change list of another disk?")
+    raise BadInputError(
+        f"{changes.origin} covers bytes [{changes.start}, {changes.end}) of disk {disk_name}, which is "
+        f"{disk_size} bytes; {gap}. Outside what it covers a change list says nothing, so it cannot be "
+        f"used: give one with startOffset 0 and length {disk_size}, or leave out --changed-areas "
+        "(every allocated extent is then read, and only the chunks the store lacks are stored)")
+
+
+def load_changed_areas(path: str, disk_size: int) -> ChangeList:
     """Read a DiskChangeInfo-shaped JSON file and check it against the disk.
 
     ``{"startOffset": 0, "length": N, "changedArea": [{"start": S, "length": L}, ...]}``;
-    extents need not be chunk-aligned, but they must lie inside the disk.
+    extents need not be chunk-aligned or sorted, but they must lie inside the
+    cover, and the cover inside the disk.  ``length`` is required: without
+    it the file does not say what it speaks for.  Whether the cover is the
+    whole disk is checked when the list is used (``check_cover``), since a
+    disk that was resized since its base does not use the list at all.
     """
     try:
         with open(path, "rb") as f:
@@ -74,8 +121,10 @@ def load_changed_areas(path: str, disk_size: int) -> list[tuple[int, int]]:
 
     if not isinstance(doc, dict) or not isinstance(doc.get("changedArea"), list):
         raise bad("no 'changedArea' list")
-    start_offset = doc.get("startOffset", 0)
-    length = doc.get("length", disk_size - start_offset if isinstance(start_offset, int) else None)
+    if "length" not in doc:
+        raise bad(f"no 'length': a change list must say which span of the disk it covers "
+                  f"(for this disk startOffset 0 and length {disk_size})")
+    start_offset, length = doc.get("startOffset", 0), doc["length"]
     for name, value in (("startOffset", start_offset), ("length", length)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise bad(f"'{name}' must be a non-negative integer, not {value!r}")
@@ -95,4 +144,4 @@ def load_changed_areas(path: str, disk_size: int) -> list[tuple[int, int]]:
                       f"[{start_offset}, {cover_end}) of a {disk_size}-byte disk")
         if n:
             extents.append((s, n))
-    return extents
+    return ChangeList(extents, start_offset, cover_end, f"changed-areas file {path}")

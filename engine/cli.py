@@ -283,11 +283,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("demo", cmd_demo, "back up, restore and verify a generated sparse image in a scratch store",
              "blockvault demo --dir /tmp/bv-demo --size 2G")
     sp.add_argument("--dir", default=os.path.join(os.getcwd(), "blockvault-demo"),
-                    help="scratch directory (default ./blockvault-demo, replaced)")
+                    help="scratch directory (default ./blockvault-demo): a new or empty directory, or one an "
+                         "earlier demo made (its files are replaced); anything else is refused")
     sp.add_argument("--size", default="1G", help="apparent size of the generated image (default 1G)")
 
     register_vsphere(sub)
     return p
+
+
+def _warnings_to_stderr() -> None:
+    """The engine's warnings (logger ``blockvault.backup``) as ``blockvault: warning: ...`` on stderr."""
+    import logging
+    log = logging.getLogger("blockvault.backup")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("blockvault: warning: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.set_threshold(50_000, 20, 100)
     parser = build_parser()
     args = parser.parse_args(argv)
+    _warnings_to_stderr()
     try:
         return args.func(args)
     except StoreError as e:

@@ -13,17 +13,23 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import sys
 
 import numpy as np
 
 from engine.backup import backup_image
+from engine.errors import BadInputError
 from engine.repository import Repository
 from engine.restore import restore_backup
 from engine.stats import store_stats
 from engine.verify import verify_repository
 
 BLOCK = 64 << 10
+MARKER = ".blockvault-demo"
+_MARKER_TEXT = "made by 'blockvault demo'; the demo may replace the files it made here\n"
+# Everything the demo writes in its directory (and so may delete again on reuse).
+_OWN = ("disk.img", "store", "changed-areas.json", "restore-1.img", "restore-2.img")
 
 
 def _say(quiet: bool, text: str) -> None:
@@ -76,10 +82,45 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
+def prepare_directory(directory: str) -> None:
+    """Create ``directory``, or clear a directory an earlier demo made; refuse anything else.
+
+    Nothing is deleted unless the directory carries the demo's marker, and
+    then only the files the demo makes."""
+    def refuse(why: str) -> BadInputError:
+        return BadInputError(f"demo directory {directory} {why}; nothing was changed. The demo only uses a "
+                             "new directory, an empty one, or one an earlier demo made: choose another --dir")
+
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        os.makedirs(directory)
+    else:
+        if stat.S_ISLNK(st.st_mode):
+            raise refuse("is a symbolic link")
+        if not stat.S_ISDIR(st.st_mode):
+            raise refuse("exists and is not a directory")
+        entries = sorted(os.listdir(directory))
+        marker = os.path.join(directory, MARKER)
+        if entries and not (MARKER in entries and stat.S_ISREG(os.lstat(marker).st_mode)):
+            if "config.json" in entries and "index" in entries:
+                raise refuse("is a blockvault store")
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise refuse(f"exists, holds {len(entries)} entries ({shown}) and was not made by the demo "
+                         f"(no {MARKER} file)")
+        for name in _OWN:
+            path = os.path.join(directory, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.unlink(path)
+    with open(os.path.join(directory, MARKER), "w") as f:
+        f.write(_MARKER_TEXT)
+
+
 def run_demo(directory: str, size: int, quiet: bool = False) -> dict:
-    if os.path.exists(directory):
-        shutil.rmtree(directory)
-    os.makedirs(directory)
+    directory = os.path.abspath(directory)
+    prepare_directory(directory)
     image, store = os.path.join(directory, "disk.img"), os.path.join(directory, "store")
     _say(quiet, f"demo in {directory}: generating a {size >> 20} MiB sparse image")
     write_image(image, size, seed=1)

@@ -6,12 +6,21 @@ descriptor, so a ``-flat.vmdk`` extent is rightly read as raw), or a
 ``vddk://`` URL for a disk of a vSphere VM read through VDDK.  Every kind
 answers the same three questions the pipeline asks: size, allocated
 extents, chunk reads.
+
+Other containers (qcow2, QED, VDI, VHD, VHDX) are recognised by their
+magic and refused: read as raw, a backup would hold the container's bytes
+(its tables, its footer), not the disk, and restore them as a "disk" no
+guest can boot.  A fixed VHD is the disk's bytes plus a 512-byte footer;
+it is refused too (rather than read short) so that one rule holds: convert
+with ``qemu-img convert -O raw`` first.  Restore targets named like those
+containers are refused for the same reason (blockvault writes raw or VMDK).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import struct
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -23,19 +32,78 @@ _SPARSE_MAGIC = b"KDMV"
 _DESCRIPTOR_MARK = b"# Disk DescriptorFile"
 
 
+# Name endings of containers a restore does not write.
+CONTAINER_SUFFIXES = {".qcow2": "qcow2", ".qcow": "qcow", ".qed": "QED", ".vdi": "VDI", ".vhd": "VHD",
+                      ".vhdx": "VHDX"}
+_VHD_FOOTER = 512
+
+
+def _fixed_vhd(tail: bytes) -> bool:
+    """A VHD footer with a valid checksum (so a raw disk that merely ends in 'conectix' is not one)."""
+    if len(tail) != _VHD_FOOTER or not tail.startswith(b"conectix"):
+        return False
+    (checksum,) = struct.unpack_from(">I", tail, 64)
+    return checksum == ~(sum(tail[:64]) + sum(tail[68:])) & 0xFFFFFFFF
+
+
+def container_format(head: bytes, tail: bytes) -> tuple[str, str] | None:
+    """(name, qemu-img format) of a container image from its first KiB and last 512 bytes, else None."""
+    if head.startswith(b"QFI\xfb"):
+        version = struct.unpack_from(">I", head, 4)[0] if len(head) >= 8 else 0
+        return ("qcow", "qcow") if version == 1 else ("qcow2", "qcow2")
+    if head.startswith(b"QED\0"):
+        return "QED", "qed"
+    if head.startswith(b"vhdxfile"):
+        return "VHDX", "vhdx"
+    if head.startswith(b"conectix"):
+        return "VHD (dynamic)", "vpc"
+    if len(head) >= 0x44 and struct.unpack_from("<I", head, 0x40)[0] == 0xBEDA107F:
+        return "VDI", "vdi"
+    if _fixed_vhd(tail):
+        return "VHD (fixed)", "vpc"
+    return None
+
+
+def _tail(f) -> bytes:
+    """The last 512 bytes (where a fixed VHD keeps its footer), or b"" where there is no end to seek."""
+    try:
+        end = f.seek(0, os.SEEK_END)
+        if end < 2 * _VHD_FOOTER:
+            return b""
+        f.seek(end - _VHD_FOOTER)
+        return f.read(_VHD_FOOTER)
+    except OSError:
+        return b""
+
+
+def _converted_name(path: str) -> str:
+    """Where the advice puts the converted raw image: never the source's own name."""
+    stem, suffix = os.path.splitext(path)
+    return stem + (".img" if suffix.lower() != ".img" else "-raw.img")
+
+
 def source_kind(spec: str) -> str:
-    """'vddk', 'vmdk' or 'raw' for a backup source."""
+    """'vddk', 'vmdk' or 'raw' for a backup source; a container image is refused."""
     if spec.startswith("vddk://"):
         return "vddk"
     try:
         with open(spec, "rb") as f:
             head = f.read(1024)
+            tail = _tail(f)
     except IsADirectoryError:
         raise BadInputError(f"cannot read disk image {spec}: is a directory, not a disk image") from None
     except OSError as e:
         raise BadInputError(f"cannot read disk image {spec}: {e.strerror}") from None
     if head.startswith(_SPARSE_MAGIC) or head.lstrip().startswith(_DESCRIPTOR_MARK):
         return "vmdk"
+    container = container_format(head, tail)
+    if container is not None:
+        name, fmt = container
+        fixed = " (the disk's bytes and a 512-byte footer)" if name == "VHD (fixed)" else ""
+        raise BadInputError(
+            f"{spec} is a {name} image{fixed}, not a raw disk or a VMDK: backed up as raw it would keep the "
+            "container's bytes, not the disk's. Convert it first and back up the result: "
+            f"qemu-img convert -f {fmt} -O raw {spec} {_converted_name(spec)}  (or -O vmdk)")
     return "raw"
 
 
@@ -94,15 +162,29 @@ def opened_source(spec: str, credentials_file: str | None = None) -> Iterator["n
 
 
 def describe(disk) -> dict:
-    """What a backup records about where its data came from (never credentials)."""
-    doc = {"kind": disk.kind, "path": disk.path}
+    """What a backup records about where its data came from (never credentials).
+
+    A file's path is made absolute: it identifies the source across runs
+    started from other directories (engine/identity.py)."""
+    doc = {"kind": disk.kind, "path": disk.path if disk.kind == "vddk" else os.path.abspath(disk.path)}
     doc.update({k: v for k, v in disk.info.items() if k in ("create_type", "transport")})
     return doc
 
 
 def target_format(target: str, requested: str | None) -> str:
+    """'raw', 'vmdk' or 'vddk' for a restore target; a container's name needs --format."""
     if requested:
         return requested
     if target.startswith("vddk://"):
         return "vddk"
-    return "vmdk" if os.path.splitext(target)[1].lower() == ".vmdk" else "raw"
+    suffix = os.path.splitext(target)[1].lower()
+    if suffix in CONTAINER_SUFFIXES:
+        name = CONTAINER_SUFFIXES[suffix]
+        fmt = {"VHD": "vpc", "VHDX": "vhdx", "VDI": "vdi", "QED": "qed"}.get(name, name)
+        raw = _converted_name(target)
+        raise BadInputError(
+            f"restore target {target} is named like a {name} image, but blockvault writes raw images and "
+            f"VMDKs only: restore to {raw} (or a .vmdk) and convert it, e.g. "
+            f"qemu-img convert -f raw -O {fmt} {raw} {target}; or pass --format raw to write a raw image "
+            "under this name")
+    return "vmdk" if suffix == ".vmdk" else "raw"

@@ -45,9 +45,11 @@ def test_directory_as_image(populated, tmp_path):
 
 @pytest.mark.parametrize("content,needle", [
     ("[1, 2", "not valid JSON"),
-    (json.dumps({"changedArea": [{"start": 0, "length": 100 * CS}]}), "outside the covered range"),
+    (json.dumps({"length": 16 * CS, "changedArea": [{"start": 0, "length": 100 * CS}]}),
+     "outside the covered range"),
     (json.dumps({"startOffset": 0, "length": 1 << 40, "changedArea": []}), "past the end of the disk"),
-    (json.dumps({"changedArea": [{"start": "0", "length": 5}]}), "changedArea[0]"),
+    (json.dumps({"length": 16 * CS, "changedArea": [{"start": "0", "length": 5}]}), "changedArea[0]"),
+    (json.dumps({"changedArea": [{"start": 0, "length": 5}]}), "no 'length'"),
 ])
 def test_bad_changed_areas(populated, tmp_path, content, needle):
     store, img = populated
@@ -55,6 +57,26 @@ def test_bad_changed_areas(populated, tmp_path, content, needle):
     cbt.write_text(content)
     _expect_error(["backup", store, img, "--disk", "ok", "--mode", "incremental", "--changed-areas", str(cbt)],
                   1, needle, str(cbt), store=store)
+
+
+@pytest.mark.parametrize("doc,needle", [
+    ({"startOffset": 0, "length": 8 * CS, "changedArea": [{"start": 0, "length": 100}]},
+     "its length 524288 is not the disk's size 1048576: is it the change list of another disk?"),
+    ({"startOffset": 8 * CS, "length": 8 * CS, "changedArea": [{"start": 9 * CS, "length": 100}]},
+     "the first 524288 bytes are not covered (startOffset 524288)"),
+    ({"startOffset": 0, "length": 0, "changedArea": []}, "its length 0 is not the disk's size 1048576"),
+])
+def test_change_list_that_does_not_cover_the_disk(populated, tmp_path, doc, needle):
+    """What a change list does not cover is unknown, not unchanged: such a list is refused,
+    naming both sizes, and nothing is stored (it used to make a backup that restored wrong)."""
+    store, img = populated
+    write_at(img, 12 * CS, rng(41).bytes(CS))     # a change outside the covers above
+    cbt = tmp_path / "cbt.json"
+    cbt.write_text(json.dumps(doc))
+    start, end = doc["startOffset"], doc["startOffset"] + doc["length"]
+    _expect_error(["backup", store, img, "--disk", "ok", "--mode", "incremental", "--changed-areas", str(cbt)],
+                  1, f"changed-areas file {cbt} covers bytes [{start}, {end}) of disk ok, which is {16 * CS} bytes",
+                  needle, f"startOffset 0 and length {16 * CS}", store=store)
 
 
 def test_future_format_version(populated):

@@ -163,3 +163,98 @@ def test_empty_and_all_hole_disks(repo, tmp_path):
         out = str(tmp_path / f"{name}.out")
         restore_backup(repo, rec.id, out)
         assert os.path.getsize(out) == size and allocated_ranges(out) == []
+
+
+def _restore_all(repo, tmp_path, points):
+    for ident, expected in points.items():
+        out = str(tmp_path / f"restore-{ident.replace('@', '-')}")
+        restore_backup(repo, ident, out, force=True)
+        assert same_file(out, expected), ident
+
+
+def test_shrink_then_grow_keeps_no_stale_byte_at_the_old_edge(repo, tmp_path):
+    """10.5 chunks -> 7.25 -> 12.7 with change lists that never mention the edge chunk 7
+    (7.25 chunks is a 4 KiB multiple: no allocated block of the file reaches past it, so only
+    a resize rule, not the allocation, makes a backup read chunk 7 again; today a resized
+    disk is read in full, it used to be an edge re-read that a mutant removed): the bytes of
+    chunk 7 past 7.25 chunks are gone after the shrink and must come back as zeros after the
+    grow, not as what the first backup read there."""
+    r = rng(14)
+    img = str(tmp_path / "e.img")
+    make_sparse(img, int(10.5 * CS))
+    write_at(img, 0, r.bytes(int(10.5 * CS)))               # every byte non-zero, the edge chunk too
+    points = {}
+    t1 = backup_image(repo, img, "e", "full")
+    points[t1.id] = snapshot(img, str(tmp_path / "e1"))
+
+    resize(img, int(7.25 * CS))
+    write_at(img, 6 * CS + 100, b"\xff")                     # one byte next to the edge chunk
+    t2 = backup_image(repo, img, "e", "incremental", cbt_file(tmp_path, "e2", int(7.25 * CS), [(6 * CS + 100, 1)]))
+    points[t2.id] = snapshot(img, str(tmp_path / "e2"))
+
+    resize(img, int(12.7 * CS))
+    write_at(img, 11 * CS, b"new space")
+    t3 = backup_image(repo, img, "e", "incremental", cbt_file(tmp_path, "e3", int(12.7 * CS), [(11 * CS, 9)]))
+    points[t3.id] = snapshot(img, str(tmp_path / "e3"))
+    with open(img, "rb") as f:
+        f.seek(int(7.25 * CS))
+        assert f.read(CS // 2) == bytes(CS // 2)            # what a stale edge chunk would get wrong
+    assert t2.warnings and t3.warnings                      # both resizes said why the list was not used
+    _restore_all(repo, tmp_path, points)
+
+    # The same at an unchanged size: now the list is used, and the restore is still exact.
+    write_at(img, 2 * CS + 5, b"small change")
+    t4 = backup_image(repo, img, "e", "incremental", cbt_file(tmp_path, "e4", int(12.7 * CS), [(2 * CS + 5, 12)]))
+    points[t4.id] = snapshot(img, str(tmp_path / "e4"))
+    assert t4.warnings == [] and t4.stats["changed_areas"] and t4.stats["bytes_read"] == CS
+    _restore_all(repo, tmp_path, points)
+
+
+def test_differential_after_a_shrink_and_regrow_in_between(repo, tmp_path):
+    """T1 full at S; T2 shrinks; T3 grows back to S; a differential on T1 at size S would
+    see no size change against its base, but the bytes past the shrink were zeroed in
+    between: the points since the base tell, and the disk is read in full."""
+    r = rng(15)
+    size = 10 * CS + 300
+    img = str(tmp_path / "s.img")
+    make_sparse(img, size)
+    write_at(img, 0, r.bytes(size))
+    backup_image(repo, img, "s", "full")
+    resize(img, 4 * CS + 1)
+    backup_image(repo, img, "s", "incremental")
+    resize(img, size)
+    backup_image(repo, img, "s", "incremental")
+    write_at(img, CS, b"since the full")
+    t4 = backup_image(repo, img, "s", "differential", cbt_file(tmp_path, "s4", size, [(CS, 14)]))
+    out = str(tmp_path / "s4.out")
+    restore_backup(repo, t4.id, out)
+    assert same_file(out, img)
+    assert t4.base == "s@1" and len(t4.warnings) == 1
+    assert "s@2 was read from (size 262145 -> 655660 bytes)" in t4.warnings[0]
+
+
+def test_disk_names_that_are_prefixes_of_others(repo, tmp_path):
+    """'d' and 'd2' share a key prefix but not a chain: d's first point is d@1, and
+    d@latest, d's list and d's incremental base are d's, never d2's."""
+    r = rng(16)
+    img2, img = str(tmp_path / "d2.img"), str(tmp_path / "d.img")
+    make_sparse(img2, 8 * CS)
+    make_sparse(img, 6 * CS)
+    for k in range(3):
+        write_at(img2, k * CS, r.bytes(CS))
+        assert backup_image(repo, img2, "d2", "full" if k == 0 else "incremental").id == f"d2@{k + 1}"
+    write_at(img, 0, r.bytes(2 * CS))
+    first = backup_image(repo, img, "d", "full")
+    assert first.id == "d@1"
+    write_at(img, 3 * CS, b"second")
+    second = backup_image(repo, img, "d", "incremental", cbt_file(tmp_path, "dd", 6 * CS, [(3 * CS, 6)]))
+    assert second.id == "d@2" and second.base == "d@1" and second.warnings == []
+    with repo.store.read_txn() as txn:
+        assert repo.catalog.resolve(txn, "d@latest").id == "d@2"
+        assert [b.id for b in repo.catalog.for_disk(txn, "d")] == ["d@1", "d@2"]
+        assert repo.catalog.resolve(txn, "d2@latest").id == "d2@3"
+    out = str(tmp_path / "d.out")
+    restore_backup(repo, "d@latest", out)
+    assert same_file(out, img)
+    with pytest.raises(NotFoundError, match="no backup d@3"):
+        restore_backup(repo, "d@3", str(tmp_path / "none"))

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 import time
@@ -69,10 +68,3 @@ def test_help_has_examples():
     sub = run_cli("backup", "--help")
     assert "--changed-areas" in sub.stdout and "example" in sub.stdout
 
-
-def test_demo_runs(tmp_path):
-    proc = run_cli("demo", "--dir", str(tmp_path / "demo"), "--size", "64M", "--json")
-    assert proc.returncode == 0, proc.stderr
-    doc = json.loads(proc.stdout)
-    assert doc["ok"] and all(step["identical"] for step in doc["restores"])
-    assert os.path.isdir(tmp_path / "demo" / "store")
