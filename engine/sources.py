@@ -80,7 +80,10 @@ def opened_source(spec: str, credentials_file: str | None = None) -> Iterator["n
 
 def describe(disk) -> dict:
     """What a backup records about where its data came from (never credentials)."""
-    doc = {"kind": disk.kind, "path": disk.path}
+    # Absolute, so the catalog still says which file it was whatever the
+    # directory the next command runs in; a vddk:// path is not a file name.
+    path = disk.path if disk.kind == "vddk" or "://" in disk.path else os.path.abspath(disk.path)
+    doc = {"kind": disk.kind, "path": path}
     doc.update({k: v for k, v in disk.info.items() if k in ("create_type", "transport")})
     return doc
 
