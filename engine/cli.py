@@ -173,8 +173,8 @@ def cmd_verify(args) -> int:
     doc = report.as_dict()
     damage = [_count(len(doc["bad_chunks"]), "bad chunk"), _count(len(doc["missing_packs"]), "missing pack"),
               _count(len(doc["damaged_manifests"]), "damaged manifest")]
-    checked = (f"{doc['chunks_checked']} chunks ({human_bytes(doc['bytes_checked'])}) and "
-               f"{doc['backups_checked']} backups checked")
+    checked = (f"{_count(doc['chunks_checked'], 'chunk')} ({human_bytes(doc['bytes_checked'])}) and "
+               f"{_count(doc['backups_checked'], 'backup')} checked")
     verdict = "OK" if report.ok else f"DAMAGED: {', '.join(damage)}"
     clilog.summary(f"verify {repo.path}: {verdict}; {checked}, {_seconds(time.monotonic() - started)}",
                    [f"{len(doc['unreferenced_packs'])} unreferenced pack file(s)"])

@@ -61,19 +61,24 @@ class StderrHandler(logging.Handler):
 def setup(quiet: bool = False, verbose: int = 0, log_file: str | None = None) -> logging.Logger:
     """(Re)configure the ``blockvault`` logger for one command; idempotent."""
     log = logging.getLogger(LOGGER)
-    for handler in list(log.handlers):
-        if getattr(handler, "blockvault_cli", False):
-            log.removeHandler(handler)
-            handler.close()
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     stderr = StderrHandler(level)
     stderr.setFormatter(_Formatter())
     handlers: list[logging.Handler] = [stderr]
-    if log_file:
-        fh = logging.FileHandler(os.path.abspath(log_file), mode="a", encoding="utf-8", delay=False)
-        fh.setLevel(min(level, logging.INFO))
-        fh.setFormatter(_FileFormatter())
-        handlers.append(fh)
+    try:
+        if log_file:
+            fh = logging.FileHandler(os.path.abspath(log_file), mode="a", encoding="utf-8")
+            fh.setLevel(min(level, logging.INFO))
+            fh.setFormatter(_FileFormatter())
+            handlers.append(fh)
+    finally:
+        # The old handlers go only once the new ones exist: a --log-file that
+        # cannot be opened is still reported on stderr.
+        if len(handlers) == 1 + bool(log_file):
+            for handler in list(log.handlers):
+                if getattr(handler, "blockvault_cli", False):
+                    log.removeHandler(handler)
+                    handler.close()
     for handler in handlers:
         handler.blockvault_cli = True
         log.addHandler(handler)
