@@ -135,7 +135,12 @@ class Progress:
         # One column short of the width: writing the last column makes some
         # terminals wrap at once.
         width = max((self.width or terminal_width(self.stream)) - 1, 1)
-        text = self.line(now)[:width]
+        text = self.line(now)
+        if len(text) > width:
+            # The figures matter more than the label: shorten the label first.
+            rest = text[len(self.label):]
+            keep = width - len(rest) - 1
+            text = (self.label[:keep] + "…" + rest) if keep >= 8 else text[:width]
         self.stream.write("\r" + text.ljust(width))
         self.stream.flush()
         self._drawn = True
