@@ -20,7 +20,7 @@ import sys
 import time
 
 from engine import clilog
-from engine.commandline import add_command, emit, print_table
+from engine.commandline import add_command, common_options, emit, print_table
 from engine.progress import Progress, human_bytes
 
 EXIT_OK = 0
@@ -228,6 +228,7 @@ def register(sub) -> None:
     group = sub.add_parser("vsphere", help="back up and recover vSphere VMs (CBT, snapshots, pyvmomi)",
                            description="Back up whole vSphere VMs with Changed Block Tracking; recreate them.",
                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_options(group)  # so that `blockvault vsphere --json backup ...` works too
     vsub = group.add_subparsers(dest="vsphere_command", metavar="COMMAND", required=True)
 
     def cmd(name, func, help_text, example):
