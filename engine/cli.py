@@ -50,8 +50,8 @@ exit codes: 0 ok, 1 error, 2 usage, 3 verify found damage, 4 store busy, 130 int
 """
 
 
-def _progress(args, label: str) -> Progress:
-    return Progress(label, enabled=False if (args.json or args.quiet) else None)
+def _progress(args, label: str, finishing: str = "syncing") -> Progress:
+    return Progress(label, enabled=False if (args.json or args.quiet) else None, finishing=finishing)
 
 
 def _open(args):
@@ -166,7 +166,7 @@ def cmd_restore(args) -> int:
 def cmd_verify(args) -> int:
     from engine.verify import verify_repository
     started = time.monotonic()
-    with _progress(args, "verify") as progress, _open(args) as repo:
+    with _progress(args, "verify", finishing="checking manifests") as progress, _open(args) as repo:
         report = verify_repository(repo, workers=args.threads or 2, on_total=progress.set_total,
                                    on_progress=progress.advance)
         progress.finish()

@@ -57,8 +57,10 @@ def end_line() -> None:
 
 
 class Progress:
-    def __init__(self, label: str, enabled: bool | None = None, stream=None, width: int | None = None):
+    def __init__(self, label: str, enabled: bool | None = None, stream=None, width: int | None = None,
+                 finishing: str = "syncing"):
         self.stream = stream or sys.stderr
+        self.finishing = finishing  # what the work after the last byte is
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.label = label
         self.total = 0
@@ -119,7 +121,7 @@ class Progress:
         if self._synced_from is not None:
             reading = max(self._synced_from - self._start, 1e-6)
             return (f"{self.label}: {human_bytes(self.done)} read in {_clock(reading)}, "
-                    f"syncing {_clock(now - self._synced_from)}")
+                    f"{self.finishing} {_clock(now - self._synced_from)}")
         rate = self.done / elapsed
         text = f"{self.label}: {human_bytes(self.done)}"
         if self.total:
