@@ -138,15 +138,18 @@ def _code_table() -> list[tuple[type, str]]:
 
 
 def error_code(exc: BaseException) -> str:
-    """The stable code of a failure, for scripts (docs/JSON.md lists them all)."""
+    """The stable code of a failure, for scripts (docs/JSON.md lists them all).
+
+    Any failure whose ``exit_code`` is 2 is a usage error, whatever its class.
+    """
+    if getattr(exc, "exit_code", None) == EXIT_USAGE:
+        return "usage"
     if isinstance(exc, OSError):
         return "no_space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "os_error"
     for cls, code in _code_table():
         if isinstance(exc, cls):
-            if code == "store_error" and getattr(exc, "exit_code", EXIT_ERROR) == EXIT_USAGE:
-                return "usage"
             return code
-    return "usage" if getattr(exc, "exit_code", None) == EXIT_USAGE else "error"
+    return "error"
 
 
 def describe_failure(exc: BaseException) -> tuple[str, str, int, dict]:

@@ -224,3 +224,23 @@ def test_a_busy_store_names_its_holder(tmp_path, image):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_error_codes_follow_the_exception_and_its_exit_code():
+    """The mapping is by class, most specific first; exit code 2 is always a usage error."""
+    import errno
+
+    from chunkstore.errors import StoreError, StoreLockedError
+    from engine.commandline import error_code
+    from engine.errors import BadInputError, NotFoundError
+    from engine.vsphere.errors import CredentialsError
+
+    class RefusedValue(BadInputError):
+        exit_code = 2
+
+    assert error_code(RefusedValue("--threads 0")) == "usage"
+    assert error_code(BadInputError("x")) == "bad_input" and error_code(NotFoundError("x")) == "not_found"
+    assert error_code(StoreLockedError("x")) == "store_locked" and error_code(StoreError("x")) == "store_error"
+    assert error_code(CredentialsError("x")) == "credentials"
+    assert error_code(OSError(errno.ENOSPC, "full")) == "no_space" and error_code(OSError(errno.EIO, "x")) == "os_error"
+    assert error_code(KeyboardInterrupt()) == "interrupted"
