@@ -28,8 +28,8 @@ from chunkstore import StoreError, parse_size  # noqa: E402
 from chunkstore.config import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, DIGEST_KINDS  # noqa: E402
 from engine import clilog  # noqa: E402
 from engine.commandline import (EXIT_DAMAGED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_LOCKED,  # noqa: E402,F401
-                                EXIT_OK, EXIT_USAGE, Parser, UsageError, add_command, common_options, describe_failure, emit, print_table,
-                                report_failure)
+                                EXIT_OK, EXIT_USAGE, Parser, UsageError, add_command, common_options,
+                                describe_failure, emit, print_table, report_failure)
 from engine.progress import Progress, human_bytes  # noqa: E402
 from engine.vsphere.cli import register as register_vsphere  # noqa: E402
 
