@@ -83,8 +83,20 @@ def setup(quiet: bool = False, verbose: int = 0, log_file: str | None = None) ->
         handler.blockvault_cli = True
         log.addHandler(handler)
     log.setLevel(logging.DEBUG)
-    log.propagate = False
+    # Records still propagate: the root logger has no handler in the CLI (so
+    # nothing is printed twice), and in-process callers such as pytest's
+    # caplog still see them.
     return log
+
+
+def reset() -> None:
+    """Remove the CLI's handlers (for in-process callers that are done)."""
+    log = logging.getLogger(LOGGER)
+    for handler in list(log.handlers):
+        if getattr(handler, "blockvault_cli", False):
+            log.removeHandler(handler)
+            handler.close()
+    log.setLevel(logging.NOTSET)
 
 
 def summary(text: str, details: list[str] | tuple = ()) -> None:

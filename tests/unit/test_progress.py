@@ -95,7 +95,7 @@ def tty(monkeypatch):
         clilog.setup()
         return fake
     yield install
-    clilog.setup()
+    clilog.reset()
 
 
 def test_a_message_ends_the_progress_line_first(tty):
