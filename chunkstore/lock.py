@@ -8,8 +8,10 @@ consistent snapshot), so restores and listings run beside a backup.
 
 from __future__ import annotations
 
+import datetime
 import fcntl
 import json
+import logging
 import os
 import time
 
@@ -25,21 +27,39 @@ class WriterLock:
         self._fd = -1
 
     def acquire(self, wait: float = 0.0, purpose: str = "write") -> None:
-        """Take the lock, waiting up to ``wait`` seconds for another writer."""
+        """Take the lock, waiting up to ``wait`` seconds for another writer.
+
+        While it waits it says once (on the ``blockvault.store`` logger, which
+        the CLI shows on stderr) whom it waits for; a timeout names the holder
+        and how long it waited.  The error carries the holder as ``holder``.
+        """
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        deadline = time.monotonic() + max(wait, 0.0)
+        wait = max(wait, 0.0)
+        started = time.monotonic()
+        deadline = started + wait
+        told = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                info = _read_holder(fd)
                 if time.monotonic() >= deadline:
-                    holder = _read_holder(fd)
                     os.close(fd)
-                    raise StoreLockedError(
-                        f"store {self.store_path} is busy: another writer holds it ({holder}); "
-                        "wait for it to finish, or pass --wait SECONDS to queue behind it"
-                    ) from None
+                    advice = (f"waited {wait:g} s for it to finish; run the command again when it has"
+                              if wait > 0 else
+                              "wait for it to finish, or pass --wait SECONDS to queue behind it")
+                    err = StoreLockedError(f"store {self.store_path} is busy: another writer holds it "
+                                           f"({describe_holder(info)}); {advice}")
+                    err.holder = info
+                    raise err from None
+                # A holder writes its details just after taking the lock:
+                # give it a moment before saying "holder unknown".
+                if not told and (info or time.monotonic() - started >= 1.0):
+                    told = True
+                    logging.getLogger("blockvault.store").info(
+                        "store %s is held by another writer (%s); waiting up to %g s for it",
+                        self.store_path, describe_holder(info), wait)
                 time.sleep(0.2)
         os.ftruncate(fd, 0)
         info = {"pid": os.getpid(), "host": os.uname().nodename, "since": time.time(), "purpose": purpose}
@@ -57,10 +77,18 @@ class WriterLock:
         return self._fd >= 0
 
 
-def _read_holder(fd: int) -> str:
+def _read_holder(fd: int) -> dict:
+    """What the lock file says about its holder ({} when it says nothing usable)."""
     try:
         info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
+    except (ValueError, OSError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def describe_holder(info: dict) -> str:
+    try:
+        since = datetime.datetime.fromtimestamp(info["since"]).astimezone().isoformat(timespec="seconds")
         return f"{info.get('purpose', 'write')} by pid {info['pid']} on {info['host']} since {since}"
-    except (ValueError, KeyError, TypeError, OSError):
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
         return "holder unknown"

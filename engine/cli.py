@@ -2,15 +2,18 @@
 
 Exit codes: 0 success; 1 an error, explained on stderr; 2 a usage error;
 3 verify found damage; 4 the store is held by another writer; 130
-interrupted.  ``--json`` prints one JSON document on stdout and turns
-progress off; progress is also off when stderr is not a terminal.
+interrupted.  stdout carries data only (a backup id, tables, or with
+``--json`` one JSON document, also on failure: docs/JSON.md); stderr the
+progress line (on a terminal, never with ``--json``), the one-line summary of
+each backup, restore and verify, warnings and errors (engine/clilog.py).
+Every failure goes through ``fail``.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import gc
+import logging
 import os
 import sys
 import time
@@ -22,13 +25,14 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import lmdb  # noqa: E402
 
-from chunkstore import StoreError, parse_size
-from chunkstore.config import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, DIGEST_KINDS
-from engine.commandline import add_command, emit, print_table
-from engine.progress import Progress, human_bytes
-from engine.vsphere.cli import register as register_vsphere
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+from chunkstore import StoreError, parse_size  # noqa: E402
+from chunkstore.config import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, DIGEST_KINDS  # noqa: E402
+from engine import clilog  # noqa: E402
+from engine.commandline import (EXIT_DAMAGED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_LOCKED,  # noqa: E402,F401
+                                EXIT_OK, EXIT_USAGE, Parser, UsageError, add_command, common_options,
+                                describe_failure, emit, print_table, report_failure)
+from engine.progress import Progress, human_bytes  # noqa: E402
+from engine.vsphere.cli import register as register_vsphere  # noqa: E402
 
 EPILOG = """\
 examples:
@@ -40,17 +44,44 @@ examples:
   blockvault verify /backup/store --json
   blockvault demo                      # try it all on a generated sparse image
 
+output: data (a backup id, tables, --json documents) on stdout; a one-line summary of each
+backup, restore and verify, warnings and errors on stderr (-q: warnings and errors only).
+
 exit codes: 0 ok, 1 error, 2 usage, 3 verify found damage, 4 store busy, 130 interrupted
 """
 
 
-def _progress(args, label: str) -> Progress:
-    return Progress(label, enabled=False if args.json else None)
+def _progress(args, label: str, finishing: str = "syncing") -> Progress:
+    return Progress(label, enabled=False if (args.json or args.quiet) else None, finishing=finishing)
 
 
 def _open(args):
     from engine.repository import Repository
     return Repository.open(args.store)
+
+
+def _seconds(t: float) -> str:
+    return f"{t:.1f} s"
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def version() -> str:
+    """The installed distribution's version, else the one in pyproject.toml beside the code."""
+    from importlib import metadata
+    try:
+        return metadata.version("blockvault")
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        import tomllib
+        with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "pyproject.toml"), "rb") as f:
+            return tomllib.load(f)["project"]["version"]
+    except (OSError, KeyError, ValueError):
+        return "unknown"
 
 
 # -- commands -------------------------------------------------------------------
@@ -71,18 +102,23 @@ def cmd_init(args) -> int:
 
 def cmd_backup(args) -> int:
     from engine.backup import backup_image
-    progress = _progress(args, f"backup {args.disk}")
-    with _open(args) as repo:
+    with _progress(args, f"backup {args.disk}") as progress, _open(args) as repo:
         rec = backup_image(repo, args.source, args.disk, args.mode, args.changed_areas, args.change_id,
                            wait=args.wait, workers=args.threads, credentials_file=args.credentials,
                            on_progress=progress.advance, on_plan=progress.set_total)
-    progress.finish()
+        progress.finish()
+    doc = rec.summary()
+    doc.setdefault("warnings", [])
     st = rec.stats
-    text = (f"{rec.id}\n" if not sys.stdout.isatty() else
-            f"{rec.id}  {rec.kind}: read {human_bytes(st['bytes_read'])}, "
-            f"{st['new_chunks']} new chunks ({human_bytes(st['stored_bytes'])} stored), "
-            f"{st['dedup_chunks']} deduplicated, {st['zero_chunks']} zero, in {st['duration']:.2f}s")
-    emit(args, rec.summary(), text.rstrip("\n"))
+    clilog.summary(
+        f"backup {rec.id} {rec.kind}: read {human_bytes(st['bytes_read'])}, stored "
+        f"{human_bytes(st['stored_bytes'])} ({_count(st['new_chunks'], 'new chunk')}), "
+        f"{_count(len(doc['warnings']), 'warning')}, {_seconds(st['duration'])}",
+        [f"source {rec.metadata.get('source', {}).get('path')}, base {rec.base or '-'}, "
+         f"disk {human_bytes(rec.size)}",
+         f"{st['chunks_read']} chunks read: {st['new_chunks']} new, {st['dedup_chunks']} deduplicated, "
+         f"{st['zero_chunks']} zero; changed areas {'used' if st.get('changed_areas') else 'not used'}"])
+    emit(args, doc, rec.id)
     return EXIT_OK
 
 
@@ -110,42 +146,56 @@ def cmd_list(args) -> int:
 
 def cmd_restore(args) -> int:
     from engine.restore import make_target, restore_backup
-    progress = _progress(args, f"restore {args.backup}")
+    started = time.monotonic()
     target = make_target(args.target, args.force, args.format, args.credentials, args.zeroed_target)
-    with _open(args) as repo:
+    with _progress(args, f"restore {args.backup}") as progress, _open(args) as repo:
         result = restore_backup(repo, args.backup, target, workers=args.threads,
                                 on_start=lambda rec, total: progress.set_total(total),
                                 on_progress=progress.advance)
-    progress.finish()
+        progress.finish()
     for text in result.warnings:
-        print(f"blockvault: warning: {text}", file=sys.stderr)
+        logging.getLogger("blockvault.restore").warning(text)
     doc = {"id": result.record.id, "target": result.target, "size": result.record.size,
            "bytes_written": result.bytes_written, "chunks_written": result.chunks_written,
            "chunks_read": result.chunks_read, "warnings": result.warnings}
-    emit(args, doc, f"restored {result.record.id} to {result.target} ({human_bytes(result.record.size)}, "
-                     f"{human_bytes(result.bytes_written)} of data)")
+    clilog.summary(
+        f"restore {result.record.id} to {result.target}: {human_bytes(result.record.size)} disk, "
+        f"wrote {human_bytes(result.bytes_written)} of data, "
+        + (f"{len(result.warnings)} warning(s), " if result.warnings else "")
+        + _seconds(time.monotonic() - started),
+        [f"{result.chunks_read} chunks read, {result.chunks_written} written"])
+    emit(args, doc, "")
     return EXIT_OK
 
 
 def cmd_verify(args) -> int:
     from engine.verify import verify_repository
-    progress = _progress(args, "verify")
-    with _open(args) as repo:
+    started = time.monotonic()
+    with _progress(args, "verify", finishing="checking manifests") as progress, _open(args) as repo:
         report = verify_repository(repo, workers=args.threads or 2, on_total=progress.set_total,
                                    on_progress=progress.advance)
-    progress.finish()
+        progress.finish()
     doc = report.as_dict()
+    damage = [_count(len(doc["bad_chunks"]), "bad chunk"), _count(len(doc["missing_packs"]), "missing pack"),
+              _count(len(doc["damaged_manifests"]), "damaged manifest")]
+    checked = (f"{_count(doc['chunks_checked'], 'chunk')} ({human_bytes(doc['bytes_checked'])}) and "
+               f"{_count(doc['backups_checked'], 'backup')} checked")
+    verdict = "OK" if report.ok else f"DAMAGED: {', '.join(damage)}"
+    clilog.summary(f"verify {repo.path}: {verdict}; {checked}, {_seconds(time.monotonic() - started)}",
+                   [f"{len(doc['unreferenced_packs'])} unreferenced pack file(s)"])
+    if not report.ok:
+        doc["error"] = {"code": "damaged", "message": f"store {repo.path} is damaged: {', '.join(damage)}",
+                        "exit_code": EXIT_DAMAGED}
     if args.json:
         emit(args, doc, "")
     else:
-        print(f"checked {doc['chunks_checked']} chunks ({human_bytes(doc['bytes_checked'])}) "
-              f"and {doc['backups_checked']} backups")
+        print(f"checked {checked[:-len(' checked')]}")
         for bad in doc["bad_chunks"]:
             where = "; ".join(f"{b['id']} at offsets {', '.join(map(str, b['offsets'][:8]))}"
                               + (" ..." if b["count"] > 8 else "") for b in bad["backups"]) or "no backup"
             print(f"BAD chunk {bad['digest']}: {bad['reason']}\n    affects {where}")
         for pack in doc["missing_packs"]:
-            print(f"MISSING pack {pack}")
+            print(f"MISSING pack {pack['id']} ({pack['path']})")
         for bid, reason in doc["damaged_manifests"].items():
             print(f"DAMAGED manifest of {bid}: {reason}")
         if doc["unreferenced_packs"]:
@@ -191,7 +241,10 @@ def cmd_rebuild_index(args) -> int:
 
 def cmd_demo(args) -> int:
     from engine.demo import run_demo
-    doc = run_demo(args.dir, parse_size(args.size), quiet=args.json)
+    doc = run_demo(args.dir, parse_size(args.size), quiet=args.json or args.quiet)
+    if not doc["ok"]:
+        doc["error"] = {"code": "demo_failed", "message": "the demo's restores or verify did not match",
+                        "exit_code": EXIT_ERROR}
     emit(args, doc, "")
     return EXIT_OK if doc["ok"] else EXIT_ERROR
 
@@ -200,9 +253,11 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="blockvault", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Deduplicating backups of virtual disks: every backup is a synthetic full.")
+    p.add_argument("--version", action="version", version=f"blockvault {version()}")
+    common_options(p, top=True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def cmd(name, func, help_text, example):
@@ -291,15 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _warnings_to_stderr() -> None:
-    """The engine's warnings (logger ``blockvault.backup``) as ``blockvault: warning: ...`` on stderr."""
-    import logging
-    log = logging.getLogger("blockvault.backup")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("blockvault: warning: %(message)s"))
-        log.addHandler(handler)
-        log.propagate = False
+def _wants_json(argv: list[str]) -> bool:
+    """--json anywhere before a ``--``: known even when the rest does not parse."""
+    return "--json" in (argv[:argv.index("--")] if "--" in argv else argv)
+
+
+def fail(args, exc: BaseException) -> int:
+    """Report an expected failure (see commandline.describe_failure); the exit code."""
+    if isinstance(exc, UsageError):
+        exc.parser.print_usage(sys.stderr)
+    code, message, exit_code, detail = describe_failure(exc)
+    return report_failure(args, code, message, exit_code, detail)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,26 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     # the objects the imports left behind.
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _warnings_to_stderr()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = argparse.Namespace(json=_wants_json(argv), quiet=False, verbose=0, log_file=None, command=None)
+    clilog.setup()
     try:
+        args = build_parser().parse_args(argv)
+        clilog.setup(args.quiet, args.verbose, args.log_file)
         return args.func(args)
-    except StoreError as e:
-        print(f"blockvault: error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", EXIT_ERROR)
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        hint = ("; free space on that file system (or raise the quota) and run the command again"
-                if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
-        print(f"blockvault: error: {where}{e.strerror or e}{hint}", file=sys.stderr)
-        return EXIT_ERROR
-    except lmdb.Error as e:
-        print(f"blockvault: error: store index: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("blockvault: interrupted; the store is as it was before this command", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except (UsageError, StoreError, OSError, lmdb.Error, KeyboardInterrupt) as e:
+        return fail(args, e)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,99 @@
-"""What every blockvault command shares: subcommand set-up, JSON or text output, tables.
+"""What every blockvault command shares: options, JSON or text output, failures, tables.
 
 Both command groups (engine/cli.py and engine/vsphere/cli.py) build their
-commands with these, so ``--json``, help epilogs and table layout behave the
-same everywhere.
+commands with these, so ``--json``, ``--quiet``/``-v``/``--log-file``, help
+epilogs, error documents and table layout behave the same everywhere.  The
+JSON shapes are documented in docs/JSON.md (and tested against it).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import errno
 import json
 import sys
 
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+# JSON keys holding a unix time: each gets an ISO 8601 twin, ``KEY_iso``.
+TIME_KEYS = ("time", "since")
+
+
+class UsageError(Exception):
+    """A command line argparse refused; raised instead of argparse's own exit."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str):
+        super().__init__(message)
+        self.parser = parser
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is raised (as UsageError) so that main()
+    reports it like every other failure: on stderr, and as a JSON error
+    document with ``--json``.  Subparsers inherit the class."""
+
+    def error(self, message: str):
+        raise UsageError(self, message)
+
+
+def common_options(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """``--json``, ``-q``, ``-v``, ``--log-file``: accepted before the command
+    name and after it.  On subcommands the defaults are suppressed so that a
+    value given before the command name is not overwritten."""
+    default = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    g = parser.add_argument_group("output")
+    g.add_argument("--json", action="store_true", default=default(False),
+                   help="print one JSON document on stdout (docs/JSON.md), also on failure; no progress")
+    g.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                   help="stderr gets warnings and errors only (no summary line, no progress)")
+    g.add_argument("-v", "--verbose", action="count", default=default(0),
+                   help="more detail on stderr (per-disk figures, vSphere steps)")
+    g.add_argument("--log-file", metavar="FILE", default=default(None),
+                   help="also append every stderr message, with a timestamp, to FILE")
+
 
 def add_command(subparsers, name: str, func, help_text: str, example: str) -> argparse.ArgumentParser:
-    """A subcommand with an example in its help and the common ``--json`` flag."""
+    """A subcommand with an example in its help and the common output options."""
     sp = subparsers.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sp.set_defaults(func=func)
-    sp.add_argument("--json", action="store_true", help="print one JSON document; no progress")
+    common_options(sp)
     return sp
 
 
+def iso_time(t: float) -> str:
+    """A unix time as ISO 8601 with the local offset, e.g. 2026-12-01T14:52:56+01:00."""
+    return datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+
+
+def with_iso_times(doc):
+    """A copy of ``doc`` where every ``time``/``since`` number has a ``..._iso`` twin."""
+    if isinstance(doc, list):
+        return [with_iso_times(v) for v in doc]
+    if not isinstance(doc, dict):
+        return doc
+    out = {}
+    for key, value in doc.items():
+        out[key] = with_iso_times(value)
+        if key in TIME_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{key}_iso"] = iso_time(value)
+    return out
+
+
+def _dump(doc: dict) -> None:
+    json.dump(with_iso_times(doc), sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
 def emit(args, doc: dict, text: str) -> None:
-    """One JSON document with ``--json``, else the human text (if any)."""
+    """One JSON document with ``--json`` (``ok`` true unless the document says
+    otherwise), else the human text (if any)."""
     if args.json:
-        json.dump(doc, sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
+        _dump({"ok": True, **doc})
     elif text:
         print(text)
 
@@ -34,3 +102,93 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+# -- failures --------------------------------------------------------------------
+
+
+def _code_table() -> list[tuple[type, str]]:
+    """Exception class → stable ``error.code``, most specific first.  Imported
+    here, not at start-up: the vSphere errors pull in ssl and http.client."""
+    import lmdb
+
+    from chunkstore import errors as se
+    from engine import errors as ee
+    from engine.vsphere import errors as ve
+    return [
+        (UsageError, "usage"),
+        (KeyboardInterrupt, "interrupted"),
+        (se.StoreLockedError, "store_locked"),
+        (se.NotAStoreError, "not_a_store"),
+        (se.FormatVersionError, "format_version"),
+        (se.StoreExistsError, "store_exists"),
+        (se.ChunkNotFound, "chunk_not_found"),
+        (se.IntegrityError, "integrity"),
+        (se.ConfigError, "bad_input"),
+        (ve.CredentialsError, "credentials"),
+        (ve.CertificateError, "certificate"),
+        (ve.ConnectionLost, "connection_lost"),
+        (ve.VsphereError, "vsphere"),
+        (ee.BadInputError, "bad_input"),
+        (ee.NotFoundError, "not_found"),
+        (ee.BackupError, "backup_failed"),
+        (se.StoreError, "store_error"),
+        (lmdb.Error, "index_error"),
+    ]
+
+
+def error_code(exc: BaseException) -> str:
+    """The stable code of a failure, for scripts (docs/JSON.md lists them all).
+
+    Any failure whose ``exit_code`` is 2 is a usage error, whatever its class.
+    """
+    if getattr(exc, "exit_code", None) == EXIT_USAGE:
+        return "usage"
+    if isinstance(exc, OSError):
+        return "no_space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "os_error"
+    for cls, code in _code_table():
+        if isinstance(exc, cls):
+            return code
+    return "error"
+
+
+def describe_failure(exc: BaseException) -> tuple[str, str, int, dict]:
+    """(code, message, exit code, extra error fields) for an expected failure."""
+    code = error_code(exc)
+    detail: dict = {}
+    if isinstance(exc, UsageError):
+        message = f"{exc} (see '{exc.parser.prog} --help')"
+        exit_code = EXIT_USAGE
+    elif isinstance(exc, KeyboardInterrupt):
+        message, exit_code = "interrupted; the store is as it was before this command", EXIT_INTERRUPTED
+    elif isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        hint = ("; free space on that file system (or raise the quota) and run the command again"
+                if code == "no_space" else "")
+        message, exit_code = f"{where}{exc.strerror or exc}{hint}", EXIT_ERROR
+        if exc.errno in errno.errorcode:
+            detail["errno"] = errno.errorcode[exc.errno]
+    elif code == "index_error":
+        message, exit_code = f"store index: {exc}", EXIT_ERROR
+    else:
+        message, exit_code = str(exc), getattr(exc, "exit_code", EXIT_ERROR)
+    holder = getattr(exc, "holder", None)
+    if isinstance(holder, dict):
+        detail["holder"] = holder
+    return code, message, exit_code, detail
+
+
+def report_failure(args, code: str, message: str, exit_code: int, detail: dict | None = None) -> int:
+    """Every failure of every command ends here: the human message on stderr
+    (through the log, so ``--log-file`` has it too), and with ``--json`` an
+    error document on stdout.  Returns ``exit_code``."""
+    import logging
+    logging.getLogger("blockvault").error(message, extra={"bv_prefix": "error"})
+    if getattr(args, "json", False):
+        error = {"code": code, "message": message, "exit_code": exit_code, **(detail or {})}
+        doc = {"ok": False, "error": error}
+        command = getattr(args, "command", None)
+        if command:
+            doc["command"] = " ".join(filter(None, (command, getattr(args, "vsphere_command", None))))
+        _dump(doc)
+    return exit_code

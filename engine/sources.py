@@ -165,8 +165,10 @@ def describe(disk) -> dict:
     """What a backup records about where its data came from (never credentials).
 
     A file's path is made absolute: it identifies the source across runs
-    started from other directories (engine/identity.py)."""
-    doc = {"kind": disk.kind, "path": disk.path if disk.kind == "vddk" else os.path.abspath(disk.path)}
+    started from other directories (engine/identity.py); a vddk:// path is
+    not a file name."""
+    path = disk.path if disk.kind == "vddk" or "://" in disk.path else os.path.abspath(disk.path)
+    doc = {"kind": disk.kind, "path": path}
     doc.update({k: v for k, v in disk.info.items() if k in ("create_type", "transport")})
     return doc
 

@@ -8,12 +8,14 @@ disk offsets that reference it, so an administrator knows what to re-run.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from chunkstore.errors import IntegrityError
+from chunkstore.pack import pack_relpath
 from chunkstore.verify import ChunkVerifyReport, verify_chunks
 from engine.manifest import segment_array
 from engine.repository import Repository
@@ -28,6 +30,7 @@ class VerifyReport:
     missing_chunks: set = field(default_factory=set)
     damaged_manifests: dict = field(default_factory=dict)     # backup id → reason
     affected: dict = field(default_factory=dict)              # digest → {backup id: [offsets]}
+    store_path: str = ""
 
     @property
     def ok(self) -> bool:
@@ -50,17 +53,25 @@ class VerifyReport:
             "bytes_checked": self.chunks.bytes_checked,
             "backups_checked": self.backups_checked,
             "bad_chunks": problems,
-            "missing_packs": self.chunks.missing_packs,
+            "missing_packs": [self._pack(pack_id=p) for p in self.chunks.missing_packs],
             "damaged_manifests": self.damaged_manifests,
-            "unreferenced_packs": self.chunks.unreferenced_packs,
+            "unreferenced_packs": [self._pack(path=p) for p in self.chunks.unreferenced_packs],
         }
+
+    def _pack(self, pack_id: str | None = None, path: str | None = None) -> dict:
+        """Every pack list reports a pack the same way: its id and its file's absolute path."""
+        if pack_id is None:
+            pack_id = os.path.basename(path)[:-len(".pack")]
+        else:
+            path = os.path.join(self.store_path, pack_relpath(bytes.fromhex(pack_id)))
+        return {"id": pack_id, "path": os.path.abspath(path)}
 
 
 def verify_repository(repo: Repository, workers: int = 2,
                       on_total: Callable[[int], None] | None = None,
                       on_progress: Callable[[int], None] | None = None) -> VerifyReport:
     store = repo.store
-    report = VerifyReport(verify_chunks(store, workers, on_total, on_progress))
+    report = VerifyReport(verify_chunks(store, workers, on_total, on_progress), store_path=store.path)
     bad = set(report.chunks.corrupt)
     zero = np.frombuffer(store.digester.zero_digest, dtype=np.uint8)
     # Segments are shared between backups: inspect each one once.

@@ -4,7 +4,9 @@ Registered into the main parser by engine/cli.py (``register``); errors,
 exit codes and ``--json`` follow engine/cli.py: 0 success, 1 an error on
 stderr, 2 usage, 4 store busy, 130 interrupted.  Warnings (CBT fallbacks, a
 removed left-over snapshot...) do not fail a run: they go to stderr as they
-happen and into the ``warnings`` list of ``--json`` output.
+happen (engine/clilog.py) and into the ``warnings`` list of ``--json``
+output; a backup and a restore end with a one-line summary on stderr, and
+``-v`` shows each disk and each step.
 
 Credentials come from ``BLOCKVAULT_VSPHERE_USER``/``BLOCKVAULT_VSPHERE_PASSWORD``
 or ``--credentials FILE``; there is deliberately no option that takes them.
@@ -17,7 +19,8 @@ import argparse
 import sys
 import time
 
-from engine.commandline import add_command, emit, print_table
+from engine import clilog
+from engine.commandline import add_command, common_options, emit, print_table
 from engine.progress import Progress, human_bytes
 
 EXIT_OK = 0
@@ -37,34 +40,19 @@ Without --thumbprint or --ca-file the server certificate is checked against the 
 
 def _log():
     """The vSphere logger; ``logging`` is imported here, not at start-up,
-    since every blockvault command loads this module to register its parser."""
+    since every blockvault command loads this module to register its parser.
+    Its records go to stderr (and --log-file) through engine/clilog.py."""
     import logging
     return logging.getLogger("blockvault.vsphere")
 
 
-def _setup_logging() -> None:
-    import logging
+def _progress(args, label: str) -> Progress:
+    return Progress(label, enabled=False if (args.json or args.quiet) else None)
 
-    from engine.credentials import redact
 
-    class StderrHandler(logging.Handler):
-        """``blockvault: warning: ...`` lines on stderr, as the rest of the CLI writes them."""
-
-        def emit(self, record: logging.LogRecord) -> None:
-            level = "WARNING" if record.levelno >= logging.ERROR else "warning"
-            try:
-                sys.stderr.write(f"blockvault: {level}: {redact(record.getMessage())}\n")
-                sys.stderr.flush()
-            except Exception:  # noqa: BLE001 - logging must never fail the run
-                pass
-
-    log = _log()
-    if not any(getattr(h, "blockvault_stderr", False) for h in log.handlers):
-        handler = StderrHandler(logging.WARNING)
-        handler.blockvault_stderr = True
-        log.addHandler(handler)
-    log.setLevel(logging.WARNING)
-    log.propagate = False
+def _steps(event: str, detail: dict) -> None:
+    """Each step of a run (snapshot taken, disks read...), shown with -v."""
+    _log().debug("%s %s", event, ", ".join(f"{k} {v}" for k, v in detail.items()))
 
 
 def _connect(args):
@@ -95,47 +83,50 @@ def cmd_backup(args) -> int:
     from engine.vsphere.backup import BackupOptions, backup_vm
     from engine.vsphere.inventory import find_vm
 
-    _setup_logging()
-    progress = Progress(f"backup {args.vm}", enabled=False if args.json else None)
+    started = time.monotonic()
     options = BackupOptions(mode=args.mode, transport=args.transport, vddk_library=args.vddk_library,
                             vddk_transports=args.vddk_transports, quiesce=args.quiesce, cbt_sample=args.cbt_sample,
-                            workers=args.threads, wait=args.wait)
-    with _open_store(args.store) as repo, _connect(args) as conn:
+                            workers=args.threads, wait=args.wait, on_event=_steps)
+    with _progress(args, f"backup {args.vm}") as progress, _open_store(args.store) as repo, \
+            _connect(args) as conn:
         vm = find_vm(conn, args.vm)
         result = backup_vm(repo, conn, vm, options, on_plan=progress.set_total, on_progress=progress.advance)
-    progress.finish()
+        progress.finish()
     rec = result.record
     doc = {**rec.summary(), "warnings": result.warnings}
-    lines = [rec.id]
-    if sys.stdout.isatty():
-        for d in rec.disks:
-            lines.append(f"  {d['backup']}  {d['kind']}: read {human_bytes(d['bytes_read'])} "
-                         f"({d.get('read')}{', ' + d['reason'] if d.get('reason') else ''})")
-        if result.warnings:
-            lines.append(f"  {len(result.warnings)} warning(s), see above")
-    emit(args, doc, "\n".join(lines))
+    read = sum(d.get("bytes_read", 0) for d in rec.disks)
+    stored = sum(d.get("stored_bytes", 0) for d in rec.disks)
+    clilog.summary(
+        f"vsphere backup {rec.id} {rec.kind}: {len(rec.disks)} disk(s), read {human_bytes(read)}, stored "
+        f"{human_bytes(stored)}, {len(result.warnings)} warning(s), {time.monotonic() - started:.1f} s",
+        [f"{d['backup']} {d['kind']}: read {human_bytes(d.get('bytes_read', 0))} ({d.get('read')}"
+         f"{', ' + d['reason'] if d.get('reason') else ''})" for d in rec.disks])
+    emit(args, doc, rec.id)
     return EXIT_OK
 
 
 def cmd_restore(args) -> int:
     from engine.vsphere.restore import RestoreOptions, restore_vm
 
-    _setup_logging()
-    progress = Progress(f"restore {args.backup}", enabled=False if args.json else None)
+    started = time.monotonic()
     options = RestoreOptions(name=args.name, datacenter=args.datacenter, datastore=args.datastore,
                              folder=args.folder, resource_pool=args.resource_pool, host=args.host,
                              transport=args.transport, vddk_library=args.vddk_library,
-                             vddk_transports=args.vddk_transports, tmp_dir=args.tmp_dir, workers=args.threads)
-    with _open_store(args.store) as repo, _connect(args) as conn:
+                             vddk_transports=args.vddk_transports, tmp_dir=args.tmp_dir, workers=args.threads,
+                             on_event=_steps)
+    with _progress(args, f"restore {args.backup}") as progress, _open_store(args.store) as repo, \
+            _connect(args) as conn:
         result = restore_vm(repo, conn, args.backup, options, on_start=progress.set_total,
                             on_progress=progress.advance)
-    progress.finish()
+        progress.finish()
     for note in result.notes:
         _log().warning(note)
     doc = {"backup": result.backup, "vm": result.vm, "moref": result.moref, "transport": result.transport,
            "disks": result.disks, "warnings": result.notes}
-    emit(args, doc, f"restored {result.backup} as VM {result.vm} ({result.moref}), {len(result.disks)} disk(s), "
-                     "powered off")
+    clilog.summary(f"vsphere restore {result.backup} as VM {result.vm} ({result.moref}): "
+                   f"{len(result.disks)} disk(s), powered off, {len(result.notes)} warning(s), "
+                   f"{time.monotonic() - started:.1f} s")
+    emit(args, doc, "")
     return EXIT_OK
 
 
@@ -143,7 +134,6 @@ def cmd_vms(args) -> int:
     from engine.vsphere.inventory import list_vms
     from engine.vsphere.vmcatalog import VmCatalog, vm_backup_name
 
-    _setup_logging()
     with _connect(args) as conn:
         vms = list_vms(conn)
     last: dict[str, dict] = {}
@@ -238,6 +228,7 @@ def register(sub) -> None:
     group = sub.add_parser("vsphere", help="back up and recover vSphere VMs (CBT, snapshots, pyvmomi)",
                            description="Back up whole vSphere VMs with Changed Block Tracking; recreate them.",
                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_options(group)  # so that `blockvault vsphere --json backup ...` works too
     vsub = group.add_subparsers(dest="vsphere_command", metavar="COMMAND", required=True)
 
     def cmd(name, func, help_text, example):

@@ -85,7 +85,9 @@ def test_same_source_uses_the_change_list_without_a_warning(store_path, tmp_path
         env={**os.environ, "PYTHONPATH": REPO_ROOT})
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    assert doc["warnings"] == [] and proc.stderr == ""
+    # stderr carries only the summary line (no warning).
+    assert doc["warnings"] == [] and "warning:" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "0 warnings" in proc.stderr, proc.stderr
     assert doc["stats"]["changed_areas"] is True and doc["stats"]["bytes_read"] == CS
     assert _restored_equals(store_path, "d@2", a, tmp_path)
 
