@@ -24,6 +24,7 @@ import lmdb  # noqa: E402
 
 from chunkstore import StoreError, parse_size
 from chunkstore.config import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, DIGEST_KINDS
+from engine import signals
 from engine.commandline import add_command, emit, print_table
 from engine.progress import Progress, human_bytes
 from engine.vsphere.cli import register as register_vsphere
@@ -294,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with signals.handled():  # SIGTERM and SIGHUP stop a command like Ctrl-C (engine/signals.py)
+            return args.func(args)
     except StoreError as e:
         print(f"blockvault: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", EXIT_ERROR)
@@ -307,9 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     except lmdb.Error as e:
         print(f"blockvault: error: store index: {e}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("blockvault: interrupted; the store is as it was before this command", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: 128 + the signal's number
+        try:
+            print(signals.report(e, args), file=sys.stderr)
+        except OSError:  # the terminal that sent SIGHUP is gone
+            pass
+        return signals.exit_code(e)
 
 
 if __name__ == "__main__":
