@@ -79,7 +79,7 @@ def test_not_a_store(tmp_path):
 def test_bad_disk_name_and_backup_id(populated, tmp_path):
     store, img = populated
     _expect_error(["backup", store, img, "--disk", "a@b"], 1, "disk name", store=store)
-    _expect_error(["restore", store, "ok", str(tmp_path / "o")], 1, "not a backup id")
+    _expect_error(["restore", store, "ok", str(tmp_path / "o")], 2, "not a backup id")  # malformed: usage
     _expect_error(["restore", store, "ok@9", str(tmp_path / "o")], 1, "no backup ok@9", "ok@1")
 
 
