@@ -96,7 +96,8 @@ def split_ref(ref: str, what: str, placeholder: str) -> tuple[str, str]:
         elif not (digits.isascii() and digits.isdigit() and int(digits) > 0):
             ok = False
     if not ok:
-        syntax = REF_SYNTAX.format(N=placeholder)
+        shown = name if sep else which  # "web01" alone: suggest web01@latest...
+        syntax = REF_SYNTAX.format(N=shown if shown and "@" not in shown and " " not in shown else placeholder)
         raise UsageError(f"{ref!r} is not a {what} id; write {syntax}")
     return name, norm
 

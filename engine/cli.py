@@ -1,8 +1,8 @@
 """The ``blockvault`` command line.
 
 Exit codes: 0 success; 1 an error, explained on stderr; 2 a usage error;
-3 verify found damage; 4 the store is held by another writer; 130
-interrupted.  ``--json`` prints one JSON document on stdout and turns
+3 verify found damage; 4 the store is held by another writer; 128 + the
+signal's number when stopped by SIGINT (130), SIGTERM (143) or SIGHUP (129).  ``--json`` prints one JSON document on stdout and turns
 progress off; progress is also off when stderr is not a terminal.
 """
 
@@ -22,9 +22,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import lmdb  # noqa: E402
 
-from chunkstore import StoreError, parse_size
+from chunkstore import StoreError
 from chunkstore.config import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, DIGEST_KINDS
-from engine import signals
+from engine import argtypes, signals, swapped
 from engine.commandline import add_command, emit, print_table
 from engine.progress import Progress, human_bytes
 from engine.vsphere.cli import register as register_vsphere
@@ -41,7 +41,8 @@ examples:
   blockvault verify /backup/store --json
   blockvault demo                      # try it all on a generated sparse image
 
-exit codes: 0 ok, 1 error, 2 usage, 3 verify found damage, 4 store busy, 130 interrupted
+exit codes: 0 ok, 1 error, 2 usage, 3 verify found damage, 4 store busy,
+  130 interrupted (SIGINT), 143 terminated (SIGTERM), 129 hung up (SIGHUP)
 """
 
 
@@ -59,7 +60,7 @@ def _open(args):
 
 def cmd_init(args) -> int:
     from engine.repository import Repository
-    repo = Repository.init(args.store, chunk_size=parse_size(args.chunk_size), digest=args.digest,
+    repo = Repository.init(args.store, chunk_size=args.chunk_size, digest=args.digest,
                            compression_level=args.compression_level)
     with repo:
         cfg = repo.store.config
@@ -72,6 +73,7 @@ def cmd_init(args) -> int:
 
 def cmd_backup(args) -> int:
     from engine.backup import backup_image
+    swapped.check_backup(args.store, args.source, args.disk)
     progress = _progress(args, f"backup {args.disk}")
     with _open(args) as repo:
         rec = backup_image(repo, args.source, args.disk, args.mode, args.changed_areas, args.change_id,
@@ -111,6 +113,7 @@ def cmd_list(args) -> int:
 
 def cmd_restore(args) -> int:
     from engine.restore import make_target, restore_backup
+    swapped.check_restore(args.store, args.backup, args.target)
     progress = _progress(args, f"restore {args.backup}")
     target = make_target(args.target, args.force, args.format, args.credentials, args.zeroed_target)
     with _open(args) as repo:
@@ -190,7 +193,7 @@ def cmd_rebuild_index(args) -> int:
 
 def cmd_demo(args) -> int:
     from engine.demo import run_demo
-    doc = run_demo(args.dir, parse_size(args.size), quiet=args.json)
+    doc = run_demo(args.dir, args.size, quiet=args.json)
     emit(args, doc, "")
     return EXIT_OK if doc["ok"] else EXIT_ERROR
 
@@ -210,16 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("init", cmd_init, "create a new store in an empty directory",
              "blockvault init /backup/store --chunk-size 1M")
     sp.add_argument("store", metavar="STORE")
-    sp.add_argument("--chunk-size", default=f"{DEFAULT_CHUNK_SIZE >> 10}K",
+    sp.add_argument("--chunk-size", type=argtypes.chunk_size, default=f"{DEFAULT_CHUNK_SIZE >> 10}K",
                     help="fixed chunk size, a power of two from 64K to 8M (default %(default)s)")
     sp.add_argument("--digest", choices=DIGEST_KINDS, default="xxh3-128",
                     help="chunk identity: keyed xxh3-128 (fast) or sha256 (for mutually untrusting "
                          "tenants); default %(default)s")
-    sp.add_argument("--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL,
-                    help="zstd level (default %(default)s)")
+    sp.add_argument("--compression-level", type=argtypes.compression_level, default=DEFAULT_COMPRESSION_LEVEL,
+                    help="zstd level, -7 to 22 (default %(default)s)")
 
     sp = cmd("backup", cmd_backup, "back up a disk (raw image, VMDK or vddk:// URL) as the next point of a disk",
-             "blockvault backup /backup/store disk.img --disk db01 --mode incremental --changed-areas cbt.json\n"
+             "blockvault backup /backup/store disk.img --disk db01          # full: the first point\n"
+             "  blockvault backup /backup/store disk.img --disk db01 --mode incremental --changed-areas cbt.json\n"
              "  blockvault backup /backup/store web01.vmdk --disk web01\n"
              "  blockvault backup /backup/store 'vddk://vc.lab:443/vm-42?disk=[ds1] web01/web01.vmdk"
              "&snapshot=snapshot-7&thumbprint=AA:BB:..' --disk web01-disk0")
@@ -237,9 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--credentials", metavar="FILE",
                     help="vSphere credentials for vddk:// (lines user=.. and password=..); default: "
                          "BLOCKVAULT_VSPHERE_USER and BLOCKVAULT_VSPHERE_PASSWORD")
-    sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                    help="wait this long for another writer to finish (default: fail at once)")
-    sp.add_argument("--threads", type=int, default=None, help="worker threads (default: one per core)")
+    sp.add_argument("--wait", type=argtypes.wait_seconds, default=0.0, metavar="SECONDS",
+                    help="wait this long for another writer to finish, inf: as long as it takes "
+                         "(default: fail at once)")
+    sp.add_argument("--threads", type=argtypes.threads, default=None,
+                    help="worker threads, 1-256 (default: one per core)")
 
     sp = cmd("list", cmd_list, "list backups", "blockvault list /backup/store --disk db01")
     sp.add_argument("store", metavar="STORE")
@@ -250,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
              "  blockvault restore /backup/store db01@3 /restore/db01.vmdk\n"
              "  blockvault restore /backup/store db01@3 'vddk://vc.lab/vm-77?disk=[ds1] new/new.vmdk' --force")
     sp.add_argument("store", metavar="STORE")
-    sp.add_argument("backup", metavar="DISK@N", help="backup id, e.g. db01@3 or db01@latest")
+    sp.add_argument("backup", metavar="DISK@N",
+                    help="backup id: db01@3, db01@latest, db01@-1 (the one before the latest), "
+                         "db01@2026-11-30 (the last of that day)")
     sp.add_argument("target", metavar="TARGET", help="file to write (sparse raw, or .vmdk), or a vddk:// URL")
     sp.add_argument("--format", choices=("raw", "vmdk", "vddk"),
                     help="what to write (default: vddk for vddk:// URLs, vmdk for *.vmdk, else raw)")
@@ -258,12 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--credentials", metavar="FILE", help="vSphere credentials file for vddk:// targets")
     sp.add_argument("--zeroed-target", action="store_true",
                     help="the vddk target disk is newly created: skip writing its zero chunks")
-    sp.add_argument("--threads", type=int, default=None, help="worker threads (default: two per core)")
+    sp.add_argument("--threads", type=argtypes.threads, default=None,
+                    help="worker threads, 1-256 (default: two per core)")
 
     sp = cmd("verify", cmd_verify, "read and check every chunk; report what damage affects",
              "blockvault verify /backup/store --json")
     sp.add_argument("store", metavar="STORE")
-    sp.add_argument("--threads", type=int, default=None, help="worker threads (default 2)")
+    sp.add_argument("--threads", type=argtypes.threads, default=None, help="worker threads, 1-256 (default 2)")
 
     sp = cmd("stats", cmd_stats, "space used and saved", "blockvault stats /backup/store")
     sp.add_argument("store", metavar="STORE")
@@ -271,14 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("rebuild-index", cmd_rebuild_index, "rebuild the chunk index from the pack files",
              "blockvault rebuild-index /backup/store")
     sp.add_argument("store", metavar="STORE")
-    sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                    help="wait this long for another writer to finish")
+    sp.add_argument("--wait", type=argtypes.wait_seconds, default=0.0, metavar="SECONDS",
+                    help="wait this long for another writer to finish, inf: as long as it takes")
 
     sp = cmd("demo", cmd_demo, "back up, restore and verify a generated sparse image in a scratch store",
              "blockvault demo --dir /tmp/bv-demo --size 2G")
     sp.add_argument("--dir", default=os.path.join(os.getcwd(), "blockvault-demo"),
                     help="scratch directory (default ./blockvault-demo, replaced)")
-    sp.add_argument("--size", default="1G", help="apparent size of the generated image (default 1G)")
+    sp.add_argument("--size", type=argtypes.demo_size, default="1G",
+                    help="apparent size of the generated image, at least 1M (default 1G)")
 
     register_vsphere(sub)
     return p

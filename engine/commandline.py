@@ -14,7 +14,8 @@ import sys
 
 def add_command(subparsers, name: str, func, help_text: str, example: str) -> argparse.ArgumentParser:
     """A subcommand with an example in its help and the common ``--json`` flag."""
-    sp = subparsers.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
+    heading = "examples" if "\n" in example else "example"
+    sp = subparsers.add_parser(name, help=help_text, description=help_text, epilog=f"{heading}:\n  {example}",
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sp.set_defaults(func=func)
     sp.add_argument("--json", action="store_true", help="print one JSON document; no progress")

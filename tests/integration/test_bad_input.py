@@ -86,7 +86,7 @@ def test_bad_disk_name_and_backup_id(populated, tmp_path):
 def test_usage_errors_exit_2(tmp_path):
     assert run_cli("backup").returncode == 2
     assert run_cli("frobnicate").returncode == 2
-    assert run_cli("init", str(tmp_path / "s"), "--chunk-size", "3M").returncode == 1
+    assert run_cli("init", str(tmp_path / "s"), "--chunk-size", "3M").returncode == 2  # a nonsense value: usage
 
 
 def test_restore_refuses_to_overwrite(populated, tmp_path):

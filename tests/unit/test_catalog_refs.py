@@ -77,5 +77,5 @@ def test_vm_ids_take_the_same_forms(repo):
         assert vms.resolve(txn, "web01@2026-11-29").seq == 1
         with pytest.raises(NotFoundError, match="web01 has 3 VM backups; the newest: web01@3"):
             vms.resolve(txn, "web01@7")
-        with pytest.raises(UsageError, match="not a VM backup id; write VM@3"):
+        with pytest.raises(UsageError, match="not a VM backup id; write web01@3"):
             vms.resolve(txn, "web01@yesterday")
