@@ -145,6 +145,9 @@ def cmd_vms(args) -> int:
     from engine.vsphere.vmcatalog import VmCatalog, vm_backup_name
 
     _setup_logging()
+    if args.store:  # refused before connecting, like every command that takes a store
+        from chunkstore.store import refuse_url
+        refuse_url(args.store)
     with _connect(args) as conn:
         vms = list_vms(conn)
     last: dict[str, dict] = {}

@@ -82,7 +82,7 @@ def test_wait_inf_is_accepted(populated):
     ["init", "{url}"], ["backup", "{url}", "{img}", "--disk", "d"], ["list", "{url}"],
     ["restore", "{url}", "d@1", "{out}"], ["verify", "{url}"], ["stats", "{url}"], ["rebuild-index", "{url}"],
     ["vsphere", "backup", "{url}", "--vm", "x", *SERVER], ["vsphere", "list", "{url}"],
-    ["vsphere", "restore", "{url}", "x@1", "--name", "y", *SERVER],
+    ["vsphere", "restore", "{url}", "x@1", "--name", "y", *SERVER], ["vsphere", "vms", *SERVER, "--store", "{url}"],
 ], ids=lambda v: " ".join(v[:2]) if isinstance(v, list) else v)
 def test_store_urls_are_refused_not_made_into_directories(populated, tmp_path, command, url):
     _, img = populated
