@@ -104,6 +104,7 @@ def handled():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        _state = _State()  # a library caller's later pipelines are not "stopping"
 
 
 def stopping() -> bool:

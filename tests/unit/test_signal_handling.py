@@ -71,3 +71,5 @@ def test_worker_threads_stop_at_their_next_check():
             finally:
                 t.join(10)
     assert seen == [signal.SIGINT]
+    signals.check()  # after the command: nothing is stopping any more (in-process callers, other tests)
+    assert not signals.stopping()
