@@ -71,5 +71,4 @@ def test_worker_threads_stop_at_their_next_check():
             finally:
                 t.join(10)
     assert seen == [signal.SIGINT]
-    signals.check()  # after the command: nothing is stopping any more (in-process callers, other tests)
-    assert not signals.stopping()
+    assert not signals.stopping()  # after the command: nothing is stopping (in-process callers, other tests)
