@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = cmd("restore", cmd_restore, "restore one backup to a raw image, a VMDK or a vSphere disk",
              "blockvault restore /backup/store db01@latest /restore/db01.img\n"
-             "  blockvault restore /backup/store db01@3 /restore/db01.vmdk\n"
+             "  blockvault restore /backup/store db01@-1 /restore/db01.vmdk     # the point before the latest\n"
              "  blockvault restore /backup/store db01@3 'vddk://vc.lab/vm-77?disk=[ds1] new/new.vmdk' --force")
     sp.add_argument("store", metavar="STORE")
     sp.add_argument("backup", metavar="DISK@N",

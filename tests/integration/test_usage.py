@@ -163,6 +163,20 @@ def test_backup_help_examples_work_in_order_on_a_fresh_store(tmp_path):
         out = tmp_path / f"r{n}.img"
         assert run_cli("restore", store, f"db01@{n}", str(out)).returncode == 0
         assert out.read_bytes() == data
+    # restore --help's file examples, on those points: @latest is the second, @-1 the first.
+    wanted = {"db01@latest": versions[-1], "db01@-1": versions[-2]}
+    restores = [e for e in _examples(["restore"]) if "vddk://" not in e and "db01@3" not in e]
+    assert len(restores) == 2
+    for example in restores:
+        args = shlex.split(example)[1:]
+        target = tmp_path / os.path.basename(args[3])
+        proc = run_cli(*[{"/backup/store": store}.get(a, a) for a in args[:3]], str(target))
+        assert proc.returncode == 0, (example, proc.stderr)
+        if target.suffix == ".vmdk":
+            raw = tmp_path / "from-vmdk.img"
+            subprocess.run(["qemu-img", "convert", "-f", "vmdk", "-O", "raw", str(target), str(raw)], check=True)
+            target = raw
+        assert target.read_bytes() == wanted[args[2]], example
 
 
 def test_no_article_slips_in_messages(populated, tmp_path):
