@@ -29,9 +29,21 @@ def _packs(store):
     return sorted(glob.glob(os.path.join(store, "packs", "*", "*.pack")))
 
 
-def _start(*args, preexec_fn=None):
+def _default_dispositions():
+    """What a foreground command starts with.  A test run started in the background
+    inherits SIGINT ignored (shells do that), and blockvault rightly leaves an
+    ignored signal ignored."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _start(*args, ignore=None):
+    def prepare():
+        _default_dispositions()
+        if ignore:
+            signal.signal(ignore, signal.SIG_IGN)
     return subprocess.Popen([sys.executable, "-m", "engine.cli", *args], cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=prepare)
 
 
 def _wait_for(proc, predicate, what, timeout=60):
@@ -104,8 +116,7 @@ def test_ignored_sighup_is_left_ignored(slow_store, tmp_path):
     with open(img, "r+b") as f:
         f.write(np.random.default_rng(72).integers(0, 16, size=16 << 20, dtype=np.uint8).tobytes())
     packs_before = _packs(store)
-    proc = _start("backup", store, img, "--disk", "nohup",
-                  preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    proc = _start("backup", store, img, "--disk", "nohup", ignore=signal.SIGHUP)
     _wait_for(proc, lambda: len(_packs(store)) > len(packs_before), "pack file of the running backup")
     code, out, err, _ = _signal_mid_run(proc, signal.SIGHUP)
     assert code == 0, err

@@ -9,6 +9,18 @@ import pytest
 from engine import signals
 
 
+@pytest.fixture(autouse=True)
+def default_dispositions():
+    """As in a foreground command: a test run started in the background inherits
+    SIGINT ignored, and handled() leaves ignored signals ignored."""
+    saved = {sig: signal.getsignal(sig) for sig in signals.HANDLED}
+    for sig in saved:
+        signal.signal(sig, signal.SIG_DFL)
+    yield
+    for sig, old in saved.items():
+        signal.signal(sig, old)
+
+
 def test_sigterm_raises_interrupted_and_handlers_come_back():
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt) as info:

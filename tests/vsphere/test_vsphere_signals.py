@@ -33,7 +33,8 @@ def test_sigterm_stops_every_disk_and_removes_the_snapshot(vcsim, tmp_path):
     before = store_fingerprint(store)
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "vsphere", "backup", store, *server_args(vcsim),
                              "--vm", "sig01", "--transport", "http"], cwd=REPO_ROOT, env=cli_env(),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not _packs(store):
         assert proc.poll() is None, proc.communicate()
