@@ -143,11 +143,13 @@ def restorable(tmp_path_factory):
     return store, img
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
-def test_signal_aborts_restore_and_removes_the_partial_file(restorable, tmp_path, signum):
+@pytest.mark.parametrize("signum,name", [(signal.SIGTERM, "out.img"), (signal.SIGHUP, "out.img"),
+                                         (signal.SIGINT, "out.img"), (signal.SIGTERM, "out.vmdk")],
+                         ids=["SIGTERM", "SIGHUP", "SIGINT", "SIGTERM-vmdk"])
+def test_signal_aborts_restore_and_removes_the_partial_file(restorable, tmp_path, signum, name):
     store, img = restorable
     before = store_fingerprint(store)
-    target = str(tmp_path / "out.img")
+    target = str(tmp_path / name)
     partial = target + PARTIAL_SUFFIX
     proc = _start("restore", store, "d@1", target)
     # Mid-way: the partial file exists and has some data in it, the target does not.
@@ -162,5 +164,6 @@ def test_signal_aborts_restore_and_removes_the_partial_file(restorable, tmp_path
     assert os.listdir(tmp_path) == []
     assert store_fingerprint(store) == before
     # The store still restores the backup, byte for byte.
+    target = str(tmp_path / "again.img")
     assert run_cli("restore", store, "d@1", target).returncode == 0
     assert same_file(target, img)
