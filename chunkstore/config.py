@@ -24,6 +24,7 @@ MIN_CHUNK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 8 << 20
 # 256 KiB won the benchmark (bench/README.md, "Defaults chosen from figures").
 DEFAULT_CHUNK_SIZE = 256 << 10
+MIN_COMPRESSION_LEVEL, MAX_COMPRESSION_LEVEL = -7, 22
 # zstd 1 compresses this workload within 0.3% of level 3, 37% faster (bench/README.md).
 DEFAULT_COMPRESSION_LEVEL = 1
 # Packs are sealed near this size: large enough to amortise per-file costs,
@@ -72,8 +73,10 @@ class StoreConfig:
             )
         if self.digest not in DIGEST_KINDS:
             raise ConfigError(f"digest {self.digest!r} is unknown; use one of {', '.join(DIGEST_KINDS)}")
-        if not isinstance(self.compression_level, int) or not -7 <= self.compression_level <= 22:
-            raise ConfigError(f"zstd compression level {self.compression_level} is outside -7..22")
+        level = self.compression_level
+        if not isinstance(level, int) or not MIN_COMPRESSION_LEVEL <= level <= MAX_COMPRESSION_LEVEL:
+            raise ConfigError(f"zstd compression level {level} is outside "
+                              f"{MIN_COMPRESSION_LEVEL}..{MAX_COMPRESSION_LEVEL}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 64:
             raise ConfigError("store seed must be a 64-bit unsigned integer")
         if not isinstance(self.pack_target_size, int) or self.pack_target_size < 1 << 20:

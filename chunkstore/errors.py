@@ -20,6 +20,13 @@ class FormatVersionError(StoreError):
     """The store was written by a newer (or unknown) format version."""
 
 
+class StoreUrlError(StoreError):
+    """A URL (s3://, sftp://...) where a store directory was expected: refused,
+    not made into a local directory named after its scheme."""
+
+    exit_code = 2
+
+
 class StoreExistsError(StoreError):
     """init was pointed at a directory that is not empty."""
 

@@ -17,6 +17,7 @@ commit is what makes a backup appear whole or not at all.
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import lmdb
@@ -24,7 +25,7 @@ import lmdb
 from chunkstore.codec import Codec
 from chunkstore.config import StoreConfig, fsync_dir
 from chunkstore.digest import Digester
-from chunkstore.errors import ChunkNotFound, IntegrityError, NotAStoreError, StoreExistsError
+from chunkstore.errors import ChunkNotFound, IntegrityError, NotAStoreError, StoreExistsError, StoreUrlError
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry
 from chunkstore.pack import RECORD_HEADER_SIZE, check_payload, decode_record_header, pack_relpath
 from chunkstore.session import WriteSession
@@ -58,6 +59,7 @@ class ChunkStore:
     @classmethod
     def init(cls, path: str, **settings) -> "ChunkStore":
         """Create a store in an empty (or missing) directory."""
+        refuse_url(path)
         if os.path.exists(path):
             if not os.path.isdir(path):
                 raise StoreExistsError(f"{path} exists and is not a directory")
@@ -75,6 +77,7 @@ class ChunkStore:
 
     @classmethod
     def open(cls, path: str) -> "ChunkStore":
+        refuse_url(path)
         cfg = StoreConfig.load(path)
         if not os.path.isdir(os.path.join(path, INDEX_DIR)):
             raise NotAStoreError(f"{path}: store index directory '{INDEX_DIR}' is missing")
@@ -174,6 +177,23 @@ class ChunkStore:
     def writer(self, wait: float = 0.0, purpose: str = "backup") -> WriteSession:
         """The store's one write session (see chunkstore/session.py)."""
         return WriteSession(self, wait, purpose)
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def refuse_url(path: str) -> None:
+    """Stores are local directories; ``s3://b/x`` would otherwise become ``./s3:/b/x``."""
+    if not _URL.match(path or ""):
+        return
+    scheme = path.split("://", 1)[0]
+    if scheme.lower() == "vddk":
+        raise StoreUrlError(f"{path} is a vSphere disk, not a store: a vddk:// URL is a backup SOURCE or a "
+                            "restore TARGET; STORE, a directory, comes first (blockvault backup STORE SOURCE ...)")
+    if scheme.lower() == "file":
+        raise StoreUrlError(f"{path}: give the store as a path ({path.split('://', 1)[1] or '/'}), not a URL")
+    raise StoreUrlError(f"{path}: a store must be a local directory; {scheme}:// stores (object storage, remote "
+                        "file systems) are not supported yet; mount the file system and give its path")
 
 
 def _open_env(path: str, create: bool) -> lmdb.Environment:

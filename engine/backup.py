@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+from engine import signals
 from engine.catalog import KINDS, BackupRecord, check_disk_name
 from engine.changes import ChangeList, Run, check_cover, extents_to_runs, load_changed_areas, run_chunks
 from engine.errors import BadInputError, NotFoundError
@@ -91,7 +92,7 @@ def plan_read(repo: Repository, txn, disk, disk_name: str, mode: str,
         if base is None:
             what = "full backup" if mode == "differential" else "backup"
             raise NotFoundError(
-                f"a {mode} backup of disk {disk_name!r} needs an earlier {what}, and there is none; "
+                f"{'an' if mode == 'incremental' else 'a'} {mode} backup of disk {disk_name!r} needs an earlier {what}, and there is none; "
                 "run a full backup first (--mode full)"
             )
         # Without an identity (a VM disk: DiskJob has judged its capacity) and without a
@@ -171,7 +172,8 @@ def commit_backups(repo: Repository, session, prepared: list[PreparedBackup], ex
         if extra is not None:
             extra(txn)
 
-    session.commit(write)
+    with signals.deferred():  # interrupted after LMDB's commit, the abort would delete referenced packs
+        session.commit(write)
 
 
 def backup_image(repo: Repository, source: str, disk_name: str, mode: str = "full",

@@ -1,6 +1,8 @@
 """The backup catalog: which backups exist, per disk, in order.
 
-Each disk has a sequence T1..Tn; a backup is called ``DISK@N``.  Entries are
+Each disk has a sequence T1..Tn; a backup is called ``DISK@N``, and may be
+named ``DISK@latest``, ``DISK@-K`` (K before the latest) or ``DISK@YYYY-MM-DD``
+(the last of that local day) wherever an id is taken.  Entries are
 JSON documents in LMDB database ``catalog`` keyed by disk name and sequence
 number, so listing one disk is a range scan and the newest backup is the last
 key of its range.  An entry is written in the same transaction as its
@@ -9,13 +11,15 @@ manifest and its new chunks: if it is in the catalog, it is restorable.
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import struct
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-from engine.errors import BadInputError, NotFoundError
+from engine.errors import BadInputError, NotFoundError, UsageError
 
 CATALOG_DB = b"catalog"
 KINDS = ("full", "incremental", "differential")
@@ -72,12 +76,46 @@ class BackupRecord:
         return doc
 
 
+REF_SYNTAX = ("{N}@3 (the third), {N}@latest, {N}@-1 (the one before the latest) or {N}@2026-11-30 "
+              "(the last of that local day)")
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+MAX_SEQ = 0xFFFFFFFF  # sequence numbers are 32-bit in catalog keys
+
+
+def split_ref(ref: str, what: str, placeholder: str) -> tuple[str, str]:
+    """``NAME@WHICH`` -> (NAME, WHICH), WHICH one of "N", "latest", "-K", "YYYY-MM-DD".
+
+    Anything else is a usage error (exit 2), with the syntax in the message."""
+    name, sep, which = (ref or "").rpartition("@")
+    norm = which.lower()
+    ok = bool(sep and name)
+    if ok and norm != "latest":
+        digits = norm[1:] if norm.startswith("-") else norm
+        if _DAY.match(norm):
+            try:
+                datetime.date.fromisoformat(norm)
+            except ValueError:
+                raise UsageError(f"{ref!r}: {which} is not a date (write YYYY-MM-DD)") from None
+        elif not (digits.isascii() and digits.isdigit() and int(digits) > 0):
+            ok = False
+    if not ok:
+        shown = name if sep else which  # "web01" alone: suggest web01@latest...
+        syntax = REF_SYNTAX.format(N=shown if shown and "@" not in shown and " " not in shown else placeholder)
+        raise UsageError(f"{ref!r} is not a {what} id; write {syntax}")
+    return name, norm
+
+
 def parse_ref(ref: str) -> tuple[str, str]:
-    """'disk@3' → ('disk', '3'); 'disk@latest' → ('disk', 'latest')."""
-    disk, sep, which = ref.rpartition("@")
-    if not sep or not disk or not (which.isdigit() or which == "latest"):
-        raise BadInputError(f"{ref!r} is not a backup id; write DISK@N (e.g. vm1-disk0@3) or DISK@latest")
-    return check_disk_name(disk), which
+    """'disk@3' -> ('disk', '3'); also 'disk@latest', 'disk@-1', 'disk@2026-11-30'."""
+    disk, which = split_ref(ref, "backup", "DISK")
+    try:
+        return check_disk_name(disk), which
+    except BadInputError as e:
+        raise UsageError(f"{ref!r} is not a backup id: {e}") from None
+
+
+def _day(t: float) -> str:
+    return time.strftime("%Y-%m-%d", time.localtime(t))
 
 
 class NumberedRecords:
@@ -90,6 +128,7 @@ class NumberedRecords:
 
     record_type: type = None  # with from_json, key, seq, kind, id
     what = "backup"
+    list_option = "--disk"  # how the list command narrows to one name
 
     def __init__(self, db):
         self.db = db
@@ -130,13 +169,37 @@ class NumberedRecords:
         return last.seq + 1 if last else 1
 
     def _resolve(self, txn, name: str, which: str, ref: str, list_hint: str):
-        rec = self.latest(txn, name) if which == "latest" else self.get(txn, name, int(which))
-        if rec is None:
-            known = [r.id for r in self.for_name(txn, name)]
-            hint = (f"{self.what}s of {name}: {', '.join(known[-5:])}" if known
-                    else f"there are no {self.what}s of {name!r}")
-            raise NotFoundError(f"no {self.what} {ref}; {hint} (see '{list_hint}')")
-        return rec
+        """The record ``which`` (from ``split_ref``) names in ``name``'s chain, or
+        NotFoundError listing the newest points and how many older ones exist."""
+        if which.isdigit():
+            rec = self.get(txn, name, int(which)) if int(which) <= MAX_SEQ else None
+            if rec is not None:
+                return rec
+            chain = list(self.for_name(txn, name))
+        else:
+            chain = list(self.for_name(txn, name))
+            if which == "latest":
+                found = chain[-1:]
+            elif which.startswith("-"):
+                back = int(which[1:])
+                found = [chain[-1 - back]] if back < len(chain) else []
+            else:
+                found = [r for r in chain if _day(r.time) == which][-1:]
+            if found:
+                return found[0]
+        hint = f"{list_hint} {self.list_option} {name}" if chain else list_hint
+        raise NotFoundError(f"no {self.what} {ref}; {self._newest(chain, name)} (see '{hint}')")
+
+    def _newest(self, chain: list, name: str, show: int = 5) -> str:
+        if not chain:
+            return f"there are no {self.what}s of {name!r}"
+        n = len(chain)
+        newest = ", ".join(f"{r.id} ({time.strftime('%Y-%m-%d %H:%M', time.localtime(r.time))})"
+                           for r in reversed(chain[-show:]))
+        if n == 1:
+            return f"{name} has one {self.what}, {newest}"
+        older = f", and {n - show} older" if n > show else ""
+        return f"{name} has {n} {self.what}s; the newest: {newest}{older}"
 
 
 class Catalog(NumberedRecords):
@@ -149,4 +212,4 @@ class Catalog(NumberedRecords):
 
     def resolve(self, txn, ref: str) -> BackupRecord:
         disk, which = parse_ref(ref)
-        return self._resolve(txn, disk, which, ref, "blockvault list")
+        return self._resolve(txn, disk, which, ref, "blockvault list STORE")

@@ -141,7 +141,7 @@ def load_changed_areas(path: str, disk_size: int) -> ChangeList:
             raise bad(f"changedArea[{i}] needs non-negative integer 'start' and 'length', got {area!r}")
         if s < start_offset or s + n > cover_end:
             raise bad(f"changedArea[{i}] (start {s}, length {n}) lies outside the covered range "
-                      f"[{start_offset}, {cover_end}) of a {disk_size}-byte disk")
+                      f"[{start_offset}, {cover_end}) of the disk's {disk_size} bytes")
         if n:
             extents.append((s, n))
     return ChangeList(extents, start_offset, cover_end, f"changed-areas file {path}")

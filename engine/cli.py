@@ -1,8 +1,9 @@
 """The ``blockvault`` command line.
 
 Exit codes: 0 success; 1 an error, explained on stderr; 2 a usage error;
-3 verify found damage; 4 the store is held by another writer; 130
-interrupted.  stdout carries data only (a backup id, tables, or with
+3 verify found damage; 4 the store is held by another writer; 128 + the
+signal's number when stopped by SIGINT (130), SIGTERM (143) or SIGHUP (129)
+(engine/signals.py).  stdout carries data only (a backup id, tables, or with
 ``--json`` one JSON document, also on failure: docs/JSON.md); stderr the
 progress line (on a terminal, never with ``--json``), the one-line summary of
 each backup, restore and verify, warnings and errors (engine/clilog.py).
@@ -15,6 +16,7 @@ import argparse
 import gc
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -25,11 +27,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import lmdb  # noqa: E402
 
-from chunkstore import StoreError, parse_size  # noqa: E402
+from chunkstore import StoreError  # noqa: E402
 from chunkstore.config import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, DIGEST_KINDS  # noqa: E402
-from engine import clilog  # noqa: E402
+from engine import argtypes, clilog, signals, swapped  # noqa: E402
 from engine.commandline import (EXIT_DAMAGED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_LOCKED,  # noqa: E402,F401
-                                EXIT_OK, EXIT_USAGE, Parser, UsageError, add_command, common_options,
+                                EXIT_OK, EXIT_USAGE, CommandLineError, Parser, add_command, common_options,
                                 describe_failure, emit, print_table, report_failure)
 from engine.progress import Progress, human_bytes  # noqa: E402
 from engine.vsphere.cli import register as register_vsphere  # noqa: E402
@@ -47,7 +49,8 @@ examples:
 output: data (a backup id, tables, --json documents) on stdout; a one-line summary of each
 backup, restore and verify, warnings and errors on stderr (-q: warnings and errors only).
 
-exit codes: 0 ok, 1 error, 2 usage, 3 verify found damage, 4 store busy, 130 interrupted
+exit codes: 0 ok, 1 error, 2 usage, 3 verify found damage, 4 store busy,
+  130 interrupted (SIGINT), 143 terminated (SIGTERM), 129 hung up (SIGHUP)
 """
 
 
@@ -89,7 +92,7 @@ def version() -> str:
 
 def cmd_init(args) -> int:
     from engine.repository import Repository
-    repo = Repository.init(args.store, chunk_size=parse_size(args.chunk_size), digest=args.digest,
+    repo = Repository.init(args.store, chunk_size=args.chunk_size, digest=args.digest,
                            compression_level=args.compression_level)
     with repo:
         cfg = repo.store.config
@@ -102,6 +105,7 @@ def cmd_init(args) -> int:
 
 def cmd_backup(args) -> int:
     from engine.backup import backup_image
+    swapped.check_backup(args.store, args.source, args.disk)
     with _progress(args, f"backup {args.disk}") as progress, _open(args) as repo:
         rec = backup_image(repo, args.source, args.disk, args.mode, args.changed_areas, args.change_id,
                            wait=args.wait, workers=args.threads, credentials_file=args.credentials,
@@ -147,6 +151,7 @@ def cmd_list(args) -> int:
 def cmd_restore(args) -> int:
     from engine.restore import make_target, restore_backup
     started = time.monotonic()
+    swapped.check_restore(args.store, args.backup, args.target)
     target = make_target(args.target, args.force, args.format, args.credentials, args.zeroed_target)
     with _progress(args, f"restore {args.backup}") as progress, _open(args) as repo:
         result = restore_backup(repo, args.backup, target, workers=args.threads,
@@ -241,7 +246,7 @@ def cmd_rebuild_index(args) -> int:
 
 def cmd_demo(args) -> int:
     from engine.demo import run_demo
-    doc = run_demo(args.dir, parse_size(args.size), quiet=args.json or args.quiet)
+    doc = run_demo(args.dir, args.size, quiet=args.json or args.quiet)
     if not doc["ok"]:
         doc["error"] = {"code": "demo_failed", "message": "the demo's restores or verify did not match",
                         "exit_code": EXIT_ERROR}
@@ -266,16 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("init", cmd_init, "create a new store in an empty directory",
              "blockvault init /backup/store --chunk-size 1M")
     sp.add_argument("store", metavar="STORE")
-    sp.add_argument("--chunk-size", default=f"{DEFAULT_CHUNK_SIZE >> 10}K",
+    sp.add_argument("--chunk-size", type=argtypes.chunk_size, default=f"{DEFAULT_CHUNK_SIZE >> 10}K",
                     help="fixed chunk size, a power of two from 64K to 8M (default %(default)s)")
     sp.add_argument("--digest", choices=DIGEST_KINDS, default="xxh3-128",
                     help="chunk identity: keyed xxh3-128 (fast) or sha256 (for mutually untrusting "
                          "tenants); default %(default)s")
-    sp.add_argument("--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL,
-                    help="zstd level (default %(default)s)")
+    sp.add_argument("--compression-level", type=argtypes.compression_level, default=DEFAULT_COMPRESSION_LEVEL,
+                    help="zstd level, -7 to 22 (default %(default)s)")
 
     sp = cmd("backup", cmd_backup, "back up a disk (raw image, VMDK or vddk:// URL) as the next point of a disk",
-             "blockvault backup /backup/store disk.img --disk db01 --mode incremental --changed-areas cbt.json\n"
+             "blockvault backup /backup/store disk.img --disk db01          # full: the first point\n"
+             "  blockvault backup /backup/store disk.img --disk db01 --mode incremental --changed-areas cbt.json\n"
              "  blockvault backup /backup/store web01.vmdk --disk web01\n"
              "  blockvault backup /backup/store 'vddk://vc.lab:443/vm-42?disk=[ds1] web01/web01.vmdk"
              "&snapshot=snapshot-7&thumbprint=AA:BB:..' --disk web01-disk0")
@@ -293,9 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--credentials", metavar="FILE",
                     help="vSphere credentials for vddk:// (lines user=.. and password=..); default: "
                          "BLOCKVAULT_VSPHERE_USER and BLOCKVAULT_VSPHERE_PASSWORD")
-    sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                    help="wait this long for another writer to finish (default: fail at once)")
-    sp.add_argument("--threads", type=int, default=None, help="worker threads (default: one per core)")
+    sp.add_argument("--wait", type=argtypes.wait_seconds, default=0.0, metavar="SECONDS",
+                    help="wait this long for another writer to finish, inf: as long as it takes "
+                         "(default: fail at once)")
+    sp.add_argument("--threads", type=argtypes.threads, default=None,
+                    help="worker threads, 1-256 (default: one per core)")
 
     sp = cmd("list", cmd_list, "list backups", "blockvault list /backup/store --disk db01")
     sp.add_argument("store", metavar="STORE")
@@ -303,11 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = cmd("restore", cmd_restore, "restore one backup to a raw image, a VMDK or a vSphere disk",
              "blockvault restore /backup/store db01@latest /restore/db01.img\n"
-             "  blockvault restore /backup/store db01@3 /restore/db01.vmdk\n"
+             "  blockvault restore /backup/store db01@-1 /restore/db01.vmdk     # the point before the latest\n"
              "  blockvault restore /backup/store db01@3 /dev/vg0/db01 --force    # a block device, in place\n"
              "  blockvault restore /backup/store db01@3 'vddk://vc.lab/vm-77?disk=[ds1] new/new.vmdk' --force")
     sp.add_argument("store", metavar="STORE")
-    sp.add_argument("backup", metavar="DISK@N", help="backup id, e.g. db01@3 or db01@latest")
+    sp.add_argument("backup", metavar="DISK@N",
+                    help="backup id: db01@3, db01@latest, db01@-1 (the one before the latest), "
+                         "db01@2026-11-30 (the last of that day)")
     sp.add_argument("target", metavar="TARGET",
                     help="file to write (sparse raw, or .vmdk), a block device (written in place), or a vddk:// URL")
     sp.add_argument("--format", choices=("raw", "vmdk", "vddk"),
@@ -319,12 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--zeroed-target", action="store_true",
                     help="the block device or vddk disk already reads as zeros: skip writing zero chunks "
                          "(files are always new and sparse)")
-    sp.add_argument("--threads", type=int, default=None, help="worker threads (default: two per core)")
+    sp.add_argument("--threads", type=argtypes.threads, default=None,
+                    help="worker threads, 1-256 (default: two per core)")
 
     sp = cmd("verify", cmd_verify, "read and check every chunk; report what damage affects",
              "blockvault verify /backup/store --json")
     sp.add_argument("store", metavar="STORE")
-    sp.add_argument("--threads", type=int, default=None, help="worker threads (default 2)")
+    sp.add_argument("--threads", type=argtypes.threads, default=None, help="worker threads, 1-256 (default 2)")
 
     sp = cmd("stats", cmd_stats, "space used and saved", "blockvault stats /backup/store")
     sp.add_argument("store", metavar="STORE")
@@ -332,15 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("rebuild-index", cmd_rebuild_index, "rebuild the chunk index from the pack files",
              "blockvault rebuild-index /backup/store")
     sp.add_argument("store", metavar="STORE")
-    sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                    help="wait this long for another writer to finish")
+    sp.add_argument("--wait", type=argtypes.wait_seconds, default=0.0, metavar="SECONDS",
+                    help="wait this long for another writer to finish, inf: as long as it takes")
 
     sp = cmd("demo", cmd_demo, "back up, restore and verify a generated sparse image in a scratch store",
              "blockvault demo --dir /tmp/bv-demo --size 2G")
     sp.add_argument("--dir", default=os.path.join(os.getcwd(), "blockvault-demo"),
                     help="scratch directory (default ./blockvault-demo): a new or empty directory, or one an "
                          "earlier demo made (its files are replaced); anything else is refused")
-    sp.add_argument("--size", default="1G", help="apparent size of the generated image (default 1G)")
+    sp.add_argument("--size", type=argtypes.demo_size, default="1G",
+                    help="apparent size of the generated image, at least 1M (default 1G)")
 
     register_vsphere(sub)
     return p
@@ -353,8 +365,12 @@ def _wants_json(argv: list[str]) -> bool:
 
 def fail(args, exc: BaseException) -> int:
     """Report an expected failure (see commandline.describe_failure); the exit code."""
-    if isinstance(exc, UsageError):
+    if isinstance(exc, CommandLineError):
         exc.parser.print_usage(sys.stderr)
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, SIGTERM, SIGHUP: 128 + the signal's number
+        detail = {"signal": signals.signal_name(getattr(exc, "signum", signal.SIGINT))}
+        return report_failure(args, "interrupted", signals.report(exc, args), signals.exit_code(exc),
+                              detail, prefix="")
     code, message, exit_code, detail = describe_failure(exc)
     return report_failure(args, code, message, exit_code, detail)
 
@@ -373,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         clilog.setup(args.quiet, args.verbose, args.log_file)
-        return args.func(args)
-    except (UsageError, StoreError, OSError, lmdb.Error, KeyboardInterrupt) as e:
+        with signals.handled():  # SIGTERM and SIGHUP stop a command like Ctrl-C (engine/signals.py)
+            return args.func(args)
+    except (CommandLineError, StoreError, OSError, lmdb.Error, KeyboardInterrupt) as e:
         return fail(args, e)
 
 

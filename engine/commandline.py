@@ -20,7 +20,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED, EXIT_INTERRUPTED = 0
 TIME_KEYS = ("time", "since")
 
 
-class UsageError(Exception):
+class CommandLineError(Exception):
     """A command line argparse refused; raised instead of argparse's own exit."""
 
     exit_code = EXIT_USAGE
@@ -31,12 +31,12 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is raised (as UsageError) so that main()
+    """argparse, but a usage error is raised (as CommandLineError) so that main()
     reports it like every other failure: on stderr, and as a JSON error
     document with ``--json``.  Subparsers inherit the class."""
 
     def error(self, message: str):
-        raise UsageError(self, message)
+        raise CommandLineError(self, message)
 
 
 def common_options(parser: argparse.ArgumentParser, top: bool = False) -> None:
@@ -57,7 +57,8 @@ def common_options(parser: argparse.ArgumentParser, top: bool = False) -> None:
 
 def add_command(subparsers, name: str, func, help_text: str, example: str) -> argparse.ArgumentParser:
     """A subcommand with an example in its help and the common output options."""
-    sp = subparsers.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
+    heading = "examples" if "\n" in example else "example"
+    sp = subparsers.add_parser(name, help=help_text, description=help_text, epilog=f"{heading}:\n  {example}",
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sp.set_defaults(func=func)
     common_options(sp)
@@ -116,7 +117,7 @@ def _code_table() -> list[tuple[type, str]]:
     from engine import errors as ee
     from engine.vsphere import errors as ve
     return [
-        (UsageError, "usage"),
+        (CommandLineError, "usage"),
         (KeyboardInterrupt, "interrupted"),
         (se.StoreLockedError, "store_locked"),
         (se.NotAStoreError, "not_a_store"),
@@ -156,11 +157,11 @@ def describe_failure(exc: BaseException) -> tuple[str, str, int, dict]:
     """(code, message, exit code, extra error fields) for an expected failure."""
     code = error_code(exc)
     detail: dict = {}
-    if isinstance(exc, UsageError):
+    if isinstance(exc, CommandLineError):
         message = f"{exc} (see '{exc.parser.prog} --help')"
         exit_code = EXIT_USAGE
     elif isinstance(exc, KeyboardInterrupt):
-        message, exit_code = "interrupted; the store is as it was before this command", EXIT_INTERRUPTED
+        message, exit_code = "interrupted", EXIT_INTERRUPTED
     elif isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename else ""
         hint = ("; free space on that file system (or raise the quota) and run the command again"
@@ -178,12 +179,17 @@ def describe_failure(exc: BaseException) -> tuple[str, str, int, dict]:
     return code, message, exit_code, detail
 
 
-def report_failure(args, code: str, message: str, exit_code: int, detail: dict | None = None) -> int:
+def report_failure(args, code: str, message: str, exit_code: int, detail: dict | None = None,
+                   prefix: str = "error") -> int:
     """Every failure of every command ends here: the human message on stderr
     (through the log, so ``--log-file`` has it too), and with ``--json`` an
-    error document on stdout.  Returns ``exit_code``."""
+    error document on stdout.  Returns ``exit_code``.  An interruption is
+    no error of the command's: it is reported without the ``error:`` prefix."""
     import logging
-    logging.getLogger("blockvault").error(message, extra={"bv_prefix": "error"})
+    try:
+        logging.getLogger("blockvault").error(message, extra={"bv_prefix": prefix})
+    except OSError:  # the terminal that sent SIGHUP is gone
+        pass
     if getattr(args, "json", False):
         error = {"code": code, "message": message, "exit_code": exit_code, **(detail or {})}
         doc = {"ok": False, "error": error}

@@ -122,7 +122,7 @@ def run_demo(directory: str, size: int, quiet: bool = False) -> dict:
     directory = os.path.abspath(directory)
     prepare_directory(directory)
     image, store = os.path.join(directory, "disk.img"), os.path.join(directory, "store")
-    _say(quiet, f"demo in {directory}: generating a {size >> 20} MiB sparse image")
+    _say(quiet, f"demo in {directory}: generating a sparse image of {size >> 20} MiB")
     write_image(image, size, seed=1)
     steps, ok = [], True
     with Repository.init(store) as repo:

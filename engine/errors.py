@@ -13,3 +13,10 @@ class BadInputError(BackupError):
 
 class NotFoundError(BackupError):
     """A backup id, disk or VM that the catalog does not hold."""
+
+
+class UsageError(BadInputError):
+    """A command line that cannot mean anything: a malformed backup id, arguments in
+    the wrong order.  Exit code 2, like argparse's own usage errors."""
+
+    exit_code = 2

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator
 import native
 
 from chunkstore import ChunkStore, WriteSession
+from engine import signals
 from engine.changes import Run
 
 # 2 MiB: large enough that per-task Python costs vanish (a full backup runs
@@ -131,6 +132,7 @@ class ChunkPipeline:
         try:
             self._fill(tasks, batches, disk)
             while tasks:
+                signals.check()  # one disk of a VM backup runs outside the main thread
                 batch = tasks.popleft().result()
                 self._spare.append(batch.buf)
                 self._fill(tasks, batches, disk)

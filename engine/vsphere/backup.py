@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -122,7 +123,8 @@ def _kind(mode: str, vm: str, prev: VmBackupRecord | None, prev_full: VmBackupRe
         return "incremental" if prev else "full"
     if (mode == "incremental" and prev is None) or (mode == "differential" and prev_full is None):
         what = "backup" if mode == "incremental" else "full backup"
-        raise NotFoundError(f"an {mode} backup of VM {vm} needs an earlier {what}, and the store has none; "
+        article = "an" if mode == "incremental" else "a"
+        raise NotFoundError(f"{article} {mode} backup of VM {vm} needs an earlier {what}, and the store has none; "
                             "run --mode full (or auto) first")
     return mode
 
@@ -234,6 +236,12 @@ def _read(run: VmRun, warnings: list[str], on_plan, on_progress):
         run.pool = pool
         futures = [disks.submit(job.run_backup, planned, on_progress) for job in jobs]
         outcomes, first_error = [], None
+        try:  # short waits: a signal is handled in this thread only when it wakes (engine/signals.py)
+            while futures_wait(futures, timeout=0.5).not_done:
+                pass
+        except KeyboardInterrupt as e:
+            first_error = e
+            futures_wait(futures)  # the disks stop at their next batch (signals.check in the pipeline)
         for fut in futures:  # every disk finishes (or fails) before the snapshot goes
             try:
                 outcomes.append(fut.result())

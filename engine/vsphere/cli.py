@@ -19,7 +19,7 @@ import argparse
 import sys
 import time
 
-from engine import clilog
+from engine import argtypes, clilog
 from engine.commandline import add_command, common_options, emit, print_table
 from engine.progress import Progress, human_bytes
 
@@ -106,7 +106,9 @@ def cmd_backup(args) -> int:
 
 
 def cmd_restore(args) -> int:
+    from engine.swapped import check_vm_restore
     from engine.vsphere.restore import RestoreOptions, restore_vm
+    check_vm_restore(args.store, args.backup)
 
     started = time.monotonic()
     options = RestoreOptions(name=args.name, datacenter=args.datacenter, datastore=args.datastore,
@@ -134,6 +136,9 @@ def cmd_vms(args) -> int:
     from engine.vsphere.inventory import list_vms
     from engine.vsphere.vmcatalog import VmCatalog, vm_backup_name
 
+    if args.store:  # refused before connecting, like every command that takes a store
+        from chunkstore.store import refuse_url
+        refuse_url(args.store)
     with _connect(args) as conn:
         vms = list_vms(conn)
     last: dict[str, dict] = {}
@@ -185,16 +190,6 @@ def cmd_list(args) -> int:
     return EXIT_OK
 
 
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a share between 0 and 1 (e.g. 0.01 for 1%)")
-    return value
-
-
 # -- parser ---------------------------------------------------------------------------
 
 
@@ -208,7 +203,7 @@ def _server_options(sp) -> None:
     tls.add_argument("--thumbprint", metavar="SHA", help="pin the server certificate (SHA-1/256/512, hex, colons ok)")
     tls.add_argument("--ca-file", metavar="FILE", help="check the server certificate against this CA bundle")
     tls.add_argument("--insecure", action="store_true", help="do not check the server certificate (labs only)")
-    g.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+    g.add_argument("--timeout", type=argtypes.timeout_seconds, default=120.0, metavar="SECONDS",
                    help="give up on a silent connection after this long (default %(default)s)")
 
 
@@ -242,20 +237,24 @@ def register(sub) -> None:
                     help="auto (default): incremental when the store has an earlier backup of the VM, else full; "
                          "differential: changes since the last full")
     sp.add_argument("--quiesce", action="store_true", help="quiesce the guest file systems (needs VMware Tools)")
-    sp.add_argument("--cbt-sample", type=_share, default=0.001, metavar="SHARE",
+    sp.add_argument("--cbt-sample", type=argtypes.share, default=0.001, metavar="SHARE",
                     help="share of the chunks CBT reports unchanged that are re-read and compared with the base, "
                          "at least one chunk (default %(default)s, i.e. 1 GiB of a 1 TiB disk; 0 turns the "
                          "check off)")
-    sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                    help="wait this long for another writer of the store (default: fail at once)")
-    sp.add_argument("--threads", type=int, default=None, help="worker threads (default: one per core)")
+    sp.add_argument("--wait", type=argtypes.wait_seconds, default=0.0, metavar="SECONDS",
+                    help="wait this long for another writer of the store, inf: as long as it takes "
+                         "(default: fail at once)")
+    sp.add_argument("--threads", type=argtypes.threads, default=None,
+                    help="worker threads, 1-256 (default: one per core)")
     _server_options(sp)
     _transport_options(sp)
 
     sp = cmd("restore", cmd_restore, "recreate a VM from a backup (disaster recovery) as a new VM",
              "blockvault vsphere restore /backup/store web01@3 --server vc.lab --thumbprint AA:BB:.. --name web01-dr")
     sp.add_argument("store", metavar="STORE")
-    sp.add_argument("backup", metavar="VM@N", help="VM backup id, e.g. web01@3 or web01@latest")
+    sp.add_argument("backup", metavar="VM@N",
+                    help="VM backup id: web01@3, web01@latest, web01@-1 (the one before the latest), "
+                         "web01@2026-11-30 (the last of that day)")
     sp.add_argument("--name", required=True, help="name of the new VM")
     sp.add_argument("--datacenter", help="datacenter (default: the original VM's, else the first)")
     sp.add_argument("--datastore", help="datastore for the VM and its disks (default: the original VM's)")
@@ -265,7 +264,8 @@ def register(sub) -> None:
     where.add_argument("--host", help="ESXi host to run the VM on")
     sp.add_argument("--tmp-dir", metavar="DIR",
                     help="where the http transport stages each disk as a sparse file (default: $TMPDIR)")
-    sp.add_argument("--threads", type=int, default=None, help="worker threads (default: two per core)")
+    sp.add_argument("--threads", type=argtypes.threads, default=None,
+                    help="worker threads, 1-256 (default: two per core)")
     _server_options(sp)
     _transport_options(sp)
 

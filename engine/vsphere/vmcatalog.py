@@ -23,8 +23,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-from engine.catalog import NumberedRecords, catalog_key
-from engine.errors import BadInputError
+from engine.catalog import NumberedRecords, catalog_key, split_ref
 
 VM_BACKUPS_DB = b"vm_backups"
 _ALLOWED = re.compile(r"[^A-Za-z0-9._:+-]")
@@ -90,10 +89,8 @@ class VmBackupRecord:
 
 
 def parse_vm_ref(ref: str) -> tuple[str, str]:
-    """``web01@3`` -> (store name of web01, "3"); ``web01@latest`` too."""
-    name, sep, which = (ref or "").rpartition("@")
-    if not sep or not name or not (which.isdigit() or which == "latest"):
-        raise BadInputError(f"{ref!r} is not a VM backup id; write VM@N (e.g. web01@3) or VM@latest")
+    """``web01@3`` -> (store name of web01, "3"); also ``@latest``, ``@-1``, ``@2026-11-30``."""
+    name, which = split_ref(ref, "VM backup", "VM")
     return vm_backup_name(name), which
 
 
@@ -104,6 +101,7 @@ class VmCatalog(NumberedRecords):
 
     record_type = VmBackupRecord
     what = "VM backup"
+    list_option = "--vm"
 
     def __init__(self, store):
         super().__init__(store.db(VM_BACKUPS_DB))
@@ -113,4 +111,4 @@ class VmCatalog(NumberedRecords):
 
     def resolve(self, txn, ref: str) -> VmBackupRecord:
         vm, which = parse_vm_ref(ref)
-        return self._resolve(txn, vm, which, ref, "blockvault vsphere list")
+        return self._resolve(txn, vm, which, ref, "blockvault vsphere list STORE")

@@ -101,14 +101,14 @@ def test_not_a_store(tmp_path):
 def test_bad_disk_name_and_backup_id(populated, tmp_path):
     store, img = populated
     _expect_error(["backup", store, img, "--disk", "a@b"], 1, "disk name", store=store)
-    _expect_error(["restore", store, "ok", str(tmp_path / "o")], 1, "not a backup id")
+    _expect_error(["restore", store, "ok", str(tmp_path / "o")], 2, "not a backup id")  # malformed: usage
     _expect_error(["restore", store, "ok@9", str(tmp_path / "o")], 1, "no backup ok@9", "ok@1")
 
 
 def test_usage_errors_exit_2(tmp_path):
     assert run_cli("backup").returncode == 2
     assert run_cli("frobnicate").returncode == 2
-    assert run_cli("init", str(tmp_path / "s"), "--chunk-size", "3M").returncode == 1
+    assert run_cli("init", str(tmp_path / "s"), "--chunk-size", "3M").returncode == 2  # a nonsense value: usage
 
 
 def test_restore_refuses_to_overwrite(populated, tmp_path):

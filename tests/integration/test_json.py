@@ -182,9 +182,10 @@ def test_failures_print_an_error_document(tmp_path, image):
     assert "nope.img" in doc["error"]["message"]
     _error_doc(run_cli("list", str(tmp_path), "--json"), "not_a_store", 1)
     _error_doc(run_cli("init", store, "--json"), "store_exists", 1)
-    _error_doc(run_cli("init", str(tmp_path / "s2"), "--chunk-size", "3M", "--json"), "bad_input", 1)
+    # Values that make no sense and malformed ids are usage errors (issue 8, item 13).
+    _error_doc(run_cli("init", str(tmp_path / "s2"), "--chunk-size", "3M", "--json"), "usage", 2)
     # --json before the command name works as well
-    _error_doc(run_cli("--json", "restore", store, "d@x", str(tmp_path / "o.img")), "bad_input", 1)
+    _error_doc(run_cli("--json", "restore", store, "d@x", str(tmp_path / "o.img")), "usage", 2)
     assert store_fingerprint(store) == before
 
 

@@ -1,0 +1,85 @@
+"""Value types for command-line options: nonsense is a usage error (exit 2).
+
+argparse turns an ``ArgumentTypeError`` into ``blockvault: error: argument
+--threads: ...`` and exit code 2 before anything is opened, so ``--threads
+0``, ``--wait -5`` or ``--chunk-size 3M`` never reach a store.  Each message
+says what is accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from chunkstore.config import MAX_CHUNK_SIZE, MAX_COMPRESSION_LEVEL, MIN_CHUNK_SIZE, MIN_COMPRESSION_LEVEL
+from chunkstore.errors import ConfigError
+
+MAX_THREADS = 256  # beyond this the pipelines' buffers in flight alone take gigabytes
+MIN_DEMO_SIZE = 1 << 20
+
+
+def _number(text: str, kind, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
+def threads(text: str) -> int:
+    n = _number(text, int, "a whole number of threads")
+    if not 1 <= n <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"{text} threads: give 1 to {MAX_THREADS} (or leave it out for the default)")
+    return n
+
+
+def wait_seconds(text: str) -> float:
+    """0 (fail at once), a number of seconds, or ``inf`` (as long as it takes)."""
+    s = _number(text, float, "a number of seconds")
+    if math.isnan(s) or s < 0:
+        raise argparse.ArgumentTypeError(f"{text}: give 0 or more seconds (inf waits as long as it takes)")
+    return s
+
+
+def timeout_seconds(text: str) -> float:
+    s = _number(text, float, "a number of seconds")
+    if not (math.isfinite(s) and s > 0):
+        raise argparse.ArgumentTypeError(f"{text}: give a number of seconds above 0")
+    return s
+
+
+def share(text: str) -> float:
+    value = _number(text, float, "a share between 0 and 1 (e.g. 0.01 for 1%)")
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share between 0 and 1 (e.g. 0.01 for 1%)")
+    return value
+
+
+def compression_level(text: str) -> int:
+    n = _number(text, int, "a zstd level (a whole number)")
+    if not MIN_COMPRESSION_LEVEL <= n <= MAX_COMPRESSION_LEVEL:
+        raise argparse.ArgumentTypeError(
+            f"zstd level {n} is outside {MIN_COMPRESSION_LEVEL}..{MAX_COMPRESSION_LEVEL}")
+    return n
+
+
+def _size(text: str) -> int:
+    from chunkstore import parse_size
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def chunk_size(text: str) -> int:
+    n = _size(text)
+    if not MIN_CHUNK_SIZE <= n <= MAX_CHUNK_SIZE or n & (n - 1):
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a power of two between 64K and 8M; pick one of 64K, 128K, 256K, 512K, 1M, 2M, 4M, 8M")
+    return n
+
+
+def demo_size(text: str) -> int:
+    n = _size(text)
+    if n < MIN_DEMO_SIZE:
+        raise argparse.ArgumentTypeError(f"{text}: the demo image needs at least 1M")
+    return n
