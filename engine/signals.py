@@ -152,6 +152,16 @@ def report(exc: KeyboardInterrupt, args) -> str:
     return f"{cause}; {_aftermath(command, args)}"
 
 
+def _is_block_device(path: str) -> bool:
+    """A block device target is written in place (engine/targets.py): no partial file to remove."""
+    import os
+    import stat
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def _aftermath(command: str, args) -> str:
     unchanged = "the store is as it was before this command"
     if command in ("backup", "vsphere backup"):
@@ -161,7 +171,7 @@ def _aftermath(command: str, args) -> str:
         return f"rebuild-index aborted; {unchanged}"
     if command == "restore":
         target = getattr(args, "target", "")
-        if "://" in target:
+        if "://" in target or _is_block_device(target):
             return (f"restore aborted; the disk {target} was partly overwritten: restore to it again "
                     "before using it")
         return f"restore aborted, its partial file removed; {target} is as it was"

@@ -5,6 +5,7 @@ consistent store even while backups run and queue around it."""
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -73,13 +74,19 @@ def test_a_copy_under_the_writer_lock_is_consistent_while_backups_run(tmp_path):
     while os.path.getsize(os.path.join(store, "lock")) == 0:   # the holder's note: it has the lock
         assert time.monotonic() < deadline and running.poll() is None, running.communicate()
         time.sleep(0.01)
+    # Held mid-backup while the copy and the next backup line up behind it, so
+    # the copy cannot start after the backup ended, however fast the disk is.
+    running.send_signal(signal.SIGSTOP)
     copy = str(tmp_path / "copy")
     # The README's command: wait for the writer, keep the lock while copying.
     copier = subprocess.Popen(["flock", os.path.join(store, "lock"), "cp", "-a", store, copy],
                               stderr=subprocess.PIPE, text=True)
-    time.sleep(0.2)
+    time.sleep(0.3)
     queued = _cli("backup", store, other, "--disk", "other", "--wait", "120")
-    assert running.poll() is None, "the first backup ended before the copy started: the test saw nothing"
+    time.sleep(0.3)
+    assert running.poll() is None and copier.poll() is None, "the copy did not wait for the backup"
+    assert not os.path.exists(copy)
+    running.send_signal(signal.SIGCONT)
     for proc in (running, copier, queued):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err

@@ -84,3 +84,19 @@ def test_worker_threads_stop_at_their_next_check():
                 t.join(10)
     assert seen == [signal.SIGINT]
     assert not signals.stopping()  # after the command: nothing is stopping (in-process callers, other tests)
+
+
+def test_an_interrupted_restore_names_what_it_left(tmp_path):
+    """A file target loses only its partial file; a block device is written in
+    place, so the message must say it was partly overwritten."""
+    interrupted = signals.Interrupted(signal.SIGTERM)
+    file_args = type("A", (), {"command": "restore", "target": str(tmp_path / "r.img")})()
+    assert signals.report(interrupted, file_args).endswith("its partial file removed; "
+                                                           f"{tmp_path / 'r.img'} is as it was")
+    device = next((f"/dev/{n}" for n in sorted(os.listdir("/dev")) if n.startswith("loop")
+                   and n[4:].isdigit()), None)
+    if device is None:
+        pytest.skip("no /dev/loopN node to stand for a block device target")
+    device_args = type("A", (), {"command": "restore", "target": device})()
+    text = signals.report(interrupted, device_args)
+    assert f"the disk {device} was partly overwritten" in text and "is as it was" not in text
