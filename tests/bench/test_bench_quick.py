@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import same_file
+
 ROOT = Path(__file__).resolve().parents[2]
 PEERS = ["restic", "borg", "borg-fixed", "tar-zstd"]
 CHUNK_TOOLS = ["blockvault-64K", "blockvault-1M"]  # the quick sweep: its two ends
@@ -96,20 +98,8 @@ def nights(kept_run, tmp_path_factory) -> dict[int, Path]:
         wl.close()
     os.replace(d / "disk.img", d / f"T{NIGHTS}.img")
     # The bench left its own image at the last night: the same bytes.
-    assert _same_file(work / "disk.img", d / f"T{NIGHTS}.img")
+    assert same_file(work / "disk.img", d / f"T{NIGHTS}.img")
     return {1: d / "T1.img", NIGHTS: d / f"T{NIGHTS}.img"}
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if os.path.getsize(a) != os.path.getsize(b):
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(4 << 20), fb.read(4 << 20)
-            if x != y:
-                return False
-            if not x:
-                return True
 
 
 def test_quick_run_succeeds(quick_run):
@@ -243,7 +233,7 @@ def test_every_repository_restores_every_night_byte_for_byte(kept_run, nights, t
                 m, path = runner._restore(night, str(out))
                 assert m.ok, f"{name} T{night}: {m.error}"
                 restored = Path(path)
-            assert _same_file(restored, expected), f"{name}: restore of T{night} differs from the night"
+            assert same_file(restored, expected), f"{name}: restore of T{night} differs from the night"
 
 
 def test_reported_numbers_match_the_kept_stores(kept_run):
