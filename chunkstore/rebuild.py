@@ -23,6 +23,13 @@ class RebuildReport:
     duplicates: int = 0
     torn: list[str] = field(default_factory=list)       # "path@offset: problem"
     unreadable: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)       # "path@start-end: problem": damage, records after it saved
+    bad_headers: list[str] = field(default_factory=list)  # "path: problem": its records were read anyway
+
+    @property
+    def damaged(self) -> bool:
+        """Something could not be saved: the caller must not report plain success."""
+        return bool(self.lost or self.bad_headers or self.unreadable)
 
 
 def rebuild_index(store: ChunkStore, wait: float = 0.0) -> RebuildReport:
@@ -40,6 +47,9 @@ def rebuild_index(store: ChunkStore, wait: float = 0.0) -> RebuildReport:
             report.packs += 1
             if scan.torn_at is not None:
                 report.torn.append(f"{path}@{scan.torn_at}: {scan.problem}")
+            if scan.header_problem:
+                report.bad_headers.append(scan.header_problem)
+            report.lost += [f"{path}@{start}-{end}: {problem}" for start, end, problem in scan.lost]
             good_end = scan.torn_at if scan.torn_at is not None else scan.size
             packs[scan.pack_id] = PackInfo(good_end, len(scan.records), scan.sealed)
             for rec in scan.records:

@@ -128,13 +128,14 @@ class BadRecord:
 
 
 def describe_key(key: bytes) -> str:
-    name, sep, seq = bytes(key).rpartition(b"\0")
-    if sep and len(seq) == 4:
+    key = bytes(key)
+    name, sep, seq = key[:-5], key[-5:-4], key[-4:]
+    if name and sep == b"\0" and b"\0" not in name:
         try:
             return f"{name.decode()}@{struct.unpack('>I', seq)[0]}"
         except UnicodeDecodeError:
             pass
-    return bytes(key).hex()
+    return key.hex()
 
 
 # Fields every record type must have, with the JSON types they must hold;

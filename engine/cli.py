@@ -265,11 +265,24 @@ def cmd_rebuild_index(args) -> int:
     with _open(args) as repo:
         report = rebuild_index(repo.store, wait=args.wait)
     doc = {"packs": report.packs, "chunks": report.chunks, "duplicates": report.duplicates,
-           "torn": report.torn, "unreadable": report.unreadable}
+           "torn": report.torn, "unreadable": report.unreadable, "lost": report.lost,
+           "bad_headers": report.bad_headers}
+    if report.damaged:
+        what = [_count(len(report.lost), "damaged range"), _count(len(report.bad_headers), "damaged pack header"),
+                _count(len(report.unreadable), "unreadable pack")]
+        doc["ok"] = False
+        doc["error"] = {"code": "damaged", "exit_code": EXIT_DAMAGED,
+                        "message": f"index rebuilt from what could be read, but not everything could be saved: "
+                                   f"{', '.join(what)}; run 'blockvault verify' to see which backups it hurts"}
+        logging.getLogger("blockvault.rebuild").error(doc["error"]["message"])
     emit(args, doc, f"index rebuilt: {report.chunks} chunks from {report.packs} packs"
                      + "".join(f"\n  torn tail ignored: {t}" for t in report.torn)
+                     + "".join(f"\n  NOT SAVED (damaged range, good records after it were kept): {x}"
+                               for x in report.lost)
+                     + "".join(f"\n  DAMAGED pack header (its records were read anyway): {x}"
+                               for x in report.bad_headers)
                      + "".join(f"\n  unreadable pack: {u}" for u in report.unreadable))
-    return EXIT_OK
+    return EXIT_DAMAGED if report.damaged else EXIT_OK
 
 
 def cmd_demo(args) -> int:
