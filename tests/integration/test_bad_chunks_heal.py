@@ -13,6 +13,7 @@ import lmdb
 
 from chunkstore.pack import RECORD_HEADER_SIZE
 from engine.repository import Repository
+import jsonshape
 from helpers import REPO_ROOT, make_sparse, rng, run_cli, same_file, snapshot, write_at
 
 CS = 64 << 10
@@ -76,6 +77,7 @@ def test_a_bad_chunk_is_stored_again_and_every_point_heals(tmp_path):
     proc = run_cli("verify", store, "--json")
     doc = json.loads(proc.stdout)
     assert proc.returncode == 0 and doc["ok"] is True, proc.stdout
+    assert not jsonshape.check(doc, "verify", jsonshape.parse()[0])
     [healed] = doc["healed_chunks"]
     assert healed["digest"] == digest.hex() and "payload checksum mismatch" in healed["reason"]
     assert [b["id"] for b in healed["backups"]] == ["d@1", "d@2", "d@3"]

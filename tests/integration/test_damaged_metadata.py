@@ -14,6 +14,7 @@ import pytest
 from chunkstore.errors import IntegrityError
 from engine.manifest import Manifest
 from engine.restore import PARTIAL_SUFFIX
+import jsonshape
 from helpers import make_sparse, rng, run_cli, same_file, snapshot, store_fingerprint, text_bytes, write_at
 
 CS = 64 << 10
@@ -82,7 +83,9 @@ def _verify(store: str, expect: int) -> dict:
     proc = run_cli("verify", store, "--json")
     assert proc.returncode == expect, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr
-    return json.loads(proc.stdout)
+    doc = json.loads(proc.stdout)
+    assert not jsonshape.check(doc, "verify", jsonshape.parse()[0])
+    return doc
 
 
 @pytest.mark.parametrize("at", [12, 30, 40])  # the disk size, the checksum, a segment digest
@@ -186,6 +189,7 @@ def test_a_bad_catalog_record_is_reported_and_skipped(two_points, tmp_path, garb
     proc = run_cli("list", store, "--disk", "d", "--json")
     doc = json.loads(proc.stdout)
     assert proc.returncode == 0 and [b["id"] for b in doc["backups"]] == ["d@2"]
+    assert not jsonshape.check(doc, "list", jsonshape.parse()[0])
     assert doc["bad_records"][0]["key"] == "d@1" and "damaged" in doc["bad_records"][0]["reason"]
     # stats: counts what parses, names what does not.
     proc = run_cli("stats", store, "--json")

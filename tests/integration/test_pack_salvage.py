@@ -12,6 +12,7 @@ import pytest
 
 from chunkstore.index import CHUNKS_DB
 from chunkstore.pack import PACK_HEADER, RECORD_HEADER_SIZE, iter_pack_paths, scan_pack
+import jsonshape
 from helpers import make_sparse, rng, run_cli, same_file, snapshot, write_at
 
 CS = 64 << 10
@@ -65,7 +66,10 @@ def _rebuild(store: str, expect: int) -> dict:
     proc = run_cli("rebuild-index", store, "--json")
     assert proc.returncode == expect, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr
-    return json.loads(proc.stdout)
+    doc = json.loads(proc.stdout)
+    assert not jsonshape.check(doc, "rebuild-index", jsonshape.parse()[0]), jsonshape.check(
+        doc, "rebuild-index", jsonshape.parse()[0])
+    return doc
 
 
 def test_a_flipped_bit_in_a_pack_header_is_found_and_the_pack_salvaged(one_pack, tmp_path):

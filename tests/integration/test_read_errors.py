@@ -13,6 +13,7 @@ import json
 import os
 
 from chunkstore.pack import PACK_HEADER, RECORD_HEADER_SIZE, iter_pack_paths, scan_pack
+import jsonshape
 from helpers import REPO_ROOT, make_sparse, rng, run_cli, write_at
 
 CS = 64 << 10
@@ -45,6 +46,7 @@ def test_a_read_error_is_reported_with_pack_and_offset_and_verify_goes_on(tmp_pa
     assert proc.returncode == 3, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr
     doc = json.loads(proc.stdout)
+    assert not jsonshape.check(doc, "verify", jsonshape.parse()[0])
     pid = os.path.basename(pack)[:-5]
     assert doc["read_errors"] == [{"id": pid, "path": pack, "offset": victim.offset,
                                    "length": RECORD_HEADER_SIZE + victim.header.stored_len,
