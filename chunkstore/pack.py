@@ -225,8 +225,9 @@ class PackScan:
     torn_at: int | None = None  # offset of the first byte of a bad tail (no good record after it)
     problem: str = ""
     header_problem: str = ""    # a bad pack header (the records after it are still read)
-    # Bad ranges with good records after them: (start, end, problem).  Unlike
-    # a torn tail no crash makes these: they are damage.
+    # Bad ranges with good records after them: (start, end, problem, digest),
+    # digest being the bad record's when its header is intact (else None).
+    # Unlike a torn tail no crash makes these: they are damage.
     lost: list = field(default_factory=list)
 
 
@@ -243,6 +244,16 @@ def _good_record_at(f, pos: int, size: int, path: str, check_payloads: bool) -> 
     if check_payloads and hdr.magic != TRAILER_MAGIC:
         check_payload(hdr, f.read(hdr.stored_len), f"{path}@{pos}")
     return hdr
+
+
+def _digest_at(f, pos: int, path: str) -> bytes | None:
+    """The digest a bad record's header names, if the header itself is good."""
+    f.seek(pos)
+    try:
+        hdr = decode_record_header(f.read(RECORD_HEADER_SIZE), path)
+    except IntegrityError:
+        return None
+    return hdr.digest if hdr.magic == RECORD_MAGIC else None
 
 
 def _next_good_record(f, start: int, size: int, path: str, check_payloads: bool) -> int | None:
@@ -300,7 +311,7 @@ def scan_pack(path: str, check_payloads: bool = True) -> PackScan:
                 if resume is None:
                     scan.torn_at, scan.problem = pos, str(e)
                     break
-                scan.lost.append((pos, resume, str(e)))
+                scan.lost.append((pos, resume, str(e), _digest_at(f, pos, path)))
                 pos = resume
                 continue
             if hdr.magic == TRAILER_MAGIC:

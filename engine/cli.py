@@ -266,7 +266,7 @@ def cmd_rebuild_index(args) -> int:
         report = rebuild_index(repo.store, wait=args.wait)
     doc = {"packs": report.packs, "chunks": report.chunks, "duplicates": report.duplicates,
            "torn": report.torn, "unreadable": report.unreadable, "lost": report.lost,
-           "bad_headers": report.bad_headers}
+           "bad_headers": report.bad_headers, "superseded": report.superseded}
     if report.damaged:
         what = [_count(len(report.lost), "damaged range"), _count(len(report.bad_headers), "damaged pack header"),
                 _count(len(report.unreadable), "unreadable pack")]
@@ -281,7 +281,8 @@ def cmd_rebuild_index(args) -> int:
                                for x in report.lost)
                      + "".join(f"\n  DAMAGED pack header (its records were read anyway): {x}"
                                for x in report.bad_headers)
-                     + "".join(f"\n  unreadable pack: {u}" for u in report.unreadable))
+                     + "".join(f"\n  unreadable pack: {u}" for u in report.unreadable)
+                     + "".join(f"\n  bad copy of a chunk stored again elsewhere: {x}" for x in report.superseded))
     return EXIT_DAMAGED if report.damaged else EXIT_OK
 
 

@@ -137,3 +137,22 @@ def test_a_missing_pack_is_healed_by_the_next_backup(tmp_path):
     assert proc.returncode == 0, proc.stdout
     out = str(tmp_path / "r1.img")
     assert run_cli("restore", store, "d@1", out).returncode == 0 and same_file(out, p1)
+
+
+def test_rebuild_after_healing_keeps_the_good_copy_and_calls_the_bad_one_superseded(tmp_path):
+    store, img, p1, p2, digest = _setup(tmp_path)
+    _corrupt(store, digest)
+    assert run_cli("verify", store).returncode == 3
+    assert run_cli("backup", store, img, "--disk", "d", "--mode", "incremental").returncode == 0
+    env = lmdb.open(os.path.join(store, "index"), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"chunks", txn=txn), delete=False)
+    env.close()
+    proc = run_cli("rebuild-index", store, "--json")
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 0 and doc["ok"] is True and doc["lost"] == [], (proc.stdout, proc.stderr)
+    assert len(doc["superseded"]) == 1 and "payload checksum mismatch" in doc["superseded"][0]
+    assert not jsonshape.check(doc, "rebuild-index", jsonshape.parse()[0])
+    for bid, source in (("d@1", p1), ("d@2", p2)):
+        out = str(tmp_path / f"r{bid[-1]}.img")
+        assert run_cli("restore", store, bid, out).returncode == 0 and same_file(out, source)

@@ -144,5 +144,5 @@ def test_scan_resynchronises_after_garbage(tmp_path, one_pack):
         f.write((b"BVCK" + bytes(60)) * ((b.offset - a.offset) // 64 - 1) + b"BVND")
     again = scan_pack(pack)
     assert len(again.records) == N - 3 and again.sealed and again.torn_at is None
-    assert [(s, e) for s, e, _ in again.lost] == [(a.offset, b.offset)]
+    assert [(s, e) for s, e, _, _ in again.lost] == [(a.offset, b.offset)]
     assert again.records[3].offset == b.offset and b.offset - a.offset > PACK_HEADER.size
