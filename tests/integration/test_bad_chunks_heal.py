@@ -156,3 +156,44 @@ def test_rebuild_after_healing_keeps_the_good_copy_and_calls_the_bad_one_superse
     for bid, source in (("d@1", p1), ("d@2", p2)):
         out = str(tmp_path / f"r{bid[-1]}.img")
         assert run_cli("restore", store, bid, out).returncode == 0 and same_file(out, source)
+
+
+def test_a_checkpointed_copy_heals_too(tmp_path, monkeypatch):
+    """A long backup commits index entries early (checkpoints): a bad chunk
+    stored again in a checkpointed pack is healed by that checkpoint."""
+    import chunkstore.session as session_module
+    from chunkstore import ChunkStore
+    from engine.backup import backup_image
+    from engine.verify import verify_repository
+
+    store = str(tmp_path / "store")
+    ChunkStore.init(store, chunk_size=CS, pack_target_size=1 << 20).close()
+    img = str(tmp_path / "d.img")
+    make_sparse(img, 400 * CS)
+    r = rng(96)
+    write_at(img, 0, r.bytes(4 * CS))
+    assert run_cli("backup", store, img, "--disk", "d").returncode == 0
+    p1 = snapshot(img, str(tmp_path / "p1"))
+    with Repository.open(store) as repo:
+        digest = repo.store.digester(open(p1, "rb").read()[3 * CS:4 * CS])
+    _corrupt(store, digest)
+    assert run_cli("verify", store).returncode == 3
+    write_at(img, 4 * CS, r.bytes(300 * CS))  # enough new chunks to seal packs well before the end
+    monkeypatch.setattr(session_module, "CHECKPOINT_ENTRIES", 1)
+    with Repository.open(store) as repo:
+        healed_at = []
+        real = session_module.badmarks.heal
+
+        def spy(store_, txn, digests):
+            import inspect
+            healed_at.append(([f.function for f in inspect.stack()[1:4]], list(digests)))
+            real(store_, txn, digests)
+        monkeypatch.setattr(session_module.badmarks, "heal", spy)
+        rec = backup_image(repo, img, "d", workers=1)
+        assert rec.stats["new_chunks"] == 301
+        callers, digests = healed_at[0]
+        assert digests == [digest] and "_checkpoint" in callers, healed_at  # by a checkpoint, not at the end
+        report = verify_repository(repo)
+        assert report.ok and set(report.marks.healed) == {digest}
+    out = str(tmp_path / "r1.img")
+    assert run_cli("restore", store, "d@1", out).returncode == 0 and same_file(out, p1)
