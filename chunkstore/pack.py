@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import xxhash
@@ -222,45 +222,103 @@ class PackScan:
     size: int
     records: list
     sealed: bool = False
-    torn_at: int | None = None  # offset of the first byte that is not a good record
+    torn_at: int | None = None  # offset of the first byte of a bad tail (no good record after it)
     problem: str = ""
+    header_problem: str = ""    # a bad pack header (the records after it are still read)
+    # Bad ranges with good records after them: (start, end, problem, digest),
+    # digest being the bad record's when its header is intact (else None).
+    # Unlike a torn tail no crash makes these: they are damage.
+    lost: list = field(default_factory=list)
+
+
+RECORD_MAGICS = (RECORD_MAGIC, TRAILER_MAGIC)
+_FIND_WINDOW = 1 << 20
+
+
+def _good_record_at(f, pos: int, size: int, path: str, check_payloads: bool) -> RecordHeader:
+    """The record at ``pos`` if it is good, else IntegrityError."""
+    f.seek(pos)
+    hdr = decode_record_header(f.read(RECORD_HEADER_SIZE), f"{path}@{pos}")
+    if pos + RECORD_HEADER_SIZE + hdr.stored_len > size:
+        raise IntegrityError(f"{path}@{pos}: record runs past the end of the file")
+    if check_payloads and hdr.magic != TRAILER_MAGIC:
+        check_payload(hdr, f.read(hdr.stored_len), f"{path}@{pos}")
+    return hdr
+
+
+def _digest_at(f, pos: int, path: str) -> bytes | None:
+    """The digest a bad record's header names, if the header itself is good."""
+    f.seek(pos)
+    try:
+        hdr = decode_record_header(f.read(RECORD_HEADER_SIZE), path)
+    except IntegrityError:
+        return None
+    return hdr.digest if hdr.magic == RECORD_MAGIC else None
+
+
+def _next_good_record(f, start: int, size: int, path: str, check_payloads: bool) -> int | None:
+    """Offset of the first good record after ``start``: records carry their
+    own magic and checksums, so a scan can resynchronise after damage."""
+    pos = start
+    while pos < size - RECORD_HEADER_SIZE + 1:
+        f.seek(pos)
+        window = f.read(_FIND_WINDOW + 3)
+        found = [i for i in (window.find(m) for m in RECORD_MAGICS) if i >= 0]
+        if not found:
+            pos += max(len(window) - 3, 1)
+            continue
+        cand = pos + min(found)
+        try:
+            _good_record_at(f, cand, size, path, check_payloads)
+            return cand
+        except IntegrityError:
+            pos = cand + 1
+    return None
 
 
 def scan_pack(path: str, check_payloads: bool = True) -> PackScan:
-    """Walk a pack from its header; stop at the trailer or the first bad record.
+    """Walk a pack from its header to its trailer, salvaging what damage spares.
 
-    A crash can leave a partial record at the end of an unsealed pack: the
-    scan reports where good data ends (``torn_at``) and ignores the rest.
+    A bad pack header is reported and the records are read anyway (the pack
+    id is also the file name).  After a bad record the scan searches forward
+    for the next good record header and goes on from there, reporting the
+    range it skipped in ``lost``; a bad range that runs to the end of the
+    file is a torn tail (``torn_at``), what a crash leaves in an unsealed pack.
     """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(PACK_HEADER.size)
-        _, pack_id = decode_pack_header(head, path)
-        scan = PackScan(pack_id=pack_id, size=size, records=[])
+        try:
+            _, pack_id = decode_pack_header(head, path)
+        except IntegrityError as e:
+            name = os.path.basename(path)[:-len(".pack")]
+            try:
+                pack_id = bytes.fromhex(name)
+            except ValueError:
+                raise e from None
+            if len(pack_id) != 16:
+                raise
+            header_problem = str(e)
+        else:
+            header_problem = ""
+        scan = PackScan(pack_id=pack_id, size=size, records=[], header_problem=header_problem)
         pos = PACK_HEADER.size
         while pos < size:
-            f.seek(pos)
-            raw = f.read(RECORD_HEADER_SIZE)
             try:
-                hdr = decode_record_header(raw, f"{path}@{pos}")
+                hdr = _good_record_at(f, pos, size, path, check_payloads)
             except IntegrityError as e:
-                scan.torn_at, scan.problem = pos, str(e)
-                break
+                resume = _next_good_record(f, pos + 1, size, path, check_payloads)
+                if resume is None:
+                    scan.torn_at, scan.problem = pos, str(e)
+                    break
+                scan.lost.append((pos, resume, str(e), _digest_at(f, pos, path)))
+                pos = resume
+                continue
             if hdr.magic == TRAILER_MAGIC:
                 scan.sealed = True
                 if hdr.raw_len != len(scan.records):
                     scan.problem = f"trailer counts {hdr.raw_len} chunks, found {len(scan.records)}"
                 break
-            if pos + RECORD_HEADER_SIZE + hdr.stored_len > size:
-                scan.torn_at, scan.problem = pos, f"{path}@{pos}: record runs past the end of the file"
-                break
-            if check_payloads:
-                payload = f.read(hdr.stored_len)
-                try:
-                    check_payload(hdr, payload, f"{path}@{pos}")
-                except IntegrityError as e:
-                    scan.torn_at, scan.problem = pos, str(e)
-                    break
             scan.records.append(ScannedRecord(pos, hdr))
             pos += RECORD_HEADER_SIZE + hdr.stored_len
     return scan

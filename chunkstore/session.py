@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import lmdb
 
+from chunkstore import badmarks
 from chunkstore.errors import StoreError
 from chunkstore.index import IndexEntry, PackInfo
 from chunkstore.lock import WriterLock
@@ -61,6 +62,13 @@ class WriteSession:
         self.store = store
         self._lock = WriterLock(store.path)
         self._lock.acquire(wait, purpose)
+        try:
+            # Marked by verify: stored again when met (chunkstore/badmarks.py).
+            # Marks change only under the lock this session holds.
+            self._bad: set[bytes] = badmarks.bad_digests(store)
+        except BaseException:
+            self._lock.release()
+            raise
         self.pending: dict[bytes, IndexEntry] = {}
         self._claimed: set[bytes] = set()
         self._mutex = threading.Lock()
@@ -85,15 +93,16 @@ class WriteSession:
     # -- writing ---------------------------------------------------------------
 
     def claim(self, digests: Iterable[bytes]) -> list[bytes]:
-        """The digests the caller must write (order kept): in neither the index,
-        this session's packs, nor another caller's claim.  They become the
-        caller's: nobody else is told to write them."""
+        """The digests the caller must write (order kept): in neither the index
+        (a chunk marked bad counts as absent), this session's packs, nor
+        another caller's claim.  They become the caller's: nobody else is told
+        to write them."""
         out = []
         chunks_db = self.store.chunks_db
         with self._mutex, self.store.read_txn() as txn:
-            pending, claimed = self.pending, self._claimed
+            pending, claimed, bad = self.pending, self._claimed, self._bad
             for d in digests:
-                if d in pending or d in claimed or txn.get(d, db=chunks_db) is not None:
+                if d in pending or d in claimed or (txn.get(d, db=chunks_db) is not None and d not in bad):
                     continue
                 claimed.add(d)
                 out.append(d)
@@ -230,11 +239,20 @@ class WriteSession:
                 txn.put(digest, entry.encode(), db=store.chunks_db)
             for pack in synced:
                 txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True).encode(), db=store.packs_db)
+            self._heal(txn, moved)
         with self._mutex:
             for digest in moved:
                 del self.pending[digest]
             self._packs = [p for p in self._packs if p.pack_id not in ids]
             self.checkpoints += 1
+
+    def _heal(self, txn, entries) -> None:
+        """Chunks marked bad that this session stored again: their index
+        entries (just put) replace the bad ones; the marks say so."""
+        if self._bad:
+            healed = [d for d in entries if d in self._bad]
+            badmarks.heal(self.store, txn, healed)
+            self._bad.difference_update(healed)
 
     # -- ending ----------------------------------------------------------------
 
@@ -263,6 +281,7 @@ class WriteSession:
                 txn.put(digest, entry.encode(), db=store.chunks_db)
             for pack in self._packs:
                 txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True).encode(), db=store.packs_db)
+            self._heal(txn, self.pending)
             if extra is not None:
                 extra(txn)
         self.committed = True

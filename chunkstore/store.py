@@ -22,6 +22,7 @@ import threading
 
 import lmdb
 
+from chunkstore.badmarks import BAD_DB
 from chunkstore.codec import Codec
 from chunkstore.config import StoreConfig, fsync_dir
 from chunkstore.digest import Digester
@@ -53,6 +54,7 @@ class ChunkStore:
         self.chunks_db = self.db(CHUNKS_DB)
         self.packs_db = self.db(PACKS_DB)
         self.meta_db = self.db(META_DB)
+        self.bad_db = self.db(BAD_DB)
 
     # -- opening ---------------------------------------------------------------
 

@@ -3,7 +3,11 @@
 Chunks are checked pack by pack in offset order (sequential reads), with a
 thread pool doing the decompress and digest work.  The result lists each
 bad chunk by digest with the reason; what a bad chunk means for backups is
-the engine's business.
+the engine's business.  Each pack's header and (when sealed) trailer are
+checked too: no chunk read needs them, but ``rebuild-index`` and a human
+reading the pack do.  A read error (EIO from a failing disk) is damage like
+any other: the records it hides are reported with the pack and offset, and
+the check goes on with the rest.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Callable
 
 from chunkstore.errors import IntegrityError
 from chunkstore.index import IndexEntry, PackInfo
-from chunkstore.pack import RECORD_HEADER_SIZE, iter_pack_paths
+from chunkstore.pack import (PACK_HEADER, RECORD_HEADER_SIZE, TRAILER_MAGIC, decode_pack_header,
+                             decode_record_header, iter_pack_paths)
 from chunkstore.store import ChunkStore
 
 SPAN_BYTES = 8 << 20
@@ -29,10 +34,12 @@ class ChunkVerifyReport:
     corrupt: dict[bytes, str] = field(default_factory=dict)  # digest → reason
     missing_packs: list[str] = field(default_factory=list)
     unreferenced_packs: list[str] = field(default_factory=list)  # left by interrupted writers
+    bad_packs: dict[str, str] = field(default_factory=dict)      # pack id hex → what is wrong with its frame
+    read_errors: list[dict] = field(default_factory=list)        # {id, offset, length, error}
 
     @property
     def ok(self) -> bool:
-        return not self.corrupt and not self.missing_packs
+        return not self.corrupt and not self.missing_packs and not self.bad_packs
 
 
 # Index entries held in memory at once (about 200 bytes each): a store of
@@ -103,6 +110,13 @@ def verify_chunks(store: ChunkStore, workers: int = 2,
     for groups in index_batches(store, batch_entries):
         _verify_batch(store, groups, workers, report, missing, on_progress)
     report.missing_packs = sorted(p.hex() for p in missing)
+    with store.read_txn() as txn:
+        infos = {bytes(k): PackInfo.decode(v) for k, v in txn.cursor(db=store.packs_db)}
+    for pack_id, info in sorted(infos.items()):
+        if pack_id not in missing and os.path.exists(store.pack_path(pack_id)):
+            problem = check_pack_frame(store, pack_id, info, report)
+            if problem:
+                report.bad_packs[pack_id.hex()] = problem
     for path in iter_pack_paths(store.path):
         name = os.path.basename(path)[:-5]
         try:
@@ -114,25 +128,72 @@ def verify_chunks(store: ChunkStore, workers: int = 2,
     return report
 
 
+def check_pack_frame(store: ChunkStore, pack_id: bytes, info: PackInfo, report: ChunkVerifyReport) -> str:
+    """What is wrong with a pack's header or trailer ("" when nothing)."""
+    where = f"pack {pack_id.hex()}"
+    trailer_at = info.size - RECORD_HEADER_SIZE
+    at = 0
+    try:
+        head = store.read_span(pack_id, 0, PACK_HEADER.size)
+        store_id, header_id = decode_pack_header(head, where)
+        if store_id != store.store_id:
+            return f"{where}: header names store {store_id.hex()}, not this store ({store.store_id.hex()})"
+        if header_id != pack_id:
+            return f"{where}: header names pack {header_id.hex()}, not the one its file name says"
+        if info.sealed and trailer_at >= PACK_HEADER.size:
+            at = trailer_at
+            tail = decode_record_header(store.read_span(pack_id, trailer_at, RECORD_HEADER_SIZE),
+                                        f"{where}: trailer at offset {trailer_at}")
+            if tail.magic != TRAILER_MAGIC:
+                return f"{where}: no trailer at offset {trailer_at} (the pack is sealed)"
+            if tail.raw_len != info.chunk_count:
+                return f"{where}: trailer counts {tail.raw_len} records, the index {info.chunk_count}"
+    except IntegrityError as e:
+        return str(e)
+    except OSError as e:
+        report.read_errors.append({"id": pack_id.hex(), "offset": at, "length": RECORD_HEADER_SIZE,
+                                   "error": e.strerror or str(e)})
+        return f"{where}: read error at offset {at}: {e.strerror or e}"
+    return ""
+
+
+def _read_error(pack_id: bytes, offset: int, length: int, e: OSError) -> tuple[dict, str]:
+    text = e.strerror or str(e)
+    return ({"id": pack_id.hex(), "offset": offset, "length": length, "error": text},
+            f"read error in pack {pack_id.hex()} at offset {offset} ({length} bytes): {text}")
+
+
 def _verify_batch(store: ChunkStore, groups: dict[bytes, list], workers: int, report: ChunkVerifyReport,
                   missing: set[bytes], on_progress: Callable[[int], None] | None) -> None:
-    def check_span(pack_id: bytes, items: list[tuple[IndexEntry, bytes]]) -> tuple[int, int, dict]:
+    def check_span(pack_id: bytes, items: list[tuple[IndexEntry, bytes]]) -> tuple[int, int, dict, list]:
         start = items[0][0].offset
         end = items[-1][0].offset + RECORD_HEADER_SIZE + items[-1][0].stored_len
         bad: dict[bytes, str] = {}
+        errors: list[dict] = []
         try:
-            data = store.read_span(pack_id, start, end - start)
-        except IntegrityError as e:
-            data, short = None, str(e)
+            data, base = store.read_span(pack_id, start, end - start), start
+        except (IntegrityError, OSError):
+            data = None  # read the records one by one: only those a short file or an error hides are lost
         for entry, digest in items:
+            at = entry.offset
             if data is None:
-                bad[digest] = short
-                continue
+                length = RECORD_HEADER_SIZE + entry.stored_len
+                try:
+                    record, base = store.read_span(pack_id, at, length), at
+                except IntegrityError as e:
+                    bad[digest] = str(e)
+                    continue
+                except OSError as e:
+                    error, bad[digest] = _read_error(pack_id, at, length, e)
+                    errors.append(error)
+                    continue
+            else:
+                record = data
             try:
-                store.decode_chunk(data, entry.offset - start, entry, digest)
+                store.decode_chunk(record, at - base, entry, digest)
             except IntegrityError as e:
                 bad[digest] = str(e)
-        return len(items), end - start, bad
+        return len(items), end - start, bad, errors
 
     with ThreadPoolExecutor(workers, thread_name_prefix="bv-verify") as pool:
         futures = deque()
@@ -142,10 +203,11 @@ def _verify_batch(store: ChunkStore, groups: dict[bytes, list], workers: int, re
             for span in _split(items):
                 futures.append(pool.submit(check_span, pack_id, span))
         while futures:
-            n, nbytes, bad = futures.popleft().result()
+            n, nbytes, bad, errors = futures.popleft().result()
             report.chunks_checked += n
             report.bytes_checked += nbytes
             report.corrupt.update(bad)
+            report.read_errors.extend(errors)
             if on_progress:
                 on_progress(nbytes)
 

@@ -115,7 +115,7 @@ def plan_read(repo: Repository, txn, disk, disk_name: str, mode: str,
     if not isinstance(changes, ChangeList):
         changes = ChangeList.whole(changes, size)
     check_cover(changes, size, disk_name)
-    base_manifest = repo.manifests.get(txn, base.key, base.id)
+    base_manifest = repo.manifests.get(txn, base.key, base.id, base)
     return ReadPlan(extents_to_runs(changes.extents, cs, size), base, base_manifest, warnings)
 
 
@@ -144,7 +144,7 @@ def backup_disk(repo: Repository, session, pool: ThreadPoolExecutor, workers: in
         if on_plan:
             on_plan(min(plan.chunks * cs, disk.size))
         builder = ManifestBuilder(disk.size, cs, store.digester.zero_digest, store.digester,
-                                  lambda d: repo.manifests.segment(txn, d), plan.base_manifest)
+                                  lambda d: repo.manifests.segment(txn, d, plan.base.id), plan.base_manifest)
         pipeline = ChunkPipeline(store, session, pool, workers)
         stats = pipeline.run(disk, plan.runs, disk.size, builder.set, on_progress)
         manifest = builder.finish()

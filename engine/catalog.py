@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
+from chunkstore.errors import IntegrityError
 from engine.errors import BadInputError, NotFoundError, UsageError
 
 CATALOG_DB = b"catalog"
@@ -114,6 +115,57 @@ def parse_ref(ref: str) -> tuple[str, str]:
         raise UsageError(f"{ref!r} is not a backup id: {e}") from None
 
 
+@dataclass(frozen=True)
+class BadRecord:
+    """A catalog entry that does not parse: its key (as ``NAME@N`` when the
+    key itself is well formed, else hex) and why."""
+
+    key: str
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"key": self.key, "reason": self.reason}
+
+
+def describe_key(key: bytes) -> str:
+    key = bytes(key)
+    name, sep, seq = key[:-5], key[-5:-4], key[-4:]
+    if name and sep == b"\0" and b"\0" not in name:
+        try:
+            return f"{name.decode()}@{struct.unpack('>I', seq)[0]}"
+        except UnicodeDecodeError:
+            pass
+    return key.hex()
+
+
+# Fields every record type must have, with the JSON types they must hold;
+# anything else a reader would trip over later (a size that is a string...).
+_NUMBER = (int, float)
+_FIELD_TYPES = {"seq": int, "time": _NUMBER, "kind": str, "size": int, "chunk_size": int, "stats": dict,
+                "metadata": dict, "warnings": list, "disks": list, "config": dict, "source": dict}
+
+
+def decode_record(record_type, key, value):
+    """The record under ``key``, or IntegrityError saying what is wrong with it."""
+    where = describe_key(key)
+    try:
+        doc = json.loads(bytes(value))
+        if not isinstance(doc, dict):
+            raise ValueError(f"a JSON {type(doc).__name__}, not an object")
+        rec = record_type(**doc)
+        for name, kind in _FIELD_TYPES.items():
+            if not hasattr(rec, name):
+                continue
+            got = getattr(rec, name)
+            if not isinstance(got, kind) or isinstance(got, bool):
+                raise ValueError(f"field {name!r} is a {type(got).__name__}")
+        if rec.key != bytes(key):
+            raise ValueError(f"it describes {rec.id}, not the point its key names")
+    except (ValueError, TypeError, AttributeError) as e:
+        raise IntegrityError(f"catalog record {where} is damaged: {e}") from None
+    return rec
+
+
 def _day(t: float) -> str:
     return time.strftime("%Y-%m-%d", time.localtime(t))
 
@@ -138,24 +190,41 @@ class NumberedRecords:
             raise NotFoundError(f"{self.what} {record.id} already exists")  # the writer lock makes this a bug
 
     def get(self, txn, name: str, seq: int):
-        value = txn.get(catalog_key(name, seq), db=self.db)
-        return self.record_type.from_json(value) if value is not None else None
+        key = catalog_key(name, seq)
+        value = txn.get(key, db=self.db)
+        return decode_record(self.record_type, key, value) if value is not None else None
 
-    def for_name(self, txn, name: str) -> Iterator:
+    def _decoded(self, items, bad: list | None) -> Iterator:
+        """Records of (key, value) pairs.  A record that does not parse raises
+        IntegrityError naming it, or, given a ``bad`` list, is appended to it
+        as a BadRecord and skipped: listings go on past a damaged entry."""
+        for key, value in items:
+            try:
+                yield decode_record(self.record_type, key, value)
+            except IntegrityError as e:
+                if bad is None:
+                    raise
+                bad.append(BadRecord(describe_key(key), str(e)))
+
+    def for_name(self, txn, name: str, bad: list | None = None) -> Iterator:
         prefix = name.encode() + b"\0"
-        with txn.cursor(db=self.db) as cur:
-            if not cur.set_range(prefix):
-                return
-            for key, value in cur:
-                # Names hold no NUL, so the prefix matches this name only.
-                if not bytes(key).startswith(prefix):
-                    break
-                yield self.record_type.from_json(value)
 
-    def all(self, txn) -> Iterator:
-        with txn.cursor(db=self.db) as cur:
-            for _, value in cur:
-                yield self.record_type.from_json(value)
+        def items():
+            with txn.cursor(db=self.db) as cur:
+                if not cur.set_range(prefix):
+                    return
+                for key, value in cur:
+                    # Names hold no NUL, so the prefix matches this name only.
+                    if not bytes(key).startswith(prefix):
+                        break
+                    yield key, value
+        return self._decoded(items(), bad)
+
+    def all(self, txn, bad: list | None = None) -> Iterator:
+        def items():
+            with txn.cursor(db=self.db) as cur:
+                yield from cur
+        return self._decoded(items(), bad)
 
     def latest(self, txn, name: str, kind: str | None = None):
         found = None
@@ -207,8 +276,8 @@ class Catalog(NumberedRecords):
 
     record_type = BackupRecord
 
-    def for_disk(self, txn, disk: str) -> Iterator[BackupRecord]:
-        return self.for_name(txn, disk)
+    def for_disk(self, txn, disk: str, bad: list | None = None) -> Iterator[BackupRecord]:
+        return self.for_name(txn, disk, bad)
 
     def resolve(self, txn, ref: str) -> BackupRecord:
         disk, which = parse_ref(ref)

@@ -126,14 +126,23 @@ def cmd_backup(args) -> int:
     return EXIT_OK
 
 
+def _warn_bad_records(bad: list[dict]) -> None:
+    """Damaged catalog records are skipped by list and stats, and said so."""
+    for b in bad:
+        logging.getLogger("blockvault.catalog").warning(f"{b['reason']}; skipped (run 'blockvault verify')")
+
+
 def cmd_list(args) -> int:
+    bad: list = []
     with _open(args) as repo, repo.store.read_txn() as txn:
         if args.disk:
-            records = list(repo.catalog.for_disk(txn, args.disk))
+            records = list(repo.catalog.for_disk(txn, args.disk, bad=bad))
         else:
-            records = list(repo.catalog.all(txn))
+            records = list(repo.catalog.all(txn, bad=bad))
+    bad = [b.as_dict() for b in bad]
+    _warn_bad_records(bad)
     if args.json:
-        emit(args, {"backups": [r.summary() for r in records]}, "")
+        emit(args, {"backups": [r.summary() for r in records], "bad_records": bad}, "")
         return EXIT_OK
     if not records:
         print("no backups" + (f" of disk {args.disk}" if args.disk else ""))
@@ -183,6 +192,11 @@ def cmd_verify(args) -> int:
     doc = report.as_dict()
     damage = [_count(len(doc["bad_chunks"]), "bad chunk"), _count(len(doc["missing_packs"]), "missing pack"),
               _count(len(doc["damaged_manifests"]), "damaged manifest")]
+    damage += [_count(len(doc[k]), what) for k, what in (("bad_packs", "damaged pack frame"),
+                                                         ("read_errors", "read error"),
+                                                         ("bad_records", "damaged catalog record")) if doc[k]]
+    if doc["marks"]["note"]:
+        logging.getLogger("blockvault.verify").warning(doc["marks"]["note"])
     checked = (f"{_count(doc['chunks_checked'], 'chunk')} ({human_bytes(doc['bytes_checked'])}) and "
                f"{_count(doc['backups_checked'], 'backup')} checked")
     verdict = "OK" if report.ok else f"DAMAGED: {', '.join(damage)}"
@@ -201,8 +215,21 @@ def cmd_verify(args) -> int:
             print(f"BAD chunk {bad['digest']}: {bad['reason']}\n    affects {where}")
         for pack in doc["missing_packs"]:
             print(f"MISSING pack {pack['id']} ({pack['path']})")
+        for pack in doc["bad_packs"]:
+            print(f"DAMAGED pack {pack['id']} ({pack['path']}): {pack['reason']}")
+        for err in doc["read_errors"]:
+            print(f"READ ERROR pack {err['id']} ({err['path']}) at offset {err['offset']}, "
+                  f"{err['length']} bytes: {err['error']}")
         for bid, reason in doc["damaged_manifests"].items():
             print(f"DAMAGED manifest of {bid}: {reason}")
+        for rec in doc["bad_records"]:
+            print(f"DAMAGED catalog record {rec['key']}: {rec['reason']}")
+        for h in doc["healed_chunks"]:
+            users = ", ".join(b["id"] for b in h["backups"]) or "no backup"
+            print(f"HEALED chunk {h['digest']}: stored again (was: {h['reason']}); used by {users}")
+        if doc["marks"]["marked"]:
+            print(f"marked {_count(doc['marks']['marked'], 'bad chunk')}: the next backup that reads "
+                  "their data stores them again")
         if doc["unreferenced_packs"]:
             print(f"note: {len(doc['unreferenced_packs'])} pack file(s) left by interrupted backups "
                   "hold no referenced data")
@@ -214,6 +241,7 @@ def cmd_stats(args) -> int:
     from engine.stats import store_stats
     with _open(args) as repo:
         doc = store_stats(repo)
+    _warn_bad_records(doc["bad_records"])
     if args.json:
         emit(args, doc, "")
         return EXIT_OK
@@ -237,11 +265,25 @@ def cmd_rebuild_index(args) -> int:
     with _open(args) as repo:
         report = rebuild_index(repo.store, wait=args.wait)
     doc = {"packs": report.packs, "chunks": report.chunks, "duplicates": report.duplicates,
-           "torn": report.torn, "unreadable": report.unreadable}
+           "torn": report.torn, "unreadable": report.unreadable, "lost": report.lost,
+           "bad_headers": report.bad_headers, "superseded": report.superseded}
+    if report.damaged:
+        what = [_count(len(report.lost), "damaged range"), _count(len(report.bad_headers), "damaged pack header"),
+                _count(len(report.unreadable), "unreadable pack")]
+        doc["ok"] = False
+        doc["error"] = {"code": "damaged", "exit_code": EXIT_DAMAGED,
+                        "message": f"index rebuilt from what could be read, but not everything could be saved: "
+                                   f"{', '.join(what)}; run 'blockvault verify' to see which backups it hurts"}
+        logging.getLogger("blockvault.rebuild").error(doc["error"]["message"])
     emit(args, doc, f"index rebuilt: {report.chunks} chunks from {report.packs} packs"
                      + "".join(f"\n  torn tail ignored: {t}" for t in report.torn)
-                     + "".join(f"\n  unreadable pack: {u}" for u in report.unreadable))
-    return EXIT_OK
+                     + "".join(f"\n  NOT SAVED (damaged range, good records after it were kept): {x}"
+                               for x in report.lost)
+                     + "".join(f"\n  DAMAGED pack header (its records were read anyway): {x}"
+                               for x in report.bad_headers)
+                     + "".join(f"\n  unreadable pack: {u}" for u in report.unreadable)
+                     + "".join(f"\n  bad copy of a chunk stored again elsewhere: {x}" for x in report.superseded))
+    return EXIT_DAMAGED if report.damaged else EXIT_OK
 
 
 def cmd_demo(args) -> int:

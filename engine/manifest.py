@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import native
+import xxhash
 
 from chunkstore.errors import IntegrityError
 
@@ -26,10 +27,19 @@ MANIFESTS_DB = b"manifests"
 SEGMENTS_DB = b"segments"
 SEGMENT_CHUNKS = 1024
 _MAGIC = b"BVMF"
-_VERSION = 1
-# magic, version, digest length, reserved, chunks per segment, disk size, chunk size
-_HEADER = struct.Struct("<4sBBHIQQ")
+_VERSION = 2
+# magic, version, digest length, reserved, chunks per segment, disk size, chunk size, check
+_HEADER = struct.Struct("<4sBBHIQQQ")
+_CHECK_AT = 28  # the check is xxh3-64 of everything but itself: bytes 0..27 and the entries
 _COUNT = struct.Struct("<I")
+_MAX_CHUNK = 16 << 20  # above any chunk size the store allows
+
+
+def _check64(head: bytes, body) -> int:
+    h = xxhash.xxh3_64()
+    h.update(head[:_CHECK_AT])
+    h.update(body)
+    return h.intdigest()
 
 
 @dataclass
@@ -53,29 +63,44 @@ class Manifest:
         return sum(self.nonzero)
 
     def encode(self) -> bytes:
-        parts = [_HEADER.pack(_MAGIC, _VERSION, self.digest_len, 0, self.seg_chunks, self.size, self.chunk_size)]
+        parts = []
         for digest, count in zip(self.segments, self.nonzero):
             parts.append(digest)
             parts.append(_COUNT.pack(count))
-        return b"".join(parts)
+        body = b"".join(parts)
+        head = _HEADER.pack(_MAGIC, _VERSION, self.digest_len, 0, self.seg_chunks, self.size, self.chunk_size, 0)
+        return head[:_CHECK_AT] + struct.pack("<Q", _check64(head, body)) + body
 
     @classmethod
     def decode(cls, data, where: str = "manifest") -> "Manifest":
+        """Parse and check a manifest: its checksum first (one changed byte
+        anywhere is found here), then that its sizes agree with each other."""
         data = bytes(data)
         if len(data) < _HEADER.size:
-            raise IntegrityError(f"{where}: truncated")
-        magic, version, dlen, _, seg_chunks, size, chunk_size = _HEADER.unpack_from(data)
+            raise IntegrityError(f"{where}: manifest truncated ({len(data)} bytes)")
+        magic, version, dlen, _, seg_chunks, size, chunk_size, check = _HEADER.unpack_from(data)
         if magic != _MAGIC or version != _VERSION:
-            raise IntegrityError(f"{where}: not a version-{_VERSION} manifest")
-        step = dlen + _COUNT.size
+            raise IntegrityError(f"{where}: not a version-{_VERSION} manifest (magic {magic!r}, version {version})")
         body = data[_HEADER.size:]
+        if check != _check64(data, body):
+            raise IntegrityError(f"{where}: manifest checksum mismatch (the manifest is damaged)")
+        if dlen not in (16, 32) or seg_chunks != SEGMENT_CHUNKS or not 0 < chunk_size <= _MAX_CHUNK \
+                or chunk_size & (chunk_size - 1):
+            raise IntegrityError(f"{where}: manifest has impossible sizes (digest length {dlen}, "
+                                 f"{seg_chunks} chunks per segment, chunk size {chunk_size})")
+        step = dlen + _COUNT.size
         m = cls(size, chunk_size, dlen, [], [], seg_chunks)
         expected = -(-m.n_chunks // seg_chunks) if m.n_chunks else 0
         if len(body) != expected * step:
-            raise IntegrityError(f"{where}: {len(body)} bytes of segments, expected {expected * step}")
-        for off in range(0, len(body), step):
+            raise IntegrityError(f"{where}: manifest holds {len(body) // step} segments, but a disk of {size} bytes "
+                                 f"in {chunk_size}-byte chunks has {m.n_chunks} chunks, so {expected} segments")
+        for i, off in enumerate(range(0, len(body), step)):
             m.segments.append(body[off:off + dlen])
-            m.nonzero.append(_COUNT.unpack_from(body, off + dlen)[0])
+            count = _COUNT.unpack_from(body, off + dlen)[0]
+            if count > m.segment_length(i):
+                raise IntegrityError(f"{where}: manifest says segment {i} has {count} non-zero chunks, "
+                                     f"more than its {m.segment_length(i)}")
+            m.nonzero.append(count)
         return m
 
 
@@ -177,23 +202,50 @@ class ManifestBuilder:
 
 
 class ManifestStore:
-    """Reads and writes manifests and their segments in the store's LMDB."""
+    """Reads and writes manifests and their segments in the store's LMDB.
 
-    def __init__(self, manifests_db, segments_db):
+    Every read is checked: a manifest against its checksum (and, given the
+    catalog record, against the disk size and chunk size it records), a
+    segment against its key, which is the digest of its bytes.  A changed
+    byte in either would otherwise restore wrong data with exit 0."""
+
+    def __init__(self, manifests_db, segments_db, hasher: Callable[[bytes], bytes]):
         self.manifests_db = manifests_db
         self.segments_db = segments_db
+        self.hasher = hasher
 
-    def get(self, txn, key: bytes, where: str) -> Manifest:
+    def get(self, txn, key: bytes, where: str, record=None) -> Manifest:
+        """The manifest under ``key``; ``where`` names it in errors.  With
+        ``record`` (its catalog entry) the sizes must also agree with it."""
         value = txn.get(key, db=self.manifests_db)
         if value is None:
             raise IntegrityError(f"{where}: manifest is missing")
-        return Manifest.decode(value, where)
+        m = Manifest.decode(value, where)
+        if record is not None and (m.size, m.chunk_size) != (record.size, record.chunk_size):
+            raise IntegrityError(f"{where}: manifest describes a disk of {m.size} bytes in {m.chunk_size}-byte "
+                                 f"chunks, the catalog one of {record.size} bytes in {record.chunk_size}-byte chunks")
+        return m
 
-    def segment(self, txn, digest: bytes) -> bytes:
+    def segment(self, txn, digest: bytes, where: str = "", manifest: Manifest | None = None,
+                index: int | None = None) -> bytes:
+        """The segment ``digest``, checked against its key; with ``manifest``
+        and ``index`` also its length and non-zero count against the manifest."""
+        name = f"{where + ': ' if where else ''}manifest segment {digest.hex()}"
         value = txn.get(digest, db=self.segments_db)
         if value is None:
-            raise IntegrityError(f"manifest segment {digest.hex()} is missing")
-        return bytes(value)
+            raise IntegrityError(f"{name} is missing")
+        content = bytes(value)
+        if self.hasher(content) != digest:
+            raise IntegrityError(f"{name} is damaged: its bytes do not hash to its key")
+        dlen = len(digest)
+        if len(content) % dlen:
+            raise IntegrityError(f"{name} is damaged: {len(content)} bytes is not a whole number of digests")
+        if manifest is not None and index is not None:
+            length = manifest.segment_length(index)
+            if len(content) != length * dlen:
+                raise IntegrityError(f"{name} (segment {index}) holds {len(content) // dlen} digests, "
+                                     f"the manifest expects {length}")
+        return content
 
     def put(self, txn, key: bytes, manifest: Manifest, new_segments: dict[bytes, bytes]) -> None:
         for digest, content in new_segments.items():

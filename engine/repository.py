@@ -17,7 +17,7 @@ class Repository:
         self.store = store
         self.path = store.path
         self.catalog = Catalog(store.db(CATALOG_DB))
-        self.manifests = ManifestStore(store.db(MANIFESTS_DB), store.db(SEGMENTS_DB))
+        self.manifests = ManifestStore(store.db(MANIFESTS_DB), store.db(SEGMENTS_DB), store.digester)
 
     @classmethod
     def init(cls, path: str, **settings) -> "Repository":

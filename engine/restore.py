@@ -77,13 +77,13 @@ def restore_backup(repo: Repository, ref: str, target: str | RestoreTarget, forc
     workers = (workers or default_workers()) * 2  # I/O-bound share: keep reads in flight
     with store.read_txn() as txn:
         record = repo.catalog.resolve(txn, ref)
-        manifest = repo.manifests.get(txn, record.key, record.id)
+        manifest = repo.manifests.get(txn, record.key, record.id, record)
         if on_start:
             chunks = manifest.n_chunks if out.writes_zeros else manifest.nonzero_chunks
             on_start(record, min(chunks * manifest.chunk_size, manifest.size))
         out.open(manifest.size)
         try:
-            counts = _write_all(repo, txn, manifest, out, workers, on_progress)
+            counts = _write_all(repo, txn, record, manifest, out, workers, on_progress)
             out.finish()
         except BaseException:
             out.discard()
@@ -119,8 +119,8 @@ def nonzero_runs(raw) -> list[tuple[int, int]]:
     return runs
 
 
-def _write_all(repo: Repository, txn, manifest: Manifest, out: RestoreTarget, workers: int,
-               on_progress) -> tuple[int, int, int]:
+def _write_all(repo: Repository, txn, record: BackupRecord, manifest: Manifest, out: RestoreTarget,
+               workers: int, on_progress) -> tuple[int, int, int]:
     store = repo.store
     cs, size, zero = manifest.chunk_size, manifest.size, store.digester.zero_digest
     written = chunks_written = chunks_read = 0
@@ -161,7 +161,8 @@ def _write_all(repo: Repository, txn, manifest: Manifest, out: RestoreTarget, wo
                 for s in range(window, min(window + WINDOW_SEGMENTS, len(manifest.segments))):
                     if manifest.nonzero[s] == 0 and not zeros:
                         continue
-                    arr = segment_array(repo.manifests.segment(txn, manifest.segments[s]), manifest.digest_len)
+                    arr = segment_array(repo.manifests.segment(txn, manifest.segments[s], record.id, manifest, s),
+                                        manifest.digest_len)
                     base = s * manifest.seg_chunks * cs
                     for k, row in enumerate(arr):
                         by_digest.setdefault(row.tobytes(), []).append(base + k * cs)

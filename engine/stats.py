@@ -13,8 +13,9 @@ def store_stats(repo: Repository) -> dict:
     backups = disks = logical = logical_nonzero = 0
     names = set()
     unique_raw = stored_payload = chunks = 0
+    bad: list = []  # catalog records that do not parse: reported, not counted
     with store.read_txn() as txn:
-        for rec in repo.catalog.all(txn):
+        for rec in repo.catalog.all(txn, bad=bad):
             backups += 1
             names.add(rec.disk)
             logical += rec.size
@@ -47,4 +48,5 @@ def store_stats(repo: Repository) -> dict:
         "dedup_ratio": ratio(logical_nonzero, unique_raw),
         "compression_ratio": ratio(unique_raw, stored_payload),
         "reduction_ratio": ratio(logical_nonzero, pack_bytes),
+        "bad_records": [b.as_dict() for b in bad],
     }

@@ -118,11 +118,11 @@ class DiskJob:
     def sample(self, source, txn, base, areas, share: float) -> cbt_sample.SampleResult:
         repo = self.run.repo
         cs = repo.store.chunk_size
-        manifest = repo.manifests.get(txn, base.key, base.id)
+        manifest = repo.manifests.get(txn, base.key, base.id, base)
         runs = extents_to_runs(areas, cs, self.capacity)
         indices = cbt_sample.draw(runs, min(manifest.n_chunks, -(-self.capacity // cs)), share, self.rng)
         return cbt_sample.check(source, indices, cs, repo.store.digester, manifest,
-                                lambda d: repo.manifests.segment(txn, d))
+                                lambda d: repo.manifests.segment(txn, d, base.id))
 
     # -- reading ------------------------------------------------------------------
 
