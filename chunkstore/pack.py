@@ -22,6 +22,7 @@ from typing import Iterator
 
 import xxhash
 
+from chunkstore import safefs
 from chunkstore.config import fsync_dir
 from chunkstore.digest import DIGEST_FIELD
 from chunkstore.errors import IntegrityError
@@ -128,9 +129,12 @@ class PackWriter:
         self.relpath = pack_relpath(self.pack_id)
         self.path = os.path.join(store_path, self.relpath)
         directory = os.path.dirname(self.path)
-        os.makedirs(directory, exist_ok=True)
+        # packs/ and packs/XX are made (0700) or checked, never followed when
+        # they are links; the file is new (O_EXCL) and 0600: chunkstore/safefs.py.
+        safefs.make_dir(os.path.dirname(directory), "store directory")
+        safefs.make_dir(directory, "store directory")
         self._dir = directory
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._fd = safefs.create_file(self.path, "pack file")
         header = encode_pack_header(store_id, self.pack_id)
         try:
             self.write_at(0, [header])

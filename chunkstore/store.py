@@ -22,6 +22,7 @@ import threading
 
 import lmdb
 
+from chunkstore import safefs
 from chunkstore.codec import Codec
 from chunkstore.config import StoreConfig, fsync_dir
 from chunkstore.digest import Digester
@@ -31,6 +32,9 @@ from chunkstore.pack import RECORD_HEADER_SIZE, check_payload, decode_record_hea
 from chunkstore.session import WriteSession
 
 INDEX_DIR = "index"
+PACKS_DIR = "packs"
+# What a store opens by name; none may be a link (chunkstore/safefs.py).
+STORE_FILES = ("config.json", "lock", "index/data.mdb", "index/lock.mdb")
 # Address space only: LMDB grows the file as data arrives.
 MAP_SIZE = 1 << 40
 MAX_DBS = 16
@@ -66,7 +70,13 @@ class ChunkStore:
             if os.listdir(path):
                 raise StoreExistsError(f"{path} is not empty; init needs a new or empty directory")
         cfg = StoreConfig.new(**settings)
-        os.makedirs(os.path.join(path, "packs"), exist_ok=True)
+        # 0700 directories, 0600 files (chunkstore/safefs.py): the store holds
+        # the digest seed and every disk's data.  An empty directory given to
+        # init becomes 0700 too.
+        os.makedirs(path, mode=safefs.DIR_MODE, exist_ok=True)
+        os.chmod(path, safefs.DIR_MODE)
+        for sub in (PACKS_DIR, INDEX_DIR):
+            safefs.make_dir(os.path.join(path, sub), "store directory")
         env = _open_env(path, create=True)
         store = cls(path, cfg, env)
         # The config goes last: a directory without one is not a store, so a
@@ -79,6 +89,9 @@ class ChunkStore:
     def open(cls, path: str) -> "ChunkStore":
         refuse_url(path)
         cfg = StoreConfig.load(path)
+        # Before LMDB opens (and may truncate) index/lock.mdb, and before a
+        # writer follows packs/XX anywhere: a store holds no links.
+        safefs.check_tree(path, STORE_FILES, (INDEX_DIR, PACKS_DIR), PACKS_DIR)
         if not os.path.isdir(os.path.join(path, INDEX_DIR)):
             raise NotAStoreError(f"{path}: store index directory '{INDEX_DIR}' is missing")
         env = _open_env(path, create=False)
@@ -132,7 +145,7 @@ class ChunkStore:
                 fd = self._fds.get(pack_id)
                 if fd is None:
                     try:
-                        fd = os.open(self.pack_path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
+                        fd = safefs.open_file(self.pack_path(pack_id), os.O_RDONLY, "pack file")
                     except FileNotFoundError:
                         raise IntegrityError(
                             f"store {self.path}: pack {pack_id.hex()} is missing "
@@ -200,7 +213,7 @@ def _open_env(path: str, create: bool) -> lmdb.Environment:
     index = os.path.join(path, INDEX_DIR)
     try:
         env = lmdb.open(index, map_size=MAP_SIZE, max_dbs=MAX_DBS, subdir=True, create=create,
-                        readahead=False, max_readers=256)
+                        readahead=False, max_readers=256, mode=safefs.FILE_MODE)
     except lmdb.Error as e:
         raise NotAStoreError(f"{path}: cannot open the store index: {e}") from None
     env.reader_check()  # clear reader slots left by killed processes
