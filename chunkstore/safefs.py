@@ -34,8 +34,8 @@ def _refuse_link(path: str, what: str) -> UnsafePathError:
     except OSError:
         to = ""
     return UnsafePathError(f"{what} {path} is a symbolic link{to}; a store holds no links, and blockvault "
-                           "does not follow them (they could make it write outside the store): remove the "
-                           "link, or restore the store from a copy made without links")
+                           "does not follow them (they could make it write outside the store): replace the "
+                           "link by the file or directory it points to, or remove it")
 
 
 def open_file(path: str, flags: int, what: str, mode: int = FILE_MODE) -> int:

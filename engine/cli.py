@@ -152,7 +152,8 @@ def cmd_restore(args) -> int:
     from engine.restore import make_target, restore_backup
     started = time.monotonic()
     swapped.check_restore(args.store, args.backup, args.target)
-    target = make_target(args.target, args.force, args.format, args.credentials, args.zeroed_target)
+    target = make_target(args.target, args.force, args.format, args.credentials, args.zeroed_target,
+                         mode=args.mode)
     with _progress(args, f"restore {args.backup}") as progress, _open(args) as repo:
         result = restore_backup(repo, args.backup, target, workers=args.threads,
                                 on_start=lambda rec, total: progress.set_total(total),
@@ -326,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true",
                     help="replace TARGET if it exists (required for block devices and vddk)")
     sp.add_argument("--credentials", metavar="FILE", help="vSphere credentials file for vddk:// targets")
+    sp.add_argument("--mode", type=argtypes.file_mode, metavar="OCTAL",
+                    help="permissions of the restored image file (default 600: a disk's data is its owner's)")
     sp.add_argument("--zeroed-target", action="store_true",
                     help="the block device or vddk disk already reads as zeros: skip writing zero chunks "
                          "(files are always new and sparse)")
