@@ -92,8 +92,12 @@ class RecordHeader:
     payload_check: int
 
 
-def decode_record_header(data, where: str) -> RecordHeader:
-    """Parse and check one 64-byte record header; IntegrityError when it is not one."""
+def decode_record_header(data, where: str, max_chunk: int = MAX_PAYLOAD) -> RecordHeader:
+    """Parse and check one 64-byte record header; IntegrityError when it is not one.
+
+    ``max_chunk`` is the store's chunk size when the caller knows it: a chunk
+    record declaring more (raw or stored) is damaged or crafted, and is refused
+    before its sizes are used to read or decompress anything."""
     if len(data) < RECORD_HEADER_SIZE:
         raise IntegrityError(f"{where}: record header truncated")
     magic, codec, dlen, _, raw_len, stored_len, digest, pcheck, hcheck = RECORD_HEADER.unpack_from(data)
@@ -103,6 +107,9 @@ def decode_record_header(data, where: str) -> RecordHeader:
         raise IntegrityError(f"{where}: record header checksum mismatch")
     if dlen > DIGEST_FIELD or stored_len > MAX_PAYLOAD or (magic == RECORD_MAGIC and raw_len > MAX_PAYLOAD):
         raise IntegrityError(f"{where}: record header has impossible sizes")
+    if magic == RECORD_MAGIC and max(raw_len, stored_len) > max_chunk:
+        raise IntegrityError(f"{where}: record declares {raw_len} bytes raw, {stored_len} stored, more than "
+                             f"the store's chunk size {max_chunk}")
     return RecordHeader(magic, codec, digest[:dlen], raw_len, stored_len, pcheck)
 
 

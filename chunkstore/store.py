@@ -28,7 +28,7 @@ from chunkstore.config import StoreConfig, fsync_dir
 from chunkstore.digest import Digester
 from chunkstore.errors import ChunkNotFound, IntegrityError, NotAStoreError, StoreExistsError, StoreUrlError
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry
-from chunkstore.pack import RECORD_HEADER_SIZE, check_payload, decode_record_header, pack_relpath
+from chunkstore.pack import MAX_PAYLOAD, RECORD_HEADER_SIZE, check_payload, decode_record_header, pack_relpath
 from chunkstore.session import WriteSession
 
 INDEX_DIR = "index"
@@ -38,6 +38,7 @@ STORE_FILES = ("config.json", "lock", "index/data.mdb", "index/lock.mdb")
 # Address space only: LMDB grows the file as data arrives.
 MAP_SIZE = 1 << 40
 MAX_DBS = 16
+MAX_READ = MAX_PAYLOAD + RECORD_HEADER_SIZE  # see read_span
 
 
 class ChunkStore:
@@ -127,7 +128,15 @@ class ChunkStore:
 
     def lookup(self, txn, digest: bytes) -> IndexEntry | None:
         value = txn.get(digest, db=self.chunks_db)
-        return IndexEntry.decode(value) if value is not None else None
+        if value is None:
+            return None
+        entry = IndexEntry.decode(value)
+        if max(entry.stored_len, entry.raw_len) > self.chunk_size:
+            # Its sizes decide how much is read and decompressed: never trust them past a chunk.
+            raise IntegrityError(f"store {self.path}: chunk {digest.hex()}: its index entry declares "
+                                 f"{entry.raw_len} bytes raw, {entry.stored_len} stored, more than the chunk "
+                                 f"size {self.chunk_size}; run 'blockvault rebuild-index'")
+        return entry
 
     def require(self, txn, digest: bytes) -> IndexEntry:
         entry = self.lookup(txn, digest)
@@ -155,7 +164,14 @@ class ChunkStore:
         return fd
 
     def read_span(self, pack_id: bytes, offset: int, length: int) -> bytes:
-        """Raw bytes of a pack (several adjacent records at once); GIL released by pread."""
+        """Raw bytes of a pack (several adjacent records at once); GIL released by pread.
+
+        Callers read at most 8 MiB or one record at once; a longer read comes
+        from a damaged index entry and is refused before its buffer exists."""
+        if length > MAX_READ:
+            raise IntegrityError(f"store {self.path}: pack {pack_id.hex()}: a read of {length} bytes at offset "
+                                 f"{offset} is larger than any record; the index is damaged: run "
+                                 "'blockvault rebuild-index'")
         data = os.pread(self._pack_fd(pack_id), length, offset)
         if len(data) != length:
             raise IntegrityError(
@@ -167,13 +183,16 @@ class ChunkStore:
         """The raw chunk whose record starts at ``span[at]``, checked at every level."""
         where = f"store {self.path}: chunk {digest.hex()} (pack {entry.pack_id.hex()} offset {entry.offset})"
         view = memoryview(span)
-        hdr = decode_record_header(view[at:at + RECORD_HEADER_SIZE], where)
+        hdr = decode_record_header(view[at:at + RECORD_HEADER_SIZE], where, self.chunk_size)
         if hdr.digest != digest or hdr.stored_len != entry.stored_len or hdr.raw_len != entry.raw_len:
             raise IntegrityError(f"{where}: record header does not match the index")
         start = at + RECORD_HEADER_SIZE
         payload = view[start:start + hdr.stored_len]
         check_payload(hdr, payload, where)
-        raw = self.codec.decode(hdr.codec, payload, hdr.raw_len)
+        try:
+            raw = self.codec.decode(hdr.codec, payload, hdr.raw_len)
+        except IntegrityError as e:
+            raise IntegrityError(f"{where}: {e}") from None
         if check_digest and self.digester(raw) != digest:
             raise IntegrityError(f"{where}: content does not hash to its digest")
         return raw
