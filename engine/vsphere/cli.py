@@ -65,8 +65,6 @@ def _connect(args):
     from engine.vsphere.connection import Connection, Endpoint, TlsPolicy
 
     creds = load_credentials(args.credentials)
-    for text in creds.warnings:
-        _log().warning(text)
     tls = TlsPolicy(args.thumbprint, args.ca_file, args.insecure)
     return Connection(Endpoint.parse(args.server), creds, tls, timeout=args.timeout)
 
