@@ -32,7 +32,7 @@ from chunkstore.config import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, DIG
 from engine import argtypes, clilog, signals, swapped  # noqa: E402
 from engine.commandline import (EXIT_DAMAGED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_LOCKED,  # noqa: E402,F401
                                 EXIT_OK, EXIT_USAGE, CommandLineError, Parser, add_command, common_options,
-                                describe_failure, emit, print_table, report_failure)
+                                describe_failure, emit, print_table, printable, report_failure)
 from engine.progress import Progress, human_bytes  # noqa: E402
 from engine.vsphere.cli import register as register_vsphere  # noqa: E402
 
@@ -136,7 +136,7 @@ def cmd_list(args) -> int:
         emit(args, {"backups": [r.summary() for r in records]}, "")
         return EXIT_OK
     if not records:
-        print("no backups" + (f" of disk {args.disk}" if args.disk else ""))
+        print(printable("no backups" + (f" of disk {args.disk}" if args.disk else "")))
         return EXIT_OK
     rows = [("ID", "TIME", "KIND", "BASE", "SIZE", "READ", "STORED", "SECONDS")]
     for r in records:
@@ -196,14 +196,16 @@ def cmd_verify(args) -> int:
         emit(args, doc, "")
     else:
         print(f"checked {checked[:-len(' checked')]}")
+        # Backup ids and reasons come from the store: printed escaped (printable).
         for bad in doc["bad_chunks"]:
             where = "; ".join(f"{b['id']} at offsets {', '.join(map(str, b['offsets'][:8]))}"
                               + (" ..." if b["count"] > 8 else "") for b in bad["backups"]) or "no backup"
-            print(f"BAD chunk {bad['digest']}: {bad['reason']}\n    affects {where}")
+            print(printable(f"BAD chunk {bad['digest']}: {bad['reason']}"))
+            print("    affects " + printable(where))
         for pack in doc["missing_packs"]:
-            print(f"MISSING pack {pack['id']} ({pack['path']})")
+            print(printable(f"MISSING pack {pack['id']} ({pack['path']})"))
         for bid, reason in doc["damaged_manifests"].items():
-            print(f"DAMAGED manifest of {bid}: {reason}")
+            print(printable(f"DAMAGED manifest of {bid}: {reason}"))
         if doc["unreferenced_packs"]:
             print(f"note: {len(doc['unreferenced_packs'])} pack file(s) left by interrupted backups "
                   "hold no referenced data")
