@@ -275,10 +275,10 @@ def test_a_crafted_zstd_frame_fails_with_bounded_memory(backed_up, tmp_path, wha
     assert len(payload) < 1 << 20, len(payload)
     _plant(store, digest, payload)
     restore, rss = _run_measured("restore", store, "d@1", str(tmp_path / "out.img"))
+    assert rss < RSS_LIMIT, f"{what}: restore peaked at {rss >> 20} MiB"
     assert restore.returncode == 1, (restore.returncode, restore.stderr)
     assert "Traceback" not in restore.stderr and "MemoryError" not in restore.stderr, restore.stderr
     assert digest.hex() in restore.stderr and "zstd frame" in restore.stderr, restore.stderr
-    assert rss < RSS_LIMIT, f"{what}: restore peaked at {rss >> 20} MiB"
     assert not os.path.lexists(tmp_path / "out.img") and not os.path.lexists(tmp_path / "out.img.blockvault-partial")
     verify, rss = _run_measured("verify", store, "--json")
     assert verify.returncode == 3, (verify.returncode, verify.stderr)
