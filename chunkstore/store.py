@@ -26,7 +26,8 @@ from chunkstore import safefs
 from chunkstore.codec import Codec
 from chunkstore.config import StoreConfig, fsync_dir
 from chunkstore.digest import Digester
-from chunkstore.errors import ChunkNotFound, IntegrityError, NotAStoreError, StoreExistsError, StoreUrlError
+from chunkstore.errors import (ChunkNotFound, IntegrityError, NotAStoreError, StoreExistsError, StoreUrlError,
+                               UnsafePathError)
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry
 from chunkstore.pack import MAX_PAYLOAD, RECORD_HEADER_SIZE, check_payload, decode_record_header, pack_relpath
 from chunkstore.session import WriteSession
@@ -155,6 +156,8 @@ class ChunkStore:
                 if fd is None:
                     try:
                         fd = safefs.open_file(self.pack_path(pack_id), os.O_RDONLY, "pack file")
+                    except UnsafePathError as e:  # damage as far as readers go: verify reports it per chunk
+                        raise IntegrityError(f"store {self.path}: {e}") from None
                     except FileNotFoundError:
                         raise IntegrityError(
                             f"store {self.path}: pack {pack_id.hex()} is missing "

@@ -109,6 +109,20 @@ def test_other_links_inside_a_store_are_refused(backed_up, tmp_path, name):
         assert moved.read_bytes() == snapshot
 
 
+def test_a_pack_file_that_is_a_symlink_is_not_read(backed_up, tmp_path):
+    """Readers open packs O_NOFOLLOW: restore fails naming the link, verify counts it as damage."""
+    store, _ = backed_up
+    packs = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(store, "packs")) for f in fs]
+    moved = tmp_path / "moved.pack"
+    os.rename(packs[0], moved)
+    os.symlink(moved, packs[0])
+    _refused(run_cli("restore", store, "d@1", str(tmp_path / "out.img")), packs[0], "symbolic link")
+    verify = run_cli("verify", store, "--json")
+    assert verify.returncode == 3 and "Traceback" not in verify.stderr, verify.stderr
+    reasons = [b["reason"] for b in json.loads(verify.stdout)["bad_chunks"]]
+    assert reasons and all("symbolic link" in r for r in reasons), reasons
+
+
 @pytest.mark.parametrize("suffix,force", [(".img", False), (".img", True), (".vmdk", False), (".vmdk", True)])
 def test_planted_partial_symlink_is_refused(backed_up, victim, tmp_path, suffix, force):
     store, _ = backed_up
