@@ -76,7 +76,16 @@ class Codec:
                 raise IntegrityError(f"raw chunk holds {len(payload)} bytes, header says {raw_len}")
             return bytes(payload)
         if codec == CODEC_ZSTD:
+            # python-zstandard sizes its output by the frame's declared content
+            # size and ignores max_output_size when there is one: a crafted
+            # frame declaring 2**62 bytes raised MemoryError, one declaring 3 GB
+            # of real zeros took 3 GB.  So the declared size must be the
+            # record's raw length (itself at most the chunk size), and a frame
+            # without one is capped at it.
             try:
+                declared = zstandard.frame_content_size(payload)
+                if declared not in (-1, raw_len):
+                    raise IntegrityError(f"zstd frame declares {declared} bytes, the record {raw_len}")
                 out = self._decompressor().decompress(payload, max_output_size=raw_len)
             except zstandard.ZstdError as e:
                 raise IntegrityError(f"zstd frame does not decompress: {e}") from None

@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
+from chunkstore import safefs
 from chunkstore.errors import ConfigError, FormatVersionError, NotAStoreError
 
 FORMAT_NAME = "blockvault-store"
@@ -93,7 +94,7 @@ class StoreConfig:
         if not os.path.isdir(store_path):
             raise NotAStoreError(f"{store_path}: no such directory; create a store with 'blockvault init {store_path}'")
         try:
-            with open(path, "rb") as f:
+            with os.fdopen(safefs.open_file(path, os.O_RDONLY, "store config"), "rb") as f:
                 doc = json.loads(f.read())
         except FileNotFoundError:
             raise NotAStoreError(
@@ -128,7 +129,13 @@ class StoreConfig:
     def save(self, store_path: str) -> None:
         path = os.path.join(store_path, CONFIG_FILE)
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        # It holds the digest seed: 0600, created anew (a link or a file left
+        # under the temporary name is removed, never written through).
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        with os.fdopen(safefs.create_file(tmp, "store config"), "w") as f:
             f.write(self.to_json())
             f.flush()
             os.fsync(f.fileno())

@@ -47,3 +47,8 @@ class IntegrityError(StoreError):
 
 class ConfigError(StoreError):
     """A store setting out of range or malformed."""
+
+
+class UnsafePathError(StoreError):
+    """A symbolic link, device node or other non-regular file where a store
+    (or a restore) opens or creates a file: refused, never followed."""

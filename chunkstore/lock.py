@@ -4,6 +4,11 @@ A writer holds an exclusive ``flock`` on ``STORE/lock`` for its whole
 session; the kernel drops it when the process dies, so a killed backup
 never leaves a stale lock.  Readers take no lock at all (LMDB gives them a
 consistent snapshot), so restores and listings run beside a backup.
+
+The lock file is truncated and written by whoever takes it, often root: it
+is opened without following a link and must be a regular file with one
+name (chunkstore/safefs.py), so a planted link or hard link cannot make a
+backup truncate another file.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import logging
 import os
 import time
 
-from chunkstore.errors import StoreLockedError
+from chunkstore import safefs
+from chunkstore.errors import StoreLockedError, UnsafePathError
 
 LOCK_FILE = "lock"
 
@@ -33,7 +39,11 @@ class WriterLock:
         the CLI shows on stderr) whom it waits for; a timeout names the holder
         and how long it waited.  The error carries the holder as ``holder``.
         """
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = safefs.open_file(self.path, os.O_RDWR | os.O_CREAT, "store lock file")
+        if os.fstat(fd).st_nlink != 1:
+            os.close(fd)
+            raise UnsafePathError(f"store lock file {self.path} has other names (hard links); a store's files "
+                                  "have one name each: remove it (the next writer creates a new one)")
         wait = max(wait, 0.0)
         started = time.monotonic()
         deadline = started + wait

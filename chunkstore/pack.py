@@ -22,6 +22,7 @@ from typing import Iterator
 
 import xxhash
 
+from chunkstore import safefs
 from chunkstore.config import fsync_dir
 from chunkstore.digest import DIGEST_FIELD
 from chunkstore.errors import IntegrityError
@@ -91,8 +92,12 @@ class RecordHeader:
     payload_check: int
 
 
-def decode_record_header(data, where: str) -> RecordHeader:
-    """Parse and check one 64-byte record header; IntegrityError when it is not one."""
+def decode_record_header(data, where: str, max_chunk: int = MAX_PAYLOAD) -> RecordHeader:
+    """Parse and check one 64-byte record header; IntegrityError when it is not one.
+
+    ``max_chunk`` is the store's chunk size when the caller knows it: a chunk
+    record declaring more (raw or stored) is damaged or crafted, and is refused
+    before its sizes are used to read or decompress anything."""
     if len(data) < RECORD_HEADER_SIZE:
         raise IntegrityError(f"{where}: record header truncated")
     magic, codec, dlen, _, raw_len, stored_len, digest, pcheck, hcheck = RECORD_HEADER.unpack_from(data)
@@ -102,6 +107,9 @@ def decode_record_header(data, where: str) -> RecordHeader:
         raise IntegrityError(f"{where}: record header checksum mismatch")
     if dlen > DIGEST_FIELD or stored_len > MAX_PAYLOAD or (magic == RECORD_MAGIC and raw_len > MAX_PAYLOAD):
         raise IntegrityError(f"{where}: record header has impossible sizes")
+    if magic == RECORD_MAGIC and max(raw_len, stored_len) > max_chunk:
+        raise IntegrityError(f"{where}: record declares {raw_len} bytes raw, {stored_len} stored, more than "
+                             f"the store's chunk size {max_chunk}")
     return RecordHeader(magic, codec, digest[:dlen], raw_len, stored_len, pcheck)
 
 
@@ -128,9 +136,12 @@ class PackWriter:
         self.relpath = pack_relpath(self.pack_id)
         self.path = os.path.join(store_path, self.relpath)
         directory = os.path.dirname(self.path)
-        os.makedirs(directory, exist_ok=True)
+        # packs/ and packs/XX are made (0700) or checked, never followed when
+        # they are links; the file is new (O_EXCL) and 0600: chunkstore/safefs.py.
+        safefs.make_dir(os.path.dirname(directory), "store directory")
+        safefs.make_dir(directory, "store directory")
         self._dir = directory
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._fd = safefs.create_file(self.path, "pack file")
         header = encode_pack_header(store_id, self.pack_id)
         try:
             self.write_at(0, [header])

@@ -22,19 +22,25 @@ import threading
 
 import lmdb
 
+from chunkstore import safefs
 from chunkstore.badmarks import BAD_DB
 from chunkstore.codec import Codec
 from chunkstore.config import StoreConfig, fsync_dir
 from chunkstore.digest import Digester
-from chunkstore.errors import ChunkNotFound, IntegrityError, NotAStoreError, StoreExistsError, StoreUrlError
+from chunkstore.errors import (ChunkNotFound, IntegrityError, NotAStoreError, StoreExistsError, StoreUrlError,
+                               UnsafePathError)
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry
-from chunkstore.pack import RECORD_HEADER_SIZE, check_payload, decode_record_header, pack_relpath
+from chunkstore.pack import MAX_PAYLOAD, RECORD_HEADER_SIZE, check_payload, decode_record_header, pack_relpath
 from chunkstore.session import WriteSession
 
 INDEX_DIR = "index"
+PACKS_DIR = "packs"
+# What a store opens by name; none may be a link (chunkstore/safefs.py).
+STORE_FILES = ("config.json", "lock", "index/data.mdb", "index/lock.mdb")
 # Address space only: LMDB grows the file as data arrives.
 MAP_SIZE = 1 << 40
 MAX_DBS = 16
+MAX_READ = MAX_PAYLOAD + RECORD_HEADER_SIZE  # see read_span
 
 
 class ChunkStore:
@@ -68,7 +74,13 @@ class ChunkStore:
             if os.listdir(path):
                 raise StoreExistsError(f"{path} is not empty; init needs a new or empty directory")
         cfg = StoreConfig.new(**settings)
-        os.makedirs(os.path.join(path, "packs"), exist_ok=True)
+        # 0700 directories, 0600 files (chunkstore/safefs.py): the store holds
+        # the digest seed and every disk's data.  An empty directory given to
+        # init becomes 0700 too.
+        os.makedirs(path, mode=safefs.DIR_MODE, exist_ok=True)
+        os.chmod(path, safefs.DIR_MODE)
+        for sub in (PACKS_DIR, INDEX_DIR):
+            safefs.make_dir(os.path.join(path, sub), "store directory")
         env = _open_env(path, create=True)
         store = cls(path, cfg, env)
         # The config goes last: a directory without one is not a store, so a
@@ -81,6 +93,9 @@ class ChunkStore:
     def open(cls, path: str) -> "ChunkStore":
         refuse_url(path)
         cfg = StoreConfig.load(path)
+        # Before LMDB opens (and may truncate) index/lock.mdb, and before a
+        # writer follows packs/XX anywhere: a store holds no links.
+        safefs.check_tree(path, STORE_FILES, (INDEX_DIR, PACKS_DIR), PACKS_DIR)
         if not os.path.isdir(os.path.join(path, INDEX_DIR)):
             raise NotAStoreError(f"{path}: store index directory '{INDEX_DIR}' is missing")
         env = _open_env(path, create=False)
@@ -116,7 +131,15 @@ class ChunkStore:
 
     def lookup(self, txn, digest: bytes) -> IndexEntry | None:
         value = txn.get(digest, db=self.chunks_db)
-        return IndexEntry.decode(value) if value is not None else None
+        if value is None:
+            return None
+        entry = IndexEntry.decode(value)
+        if max(entry.stored_len, entry.raw_len) > self.chunk_size:
+            # Its sizes decide how much is read and decompressed: never trust them past a chunk.
+            raise IntegrityError(f"store {self.path}: chunk {digest.hex()}: its index entry declares "
+                                 f"{entry.raw_len} bytes raw, {entry.stored_len} stored, more than the chunk "
+                                 f"size {self.chunk_size}; run 'blockvault rebuild-index'")
+        return entry
 
     def require(self, txn, digest: bytes) -> IndexEntry:
         entry = self.lookup(txn, digest)
@@ -134,7 +157,9 @@ class ChunkStore:
                 fd = self._fds.get(pack_id)
                 if fd is None:
                     try:
-                        fd = os.open(self.pack_path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
+                        fd = safefs.open_file(self.pack_path(pack_id), os.O_RDONLY, "pack file")
+                    except UnsafePathError as e:  # damage as far as readers go: verify reports it per chunk
+                        raise IntegrityError(f"store {self.path}: {e}") from None
                     except FileNotFoundError:
                         raise IntegrityError(
                             f"store {self.path}: pack {pack_id.hex()} is missing "
@@ -144,7 +169,14 @@ class ChunkStore:
         return fd
 
     def read_span(self, pack_id: bytes, offset: int, length: int) -> bytes:
-        """Raw bytes of a pack (several adjacent records at once); GIL released by pread."""
+        """Raw bytes of a pack (several adjacent records at once); GIL released by pread.
+
+        Callers read at most 8 MiB or one record at once; a longer read comes
+        from a damaged index entry and is refused before its buffer exists."""
+        if length > MAX_READ:
+            raise IntegrityError(f"store {self.path}: pack {pack_id.hex()}: a read of {length} bytes at offset "
+                                 f"{offset} is larger than any record; the index is damaged: run "
+                                 "'blockvault rebuild-index'")
         data = os.pread(self._pack_fd(pack_id), length, offset)
         if len(data) != length:
             raise IntegrityError(
@@ -156,13 +188,16 @@ class ChunkStore:
         """The raw chunk whose record starts at ``span[at]``, checked at every level."""
         where = f"store {self.path}: chunk {digest.hex()} (pack {entry.pack_id.hex()} offset {entry.offset})"
         view = memoryview(span)
-        hdr = decode_record_header(view[at:at + RECORD_HEADER_SIZE], where)
+        hdr = decode_record_header(view[at:at + RECORD_HEADER_SIZE], where, self.chunk_size)
         if hdr.digest != digest or hdr.stored_len != entry.stored_len or hdr.raw_len != entry.raw_len:
             raise IntegrityError(f"{where}: record header does not match the index")
         start = at + RECORD_HEADER_SIZE
         payload = view[start:start + hdr.stored_len]
         check_payload(hdr, payload, where)
-        raw = self.codec.decode(hdr.codec, payload, hdr.raw_len)
+        try:
+            raw = self.codec.decode(hdr.codec, payload, hdr.raw_len)
+        except IntegrityError as e:
+            raise IntegrityError(f"{where}: {e}") from None
         if check_digest and self.digester(raw) != digest:
             raise IntegrityError(f"{where}: content does not hash to its digest")
         return raw
@@ -202,7 +237,7 @@ def _open_env(path: str, create: bool) -> lmdb.Environment:
     index = os.path.join(path, INDEX_DIR)
     try:
         env = lmdb.open(index, map_size=MAP_SIZE, max_dbs=MAX_DBS, subdir=True, create=create,
-                        readahead=False, max_readers=256)
+                        readahead=False, max_readers=256, mode=safefs.FILE_MODE)
     except lmdb.Error as e:
         raise NotAStoreError(f"{path}: cannot open the store index: {e}") from None
     env.reader_check()  # clear reader slots left by killed processes

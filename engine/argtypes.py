@@ -83,3 +83,14 @@ def demo_size(text: str) -> int:
     if n < MIN_DEMO_SIZE:
         raise argparse.ArgumentTypeError(f"{text}: the demo image needs at least 1M")
     return n
+
+
+def file_mode(text: str) -> int:
+    """Permissions of a new file, in octal as chmod takes them: 600, 0644, 0o640."""
+    t = text.strip().lower().removeprefix("0o")
+    if not t or len(t) > 4 or any(c not in "01234567" for c in t):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file mode; write it in octal like chmod: 600, 0640")
+    mode = int(t, 8)
+    if mode > 0o777:
+        raise argparse.ArgumentTypeError(f"{text}: give permission bits only (0000 to 0777, no setuid/sticky)")
+    return mode

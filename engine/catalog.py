@@ -24,11 +24,14 @@ from engine.errors import BadInputError, NotFoundError, UsageError
 
 CATALOG_DB = b"catalog"
 KINDS = ("full", "incremental", "differential")
-_DISK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,199}$")
+# fullmatch, not match with "$": "$" also matches before a trailing newline,
+# which let "d\n" through as a disk name.
+_DISK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,199}")
 
 
 def check_disk_name(name: str) -> str:
-    if not _DISK_NAME.match(name or ""):
+    """The name, if it may name a disk; ``repr`` in the refusal shows control characters escaped."""
+    if not isinstance(name, str) or not _DISK_NAME.fullmatch(name):
         raise BadInputError(
             f"disk name {name!r} is not allowed: use 1-200 characters from letters, digits and ._:/+- "
             "starting with a letter or digit (no '@')"

@@ -32,7 +32,7 @@ from chunkstore.config import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, DIG
 from engine import argtypes, clilog, signals, swapped  # noqa: E402
 from engine.commandline import (EXIT_DAMAGED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_LOCKED,  # noqa: E402,F401
                                 EXIT_OK, EXIT_USAGE, CommandLineError, Parser, add_command, common_options,
-                                describe_failure, emit, print_table, report_failure)
+                                describe_failure, emit, print_table, printable, report_failure)
 from engine.progress import Progress, human_bytes  # noqa: E402
 from engine.vsphere.cli import register as register_vsphere  # noqa: E402
 
@@ -145,7 +145,7 @@ def cmd_list(args) -> int:
         emit(args, {"backups": [r.summary() for r in records], "bad_records": bad}, "")
         return EXIT_OK
     if not records:
-        print("no backups" + (f" of disk {args.disk}" if args.disk else ""))
+        print(printable("no backups" + (f" of disk {args.disk}" if args.disk else "")))
         return EXIT_OK
     rows = [("ID", "TIME", "KIND", "BASE", "SIZE", "READ", "STORED", "SECONDS")]
     for r in records:
@@ -161,7 +161,8 @@ def cmd_restore(args) -> int:
     from engine.restore import make_target, restore_backup
     started = time.monotonic()
     swapped.check_restore(args.store, args.backup, args.target)
-    target = make_target(args.target, args.force, args.format, args.credentials, args.zeroed_target)
+    target = make_target(args.target, args.force, args.format, args.credentials, args.zeroed_target,
+                         mode=args.mode)
     with _progress(args, f"restore {args.backup}") as progress, _open(args) as repo:
         result = restore_backup(repo, args.backup, target, workers=args.threads,
                                 on_start=lambda rec, total: progress.set_total(total),
@@ -209,24 +210,26 @@ def cmd_verify(args) -> int:
         emit(args, doc, "")
     else:
         print(f"checked {checked[:-len(' checked')]}")
+        # Backup ids and reasons come from the store: printed escaped (printable).
         for bad in doc["bad_chunks"]:
             where = "; ".join(f"{b['id']} at offsets {', '.join(map(str, b['offsets'][:8]))}"
                               + (" ..." if b["count"] > 8 else "") for b in bad["backups"]) or "no backup"
-            print(f"BAD chunk {bad['digest']}: {bad['reason']}\n    affects {where}")
+            print(printable(f"BAD chunk {bad['digest']}: {bad['reason']}"))
+            print("    affects " + printable(where))
         for pack in doc["missing_packs"]:
-            print(f"MISSING pack {pack['id']} ({pack['path']})")
+            print(printable(f"MISSING pack {pack['id']} ({pack['path']})"))
         for pack in doc["bad_packs"]:
-            print(f"DAMAGED pack {pack['id']} ({pack['path']}): {pack['reason']}")
+            print(printable(f"DAMAGED pack {pack['id']} ({pack['path']}): {pack['reason']}"))
         for err in doc["read_errors"]:
-            print(f"READ ERROR pack {err['id']} ({err['path']}) at offset {err['offset']}, "
-                  f"{err['length']} bytes: {err['error']}")
+            print(printable(f"READ ERROR pack {err['id']} ({err['path']}) at offset {err['offset']}, "
+                            f"{err['length']} bytes: {err['error']}"))
         for bid, reason in doc["damaged_manifests"].items():
-            print(f"DAMAGED manifest of {bid}: {reason}")
+            print(printable(f"DAMAGED manifest of {bid}: {reason}"))
         for rec in doc["bad_records"]:
-            print(f"DAMAGED catalog record {rec['key']}: {rec['reason']}")
+            print(printable(f"DAMAGED catalog record {rec['key']}: {rec['reason']}"))
         for h in doc["healed_chunks"]:
             users = ", ".join(b["id"] for b in h["backups"]) or "no backup"
-            print(f"HEALED chunk {h['digest']}: stored again (was: {h['reason']}); used by {users}")
+            print(printable(f"HEALED chunk {h['digest']}: stored again (was: {h['reason']}); used by {users}"))
         if doc["marks"]["marked"]:
             print(f"marked {_count(doc['marks']['marked'], 'bad chunk')}: the next backup that reads "
                   "their data stores them again")
@@ -368,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true",
                     help="replace TARGET if it exists (required for block devices and vddk)")
     sp.add_argument("--credentials", metavar="FILE", help="vSphere credentials file for vddk:// targets")
+    sp.add_argument("--mode", type=argtypes.file_mode, metavar="OCTAL",
+                    help="permissions of the restored image file (default 600: a disk's data is its owner's)")
     sp.add_argument("--zeroed-target", action="store_true",
                     help="the block device or vddk disk already reads as zeros: skip writing zero chunks "
                          "(files are always new and sparse)")

@@ -99,7 +99,19 @@ def emit(args, doc: dict, text: str) -> None:
         print(text)
 
 
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on (ESC and the other C0
+    and C1 controls, DEL, newlines, bidirectional overrides) written as a Python
+    escape (``\x1b``, ``\n``, ``\u202e``).  For text from a store, which may
+    have been written by someone else: an escape sequence in a catalog entry
+    must not retitle, recolour or rewrite the terminal of whoever lists it."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def print_table(rows: list[tuple[str, ...]]) -> None:
+    rows = [tuple(printable(str(cell)) for cell in row) for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

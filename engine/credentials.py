@@ -3,7 +3,8 @@
 Command lines end up in shell history, ``ps`` output and job logs, so a
 password is taken only from ``BLOCKVAULT_VSPHERE_USER`` /
 ``BLOCKVAULT_VSPHERE_PASSWORD`` or from a file of ``user=...`` and
-``password=...`` lines (``#`` starts a comment).  ``Credentials`` hides the
+``password=...`` lines (``#`` starts a comment) that no other user can read
+(a file readable by group or others is refused).  ``Credentials`` hides the
 password from ``repr`` so it cannot leak into a log or a traceback.
 """
 
@@ -58,7 +59,6 @@ class Credentials:
     user: str
     password: str = field(repr=False)
     source: str = "environment"
-    warnings: tuple = ()
 
     def __post_init__(self) -> None:
         _remember(self.password)
@@ -76,10 +76,19 @@ def load_credentials(path: str | None = None, env=os.environ) -> Credentials:
         return Credentials(user, password)
     try:
         with open(path, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            # Refused, not warned about: a warning in a nightly job's log is
+            # read after the password has been readable for months.  Same rule
+            # for every command (vddk:// sources and targets, vsphere).
+            if mode & (stat.S_IRGRP | stat.S_IROTH):
+                raise BadInputError(f"credentials file {path} is readable by other users (mode "
+                                    f"{stat.S_IMODE(mode):04o}) and holds a password: chmod 600 {path}, "
+                                    "or use the environment variables")
             text = f.read()
-        mode = os.stat(path).st_mode
     except OSError as e:
         raise BadInputError(f"cannot read credentials file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise BadInputError(f"credentials file {path} is not UTF-8 text") from None
     values = {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -91,7 +100,4 @@ def load_credentials(path: str | None = None, env=os.environ) -> Credentials:
         values[key.strip()] = value.strip()
     if "user" not in values or "password" not in values:
         raise BadInputError(f"credentials file {path} needs both a user= and a password= line")
-    warnings = ()
-    if mode & (stat.S_IRGRP | stat.S_IROTH):
-        warnings = (f"credentials file {path} is readable by other users; chmod 600 it",)
-    return Credentials(values["user"], values["password"], source=path, warnings=warnings)
+    return Credentials(values["user"], values["password"], source=path)

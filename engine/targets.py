@@ -15,6 +15,14 @@ so every other kind of node (character devices such as /dev/null, FIFOs,
 sockets) is refused, and so is a symbolic link that does not lead to a
 block device: whether ``--force`` should replace the link or the file it
 points to is a guess blockvault does not make.
+
+The partial file is created exclusively and without following links
+(``O_CREAT | O_EXCL | O_NOFOLLOW``): a ``TARGET.blockvault-partial`` planted
+as a link to another file is refused, not written through, and a second
+restore to the same target while one runs is refused instead of both
+writing one file.  Restored images are 0600 (``--mode`` for another), since
+they hold a whole disk's data; without ``--force`` the finished file is
+linked into place only if the target is still absent.
 """
 
 from __future__ import annotations
@@ -27,12 +35,15 @@ import threading
 
 import native
 
+from chunkstore import safefs
 from chunkstore.config import fsync_dir
+from chunkstore.errors import UnsafePathError
 from engine.errors import BadInputError
 from engine.progress import human_bytes
 from engine.sources import target_format
 
 PARTIAL_SUFFIX = ".blockvault-partial"
+IMAGE_MODE = 0o600  # restored images hold a disk's data: the owner's alone unless --mode
 BLKROGET = 0x125E  # _IO(0x12, 94): is the block device read-only
 WHAT_RESTORE_WRITES = "restore writes regular files, block devices, or vddk:// disks"
 
@@ -42,10 +53,12 @@ class RestoreTarget:
 
     writes_zeros = False
 
-    def __init__(self, target: str, force: bool):
+    def __init__(self, target: str, force: bool, mode: int = IMAGE_MODE):
         self.target = target
         self.force = force
+        self.mode = mode
         self.warnings: list[str] = []
+        self._created = False  # the partial file is ours to rename or delete
 
     def check(self) -> None:
         target = self.target
@@ -67,12 +80,56 @@ class RestoreTarget:
     def write(self, offset: int, data) -> None:
         raise NotImplementedError
 
+    def partial_exists(self) -> BadInputError:
+        """The refusal when the partial file's name is taken: by a link, or by
+        another restore (running, or killed before it could clean up)."""
+        if os.path.islink(self.partial):
+            return BadInputError(f"{self.partial} is a symbolic link (to {os.readlink(self.partial)}); a restore "
+                                 f"never writes through links: remove it and run the restore again")
+        return BadInputError(f"{self.partial} already exists: another restore to {self.target} is running, or "
+                             "one was killed before it could remove it; if none is running, remove it and run "
+                             "the restore again")
+
+    def create_partial(self) -> int:
+        """The partial file, new and ours (O_EXCL, O_NOFOLLOW), with exactly ``self.mode``."""
+        try:
+            fd = safefs.create_file(self.partial, "restore partial file", self.mode)
+        except FileExistsError:
+            raise self.partial_exists() from None
+        except UnsafePathError as e:
+            raise BadInputError(str(e)) from None
+        self._created = True
+        return fd
+
     def finish(self) -> None:
         """Durable, and under the target's name."""
-        os.replace(self.partial, self.target)
+        self._publish()
         fsync_dir(os.path.dirname(os.path.abspath(self.target)))
 
+    def _publish(self) -> None:
+        """Rename the partial file over the target (``--force``), or, without
+        ``--force``, link it in only if the target is still absent: a target
+        that appeared while the restore ran (another restore finished) is kept."""
+        if not self.force:
+            try:
+                os.link(self.partial, self.target, follow_symlinks=False)
+            except FileExistsError:
+                raise BadInputError(f"restore target {self.target} appeared while this restore ran (another "
+                                    "restore?); it is kept; pass --force to overwrite it") from None
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                    raise
+            else:  # file systems without hard links fall back to the rename below
+                os.unlink(self.partial)
+                self._created = False
+                return
+        os.replace(self.partial, self.target)
+        self._created = False
+
     def discard(self) -> None:
+        if not self._created:  # never another restore's partial file
+            return
+        self._created = False
         try:
             os.unlink(self.partial)
         except FileNotFoundError:
@@ -83,8 +140,12 @@ class RawTarget(RestoreTarget):
     """A sparse raw image: holes wherever the backup has zero chunks."""
 
     def open(self, size: int) -> None:
-        self.fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        os.ftruncate(self.fd, size)
+        self.fd = self.create_partial()
+        try:
+            os.ftruncate(self.fd, size)
+        except BaseException:
+            self.discard()
+            raise
         self._write_lock = threading.Lock()
 
     def write(self, offset: int, data) -> None:
@@ -265,7 +326,12 @@ class VmdkTarget(RestoreTarget):
     """A hosted monolithicSparse VMDK; zero grains stay unallocated."""
 
     def open(self, size: int) -> None:
-        self.disk = native.create_vmdk(self.partial, size)
+        # Created in C like the raw partial file: O_EXCL | O_NOFOLLOW, this mode exactly.
+        try:
+            self.disk = native.create_vmdk(self.partial, size, mode=self.mode)
+        except FileExistsError:
+            raise self.partial_exists() from None
+        self._created = True
 
     def write(self, offset: int, data) -> None:
         self.disk.write(offset, data)
@@ -320,15 +386,26 @@ class VddkTarget(RestoreTarget):
 
 
 def make_target(target: str, force: bool = False, fmt: str | None = None,
-                credentials_file: str | None = None, zeroed: bool = False) -> RestoreTarget:
-    """The target for what the user named; ``zeroed`` matters only where old data may remain."""
+                credentials_file: str | None = None, zeroed: bool = False,
+                mode: int | None = None) -> RestoreTarget:
+    """The target for what the user named; ``zeroed`` matters only where old data may remain,
+    ``mode`` (the new file's permissions, default 0600) only for files."""
     if not target.startswith("vddk://") and _is_block_device(target, fmt):
+        _no_mode(mode, f"{target} is a block device, written in place")
         return BlockDeviceTarget(target, force, zeroed)
     kind = target_format(target, fmt)
+    file_mode = IMAGE_MODE if mode is None else mode
     if kind == "raw":
-        return RawTarget(target, force)
+        return RawTarget(target, force, file_mode)
     if kind == "vmdk":
-        return VmdkTarget(target, force)
+        return VmdkTarget(target, force, file_mode)
     if kind == "vddk":
+        _no_mode(mode, "a vddk:// disk is written in place")
         return VddkTarget(target, force, credentials_file, zeroed)
     raise BadInputError(f"restore format {fmt!r} is unknown; use raw, vmdk or vddk")
+
+
+def _no_mode(mode: int | None, why: str) -> None:
+    if mode is not None:
+        from engine.errors import UsageError
+        raise UsageError(f"--mode sets the permissions of a new image file; {why}: drop --mode")

@@ -111,7 +111,9 @@ typedef struct vmdk_writer vmdk_writer;
 
 #define VMDK_DEFAULT_GRAIN (64 * 1024)
 
-/* Creates (or truncates) path as a hosted monolithicSparse VMDK, version 1,
+/* Creates path, which must not exist (O_EXCL, and O_NOFOLLOW: a link there is
+ * refused, never followed), with permissions mode (exactly, whatever the umask),
+ * as a hosted monolithicSparse VMDK, version 1,
  * with an embedded descriptor and a redundant grain directory, laid out
  * as VMware does: header, descriptor, redundant GD and its grain tables,
  * GD and its grain tables, then grains in the order they are written.
@@ -120,7 +122,7 @@ typedef struct vmdk_writer vmdk_writer;
  * The capacity is limited by the format's 32-bit sector offsets (about
  * 2 TiB including metadata).  Returns NULL with errno and err set. */
 vmdk_writer *vmdk_writer_create(const char *path, uint64_t capacity, uint32_t grain_size,
-                                char *err, size_t errlen);
+                                unsigned mode, char *err, size_t errlen);
 
 /* Capacity in bytes (after rounding up to a sector). */
 uint64_t vmdk_writer_capacity(const vmdk_writer *w);

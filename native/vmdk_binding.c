@@ -115,18 +115,19 @@ static PyObject *mod_open_vmdk(PyObject *Py_UNUSED(m), PyObject *args)
 }
 
 PyDoc_STRVAR(create_vmdk_doc,
-"create_vmdk(path, capacity, grain_size=0) -> Disk\n\n"
-"Create a monolithicSparse VMDK of capacity bytes for writing.  Write whole\n"
-"grains where possible; call finish() to complete the file.");
+"create_vmdk(path, capacity, grain_size=0, mode=0o600) -> Disk\n\n"
+"Create a monolithicSparse VMDK of capacity bytes for writing.  path must not\n"
+"exist (FileExistsError, also for a symbolic link there); the file gets mode\n"
+"exactly.  Write whole grains where possible; call finish() to complete the file.");
 
 static PyObject *mod_create_vmdk(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"path", "capacity", "grain_size", NULL};
+    static char *kwlist[] = {"path", "capacity", "grain_size", "mode", NULL};
     PyObject *path;
     unsigned long long capacity;
-    unsigned int grain = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&K|I", kwlist, PyUnicode_FSDecoder, &path,
-                                     &capacity, &grain))
+    unsigned int grain = 0, mode = 0600;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&K|II", kwlist, PyUnicode_FSDecoder, &path,
+                                     &capacity, &grain, &mode))
         return NULL;
     PyObject *bytes = fs_encode(path);
     if (!bytes) {
@@ -137,7 +138,7 @@ static PyObject *mod_create_vmdk(PyObject *Py_UNUSED(m), PyObject *args, PyObjec
     vmdk_writer *w;
     int saved = 0;
     Py_BEGIN_ALLOW_THREADS
-    w = vmdk_writer_create(PyBytes_AS_STRING(bytes), capacity, grain, err, sizeof err);
+    w = vmdk_writer_create(PyBytes_AS_STRING(bytes), capacity, grain, mode, err, sizeof err);
     if (!w)
         saved = errno;
     Py_END_ALLOW_THREADS

@@ -83,7 +83,7 @@ static uint32_t random_cid(void)
 }
 
 vmdk_writer *vmdk_writer_create(const char *path, uint64_t capacity, uint32_t grain_size,
-                                char *err, size_t errlen)
+                                unsigned mode, char *err, size_t errlen)
 {
     if (err && errlen)
         err[0] = '\0';
@@ -142,14 +142,23 @@ vmdk_writer *vmdk_writer_create(const char *path, uint64_t capacity, uint32_t gr
     pthread_mutex_init(&w->lock, NULL);
 
     unsigned char *meta = NULL;
-    w->fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    /* A new file, never one that is there already nor one a link leads to:
+     * a restore's partial file planted as a link would otherwise be written
+     * through (as root, anywhere).  fchmod: exactly this mode, whatever the umask. */
+    w->fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, (mode_t)(mode & 07777));
     if (w->fd < 0) {
-        vmdk_fail(err, errlen, errno, path, "cannot create: %s", strerror(errno));
+        int e = errno;
+        vmdk_fail(err, errlen, e, path, "cannot create: %s", strerror(e));
+        errno = e;
         goto fail;
     }
     struct stat st;
     if (fstat(w->fd, &st) != 0 || !S_ISREG(st.st_mode)) {
         vmdk_fail(err, errlen, EINVAL, path, "is not a regular file");
+        goto fail;
+    }
+    if (fchmod(w->fd, (mode_t)(mode & 07777)) != 0) {
+        vmdk_fail(err, errlen, errno, path, "cannot set its mode: %s", strerror(errno));
         goto fail;
     }
 
@@ -239,6 +248,8 @@ fail:
     {
         int e = errno;
         free(meta);
+        if (w->fd >= 0)
+            unlink(path); /* created above, exclusively: ours to remove */
         vmdk_writer_close(w);
         errno = e;
         return NULL;

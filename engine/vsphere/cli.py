@@ -20,7 +20,7 @@ import sys
 import time
 
 from engine import argtypes, clilog
-from engine.commandline import add_command, common_options, emit, print_table
+from engine.commandline import add_command, common_options, emit, print_table, printable
 from engine.progress import Progress, human_bytes
 
 EXIT_OK = 0
@@ -65,8 +65,6 @@ def _connect(args):
     from engine.vsphere.connection import Connection, Endpoint, TlsPolicy
 
     creds = load_credentials(args.credentials)
-    for text in creds.warnings:
-        _log().warning(text)
     tls = TlsPolicy(args.thumbprint, args.ca_file, args.insecure)
     return Connection(Endpoint.parse(args.server), creds, tls, timeout=args.timeout)
 
@@ -179,7 +177,7 @@ def cmd_list(args) -> int:
         emit(args, {"vm_backups": [r.summary() for r in records]}, "")
         return EXIT_OK
     if not records:
-        print("no VM backups" + (f" of {args.vm}" if args.vm else ""))
+        print(printable("no VM backups" + (f" of {args.vm}" if args.vm else "")))
         return EXIT_OK
     rows = [("ID", "TIME", "KIND", "BASE", "DISKS", "READ", "WARNINGS")]
     for r in records:

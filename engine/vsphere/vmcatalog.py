@@ -27,7 +27,7 @@ from engine.catalog import NumberedRecords, catalog_key, split_ref
 
 VM_BACKUPS_DB = b"vm_backups"
 _ALLOWED = re.compile(r"[^A-Za-z0-9._:+-]")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,149}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,149}")  # fullmatch: "$" would let "web01\n" through
 MAX_NAME = 150  # leaves room for "/disk-<key>" within the catalog's 200 characters
 
 
@@ -39,7 +39,7 @@ def vm_backup_name(vm_name: str) -> str:
     VMs whose names differ only in such characters never share a chain.  The
     mapping is idempotent: a valid name maps to itself.
     """
-    if _NAME.match(vm_name or ""):
+    if _NAME.fullmatch(vm_name or ""):
         return vm_name
     cleaned = _ALLOWED.sub("_", vm_name or "")
     if not cleaned[:1].isalnum():

@@ -177,7 +177,7 @@ static int cmd_create(const char *rawpath, const char *outpath, uint64_t grain, 
         perror(rawpath);
         return 1;
     }
-    vmdk_writer *w = vmdk_writer_create(outpath, (uint64_t)st.st_size, (uint32_t)grain, err,
+    vmdk_writer *w = vmdk_writer_create(outpath, (uint64_t)st.st_size, (uint32_t)grain, 0644, err,
                                         sizeof(err));
     if (!w) {
         fprintf(stderr, "%s\n", err);
