@@ -19,7 +19,10 @@ MIN_DEMO_SIZE = 1 << 20
 
 
 def _number(text: str, kind, what: str):
+    """ASCII only: int() and float() also take "٣" (an Arabic-Indic 3) and full-width digits."""
     try:
+        if not text.isascii():
+            raise ValueError(text)
         return kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None

@@ -43,7 +43,7 @@ from engine.identity import differences, source_identity
 from engine.manifest import Manifest, ManifestBuilder
 from engine.pipeline import ChunkPipeline, default_workers
 from engine.repository import Repository
-from engine.sources import opened_source
+from engine.sources import check_not_shrunk, opened_source
 
 log = logging.getLogger("blockvault.backup")
 
@@ -147,6 +147,7 @@ def backup_disk(repo: Repository, session, pool: ThreadPoolExecutor, workers: in
                                   lambda d: repo.manifests.segment(txn, d, plan.base.id), plan.base_manifest)
         pipeline = ChunkPipeline(store, session, pool, workers)
         stats = pipeline.run(disk, plan.runs, disk.size, builder.set, on_progress)
+        check_not_shrunk(disk)  # a raw file truncated meanwhile was read as zeros past its new end
         manifest = builder.finish()
     record = BackupRecord(
         disk=disk_name, seq=seq, time=started, kind=mode,
@@ -180,12 +181,13 @@ def backup_image(repo: Repository, source: str, disk_name: str, mode: str = "ful
                  changed_areas_path: str | None = None, change_id: str | None = None,
                  wait: float = 0.0, workers: int | None = None, credentials_file: str | None = None,
                  on_progress: Callable[[int], None] | None = None,
-                 on_plan: Callable[[int], None] | None = None) -> BackupRecord:
+                 on_plan: Callable[[int], None] | None = None,
+                 allow_external_extents: bool = False) -> BackupRecord:
     """Back up one disk (raw image, hosted VMDK or vddk:// URL) as the next point of ``disk_name``."""
     check_disk_name(disk_name)
     if changed_areas_path is not None and mode == "full":
         raise BadInputError("--changed-areas applies to incremental and differential backups, not to a full")
-    with opened_source(source, credentials_file) as disk:
+    with opened_source(source, credentials_file, allow_external_extents) as disk:
         changed = load_changed_areas(changed_areas_path, disk.size) if changed_areas_path else None
         workers = workers or default_workers()
         with repo.store.writer(wait=wait, purpose=f"backup of {disk_name}") as session, \

@@ -101,7 +101,10 @@ def split_ref(ref: str, what: str, placeholder: str) -> tuple[str, str]:
             except ValueError:
                 raise UsageError(f"{ref!r}: {which} is not a date (write YYYY-MM-DD)") from None
         elif not (digits.isascii() and digits.isdigit() and int(digits) > 0):
-            ok = False
+            ok = False  # isascii: "²" and "٣" pass isdigit() but are no point numbers
+        elif int(digits) > MAX_SEQ:  # catalog keys hold 32-bit numbers: no chain is longer
+            beyond = "goes back further than" if norm.startswith("-") else "is past"
+            raise UsageError(f"{ref!r}: {which} {beyond} the largest point number there can be, {MAX_SEQ}")
     if not ok:
         shown = name if sep else which  # "web01" alone: suggest web01@latest...
         syntax = REF_SYNTAX.format(N=shown if shown and "@" not in shown and " " not in shown else placeholder)

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Iterable
 
+from engine import nodes
 from engine.errors import BadInputError
 
 Run = tuple[int, int]  # [first chunk, end chunk)
@@ -102,12 +103,14 @@ def load_changed_areas(path: str, disk_size: int) -> ChangeList:
     disk that was resized since its base does not use the list at all.
     """
     try:
-        with open(path, "rb") as f:
+        fd, _ = nodes.open_for_reading(path, block_devices=False)
+        with open(fd, "rb") as f:
             doc = json.loads(f.read())
+    except nodes.WrongNode as e:
+        raise BadInputError(f"changed-areas file {path} is {e.kind}, not a regular file; save the change "
+                            "list to a file and name that") from None
     except FileNotFoundError:
         raise BadInputError(f"changed-areas file {path} does not exist") from None
-    except IsADirectoryError:
-        raise BadInputError(f"changed-areas file {path} is a directory") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BadInputError(f"changed-areas file {path} is not valid JSON: {e}") from None
     except OSError as e:

@@ -109,7 +109,8 @@ def cmd_backup(args) -> int:
     with _progress(args, f"backup {args.disk}") as progress, _open(args) as repo:
         rec = backup_image(repo, args.source, args.disk, args.mode, args.changed_areas, args.change_id,
                            wait=args.wait, workers=args.threads, credentials_file=args.credentials,
-                           on_progress=progress.advance, on_plan=progress.set_total)
+                           on_progress=progress.advance, on_plan=progress.set_total,
+                           allow_external_extents=args.allow_external_extents)
         progress.finish()
     doc = rec.summary()
     doc.setdefault("warnings", [])
@@ -341,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="vSphere DiskChangeInfo JSON listing the extents changed since the base; "
                          "without it an incremental reads all allocated extents")
     sp.add_argument("--change-id", help="CBT changeId to record with this backup")
+    sp.add_argument("--allow-external-extents", action="store_true",
+                    help="read VMDK extent files outside the descriptor's directory (refused by default: "
+                         "a descriptor can name any file, such as /etc/shadow)")
     sp.add_argument("--credentials", metavar="FILE",
                     help="vSphere credentials for vddk:// (lines user=.. and password=..); default: "
                          "BLOCKVAULT_VSPHERE_USER and BLOCKVAULT_VSPHERE_PASSWORD")

@@ -28,6 +28,7 @@ import native
 
 from chunkstore import ChunkStore, WriteSession
 from engine import signals
+from engine.argtypes import MAX_THREADS
 from engine.changes import Run
 
 # 2 MiB: large enough that per-task Python costs vanish (a full backup runs
@@ -53,7 +54,8 @@ class IngestStats:
 
 
 def default_workers() -> int:
-    return max(2, os.cpu_count() or 2)
+    """One per core, at least 2, at most argtypes.MAX_THREADS (as for --threads)."""
+    return min(MAX_THREADS, max(2, os.cpu_count() or 2))
 
 
 def iter_batches(runs: Iterable[Run], per_batch: int) -> Iterator[list[int]]:

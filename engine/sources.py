@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 from contextlib import contextmanager
 from typing import Iterator
 
 import native
 
+from engine import nodes
 from engine.errors import BadInputError
 
 _SPARSE_MAGIC = b"KDMV"
@@ -64,14 +66,11 @@ def container_format(head: bytes, tail: bytes) -> tuple[str, str] | None:
     return None
 
 
-def _tail(f) -> bytes:
+def _tail(fd: int) -> bytes:
     """The last 512 bytes (where a fixed VHD keeps its footer), or b"" where there is no end to seek."""
     try:
-        end = f.seek(0, os.SEEK_END)
-        if end < 2 * _VHD_FOOTER:
-            return b""
-        f.seek(end - _VHD_FOOTER)
-        return f.read(_VHD_FOOTER)
+        end = os.lseek(fd, 0, os.SEEK_END)
+        return os.pread(fd, _VHD_FOOTER, end - _VHD_FOOTER) if end >= 2 * _VHD_FOOTER else b""
     except OSError:
         return b""
 
@@ -82,18 +81,41 @@ def _converted_name(path: str) -> str:
     return stem + (".img" if suffix.lower() != ".img" else "-raw.img")
 
 
-def source_kind(spec: str) -> str:
-    """'vddk', 'vmdk' or 'raw' for a backup source; a container image is refused."""
-    if spec.startswith("vddk://"):
-        return "vddk"
+_NOT_A_DISK = {
+    "a FIFO (named pipe)": "a backup reads a disk at chosen offsets and must know its size, which a pipe has "
+                           "neither of: write the stream to a file first and back up the file",
+    "a character device": "disks are regular files (images) or block devices such as /dev/sdb",
+    "a socket": "disks are regular files (images) or block devices such as /dev/sdb",
+}
+
+
+def _open_file_source(spec: str) -> tuple[int, os.stat_result]:
+    """fd and fstat of a raw or VMDK source, opened without blocking; other nodes are refused unopened."""
     try:
-        with open(spec, "rb") as f:
-            head = f.read(1024)
-            tail = _tail(f)
-    except IsADirectoryError:
-        raise BadInputError(f"cannot read disk image {spec}: is a directory, not a disk image") from None
+        return nodes.open_for_reading(spec, block_devices=True)
+    except nodes.WrongNode as e:
+        advice = _NOT_A_DISK.get(e.kind, "name a disk image or a block device")
+        raise BadInputError(f"cannot read disk image {spec}: is {e.kind}, not a disk image; {advice}") from None
     except OSError as e:
         raise BadInputError(f"cannot read disk image {spec}: {e.strerror}") from None
+
+
+def source_kind(spec: str, fd: int | None = None) -> str:
+    """'vddk', 'vmdk' or 'raw' for a backup source (read through ``fd`` when given);
+    a container image is refused."""
+    if spec.startswith("vddk://"):
+        return "vddk"
+    own = fd is None
+    if own:
+        fd, _ = _open_file_source(spec)
+    try:
+        head = os.pread(fd, 1024, 0)
+        tail = _tail(fd)
+    except OSError as e:
+        raise BadInputError(f"cannot read disk image {spec}: {e.strerror}") from None
+    finally:
+        if own:
+            os.close(fd)
     if head.startswith(_SPARSE_MAGIC) or head.lstrip().startswith(_DESCRIPTOR_MARK):
         return "vmdk"
     container = container_format(head, tail)
@@ -107,26 +129,54 @@ def source_kind(spec: str) -> str:
     return "raw"
 
 
+EXTERNAL_EXTENTS_FLAG = "--allow-external-extents"
+# A raw source's own fd, kept while a job reads it, by id() of its Disk (see check_not_shrunk).
+_watched: dict[int, tuple[int, str]] = {}
+
+
+def _open_file_disk(spec: str, kind: str, allow_external_extents: bool):
+    try:
+        return native.open_vmdk(spec, allow_external_extents) if kind == "vmdk" else native.open_raw(spec)
+    except OSError as e:
+        detail = e.strerror or str(e)
+        where = "" if spec in detail else f" {spec}"  # VMDK messages name the file already
+        if e.errno == errno.EPERM and "outside the descriptor's directory" in detail:
+            detail += (f"; a descriptor from elsewhere can name any file (/etc/shadow, ../../x): pass "
+                       f"{EXTERNAL_EXTENTS_FLAG} only if you trust it, or copy the extent beside the descriptor")
+        raise BadInputError(f"cannot read {kind} disk{where}: {detail}") from None
+
+
 IDENTITY = "blockvault"
 
 
 @contextmanager
-def opened_source(spec: str, credentials_file: str | None = None) -> Iterator["native.Disk"]:
+def opened_source(spec: str, credentials_file: str | None = None,
+                  allow_external_extents: bool = False) -> Iterator["native.Disk"]:
     """Open a backup source read-only for the length of a job.
 
-    For VDDK the job is bracketed by PrepareForAccess / EndAccess, which
-    keep vCenter from migrating the VM's storage while it is read.
+    A FIFO, socket or character device is refused before it is opened, and
+    an empty disk (0 bytes) is refused: a backup of nothing is a mistake,
+    not a point to restore.  For VDDK the job is bracketed by
+    PrepareForAccess / EndAccess, which keep vCenter from migrating the VM's
+    storage while it is read.
     """
-    kind = source_kind(spec)
-    if kind != "vddk":
+    if not spec.startswith("vddk://"):
+        fd, st = _open_file_source(spec)
         try:
-            disk = native.open_vmdk(spec) if kind == "vmdk" else native.open_raw(spec)
-        except OSError as e:
-            detail = e.strerror or str(e)
-            where = "" if spec in detail else f" {spec}"  # VMDK messages name the file already
-            raise BadInputError(f"cannot read {kind} disk{where}: {detail}") from None
-        with disk:
-            yield disk
+            kind = source_kind(spec, fd)
+            disk = _open_file_disk(spec, kind, allow_external_extents)
+            with disk:
+                if disk.size == 0:
+                    what = "block device" if stat.S_ISBLK(st.st_mode) else "disk image"
+                    raise BadInputError(f"{what} {spec} is empty (0 bytes); nothing to back up")
+                if kind == "raw":
+                    _watched[id(disk)] = (fd, spec)
+                try:
+                    yield disk
+                finally:
+                    _watched.pop(id(disk), None)
+        finally:
+            os.close(fd)
         return
     from engine.credentials import load_credentials, redact
     from engine.vddk_url import parse_vddk_url
@@ -159,6 +209,29 @@ def opened_source(spec: str, credentials_file: str | None = None) -> Iterator["n
             native.vddk_end_access(IDENTITY, **conn)
         except OSError as e:  # VDDK's text may repeat the credentials it was given
             raise OSError(e.errno, redact(e.strerror or str(e))) from None
+
+
+def check_not_shrunk(disk) -> None:
+    """Refuse a raw source that is now shorter than when it was opened.
+
+    The raw reader pads reads past the end of the file with zeros (a disk
+    whose size is not a multiple of the chunk size needs that), so a file
+    truncated while it is read would be backed up as zeros past its new end
+    and look like a success.  Checked through the job's own fd at the end
+    of the read, before anything is committed."""
+    watched = _watched.get(id(disk))
+    if watched is None:
+        return
+    fd, spec = watched
+    try:
+        now = nodes.current_size(fd)
+    except OSError as e:
+        raise BadInputError(f"cannot check the size of {spec} after reading it: {e.strerror}") from None
+    if now < disk.size:
+        raise BadInputError(
+            f"{spec} shrank from {disk.size} to {now} bytes while it was read: what lay past byte {now} would "
+            "have been backed up as zeros, so nothing was stored. Back up an image that nothing writes to "
+            "(a copy, a snapshot, or with its VM stopped)")
 
 
 def describe(disk) -> dict:

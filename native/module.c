@@ -30,7 +30,7 @@
 static PyMethodDef module_methods[] = {
     {"open_raw", (PyCFunction)(void (*)(void))mod_open_raw, METH_VARARGS | METH_KEYWORDS,
      open_raw_doc},
-    {"open_vmdk", (PyCFunction)mod_open_vmdk, METH_VARARGS, open_vmdk_doc},
+    {"open_vmdk", (PyCFunction)(void (*)(void))mod_open_vmdk, METH_VARARGS | METH_KEYWORDS, open_vmdk_doc},
     {"create_vmdk", (PyCFunction)(void (*)(void))mod_create_vmdk, METH_VARARGS | METH_KEYWORDS,
      create_vmdk_doc},
     {"open_vddk", (PyCFunction)(void (*)(void))mod_open_vddk, METH_VARARGS | METH_KEYWORDS,

@@ -84,12 +84,15 @@ int vmdk_rangevec_push(vmdk_rangevec *rv, uint64_t start, uint64_t end)
 }
 
 /* Opens a file read-only and learns its size; regular files and block
- * devices only.  Returns the fd or -1. */
-static int open_sized(const char *path, uint64_t *size, struct stat *st_out, char *err,
-                      size_t errlen)
+ * devices only.  Messages name `name` (the path as the user or the
+ * descriptor wrote it), which may differ from the `path` opened.
+ * Returns the fd or -1. */
+static int open_sized(const char *path, const char *name, int oflags, uint64_t *size,
+                      struct stat *st_out, char *err, size_t errlen)
 {
     /* O_NONBLOCK: a FIFO named by a hostile descriptor must not hang open(). */
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY | oflags);
+    path = name;
     if (fd < 0)
         return vmdk_fail(err, errlen, errno, path, "cannot open: %s", strerror(errno));
     struct stat st;
@@ -143,6 +146,98 @@ static char *join_path(const char *desc_path, const char *name)
     return p;
 }
 
+/* The real path of the directory holding the descriptor at desc_path
+ * (malloc'ed), or NULL with errno set. */
+static char *real_dir_of(const char *desc_path)
+{
+    const char *slash = strrchr(desc_path, '/');
+    char *dir = !slash ? strdup(".")
+              : slash == desc_path ? strdup("/")
+                                   : strndup(desc_path, (size_t)(slash - desc_path));
+    if (!dir)
+        return NULL;
+    char *real = realpath(dir, NULL);
+    int e = errno;
+    free(dir);
+    errno = e;
+    return real;
+}
+
+/* Whether the real path `real` lies inside the real directory `dir`. */
+static int path_inside(const char *real, const char *dir)
+{
+    size_t n = strlen(dir);
+    if (n == 1 && dir[0] == '/')
+        return real[0] == '/';
+    return strncmp(real, dir, n) == 0 && real[n] == '/';
+}
+
+/* Opens extent i's file (ex->path) for the descriptor d.  Unless external
+ * extents are allowed, the name is resolved first and refused when it
+ * leads outside dir, before anything is opened (opening is not harmless:
+ * think of /dev/watchdog); the resolved path is opened without following a
+ * last symbolic link, and the file actually opened is checked once more
+ * through /proc, so a link swapped in meanwhile cannot lead elsewhere. */
+static int open_extent(const vmdk_disk *d, size_t i, vmdk_ext *ex, const char *dir,
+                       struct stat *st, char *err, size_t errlen)
+{
+    if (!dir)
+        return open_sized(ex->path, ex->path, 0, &ex->file_size, st, err, errlen);
+    char *real = realpath(ex->path, NULL);
+    if (!real)
+        return vmdk_fail(err, errlen, errno, ex->path, "cannot open: %s", strerror(errno));
+    if (!path_inside(real, dir)) {
+        vmdk_fail(err, errlen, EPERM, d->path,
+                  "extent %zu is \"%.300s\" (%.300s), outside the descriptor's directory %.300s; "
+                  "such an extent is not read unless external extents are allowed",
+                  i + 1, ex->path, real, dir);
+        free(real);
+        return -1;
+    }
+    int fd = open_sized(real, ex->path, O_NOFOLLOW, &ex->file_size, st, err, errlen);
+    free(real);
+    if (fd < 0)
+        return -1;
+    char link[64], now[PATH_MAX + 1];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, now, PATH_MAX);
+    if (n > 0) { /* no /proc: the check before the open stands alone */
+        now[n] = '\0';
+        if (!path_inside(now, dir)) {
+            close(fd);
+            return vmdk_fail(err, errlen, EPERM, d->path,
+                             "extent %zu \"%.300s\" changed while it was opened and now leads "
+                             "to %.300s, outside the descriptor's directory %.300s",
+                             i + 1, ex->path, now, dir);
+        }
+    }
+    return fd;
+}
+
+/* A sparse file's capacity must be the size its descriptor gives it: a
+ * capacity of 0 would back up as an empty disk, and a disagreement means
+ * the file is damaged or not the one the descriptor was written for. */
+static int check_sparse_capacity(const char *path, const char *what, uint64_t capacity,
+                                 int have_desc, uint64_t desc_sectors, char *err,
+                                 size_t errlen)
+{
+    unsigned long long cap = (unsigned long long)(capacity / VMDK_SECTOR);
+    if (capacity == 0 && !(have_desc && desc_sectors))
+        return vmdk_fail(err, errlen, EINVAL, path,
+                         "sparse header gives a capacity of 0 sectors: an empty disk");
+    if (capacity == 0)
+        return vmdk_fail(err, errlen, EINVAL, path,
+                         "sparse header gives a capacity of 0 sectors (an empty disk), but %s "
+                         "%llu sectors",
+                         what, (unsigned long long)desc_sectors);
+    if (have_desc && desc_sectors != capacity / VMDK_SECTOR)
+        return vmdk_fail(err, errlen, EINVAL, path,
+                         "%s %llu sectors, but the sparse header gives a capacity of %llu "
+                         "sectors",
+                         what, (unsigned long long)desc_sectors, cap);
+    return 0;
+}
+
 void vmdk_close(vmdk_disk *d)
 {
     if (!d)
@@ -168,7 +263,8 @@ static vmdk_disk *open_monolithic(vmdk_disk *d, int fd, uint64_t size, char *err
         close(fd);
         return NULL;
     }
-    if (text) {
+    int embedded = text != NULL;
+    if (embedded) {
         vmdk_descriptor desc;
         int rc = vmdk_descriptor_parse(text, strlen(text), 1, d->path, &desc, err, errlen);
         free(text);
@@ -178,8 +274,16 @@ static vmdk_disk *open_monolithic(vmdk_disk *d, int fd, uint64_t size, char *err
             return NULL;
         }
         memcpy(d->create_type, desc.create_type, sizeof(d->create_type));
-        int parent = desc.has_parent;
+        int parent = desc.has_parent, have_lines = desc.embedded_lines > 0;
+        uint64_t sectors = desc.embedded_sectors;
         vmdk_descriptor_free(&desc);
+        if (!parent && check_sparse_capacity(d->path, "its embedded descriptor's extents add up to",
+                                             sp->capacity, have_lines, sectors, err,
+                                             errlen) != 0) {
+            vmdk_sparse_free(sp);
+            close(fd);
+            return NULL;
+        }
         if (parent) {
             vmdk_sparse_free(sp);
             close(fd);
@@ -188,6 +292,11 @@ static vmdk_disk *open_monolithic(vmdk_disk *d, int fd, uint64_t size, char *err
                       "are not supported");
             return NULL;
         }
+    }
+    if (!embedded && check_sparse_capacity(d->path, "", sp->capacity, 0, 0, err, errlen) != 0) {
+        vmdk_sparse_free(sp);
+        close(fd);
+        return NULL;
     }
     d->ext = calloc(1, sizeof(*d->ext));
     char *p = strdup(d->path);
@@ -205,8 +314,8 @@ static vmdk_disk *open_monolithic(vmdk_disk *d, int fd, uint64_t size, char *err
     return d;
 }
 
-static vmdk_disk *open_descriptor(vmdk_disk *d, int fd, uint64_t size, char *err,
-                                  size_t errlen)
+static vmdk_disk *open_descriptor(vmdk_disk *d, int fd, uint64_t size, unsigned flags,
+                                  char *err, size_t errlen)
 {
     if (size > VMDK_MAX_DESCRIPTOR) {
         close(fd);
@@ -244,6 +353,14 @@ static vmdk_disk *open_descriptor(vmdk_disk *d, int fd, uint64_t size, char *err
                   "supported");
         return NULL;
     }
+    char *dir = NULL;
+    if (!(flags & VMDK_OPEN_EXTERNAL_EXTENTS) && !(dir = real_dir_of(d->path))) {
+        e = errno;
+        vmdk_descriptor_free(&desc);
+        vmdk_fail(err, errlen, e, d->path, "cannot resolve the descriptor's directory: %s",
+                  strerror(e));
+        return NULL;
+    }
     struct file_id {
         dev_t dev;
         ino_t ino;
@@ -251,6 +368,7 @@ static vmdk_disk *open_descriptor(vmdk_disk *d, int fd, uint64_t size, char *err
     size_t n_sparse = 0;
     d->ext = calloc(desc.n_ext, sizeof(*d->ext));
     if (!d->ext || !ids) {
+        free(dir);
         free(ids);
         vmdk_descriptor_free(&desc);
         vmdk_fail(err, errlen, ENOMEM, d->path, "out of memory");
@@ -282,7 +400,7 @@ static vmdk_disk *open_descriptor(vmdk_disk *d, int fd, uint64_t size, char *err
             goto fail;
         }
         struct stat st;
-        ex->fd = open_sized(ex->path, &ex->file_size, &st, err, errlen);
+        ex->fd = open_extent(d, i, ex, dir, &st, err, errlen);
         if (ex->fd < 0)
             goto fail;
         if (x->kind == VMDK_EXT_SPARSE) {
@@ -328,19 +446,37 @@ static vmdk_disk *open_descriptor(vmdk_disk *d, int fd, uint64_t size, char *err
                 goto fail;
         }
     }
+    /* After every extent is open, so that a file named twice is reported
+     * as such rather than by its size. */
+    for (size_t i = 0; i < desc.n_ext; i++) {
+        const vmdk_ext *ex = &d->ext[i];
+        char what[96];
+        snprintf(what, sizeof what, "sparse extent %zu is given", i + 1);
+        if (ex->kind == VMDK_EXT_SPARSE &&
+            check_sparse_capacity(ex->path, what, ex->sp->capacity, 1,
+                                  ex->length / VMDK_SECTOR, err, errlen) != 0)
+            goto fail;
+    }
     vmdk_descriptor_free(&desc);
     free(ids);
+    free(dir);
     d->capacity = pos;
     return d;
 fail:
     e = errno;
     vmdk_descriptor_free(&desc);
     free(ids);
+    free(dir);
     errno = e;
     return NULL;
 }
 
 vmdk_disk *vmdk_open(const char *path, char *err, size_t errlen)
+{
+    return vmdk_open_flags(path, 0, err, errlen);
+}
+
+vmdk_disk *vmdk_open_flags(const char *path, unsigned flags, char *err, size_t errlen)
 {
     if (err && errlen)
         err[0] = '\0';
@@ -351,7 +487,7 @@ vmdk_disk *vmdk_open(const char *path, char *err, size_t errlen)
         return NULL;
     }
     uint64_t size = 0;
-    int fd = open_sized(path, &size, NULL, err, errlen);
+    int fd = open_sized(path, path, 0, &size, NULL, err, errlen);
     if (fd < 0) {
         vmdk_close(d);
         return NULL;
@@ -373,7 +509,7 @@ vmdk_disk *vmdk_open(const char *path, char *err, size_t errlen)
         vmdk_fail(err, errlen, ENOTSUP, path, "COWD (vmfsSparse) disks are not supported");
         r = NULL;
     } else {
-        r = open_descriptor(d, fd, size, err, errlen);
+        r = open_descriptor(d, fd, size, flags, err, errlen);
     }
     if (!r) {
         int e = errno;

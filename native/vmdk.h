@@ -78,7 +78,21 @@ typedef struct vmdk_disk vmdk_disk;
 /* Opens a .vmdk: a text descriptor, a monolithicSparse file or a
  * streamOptimized file (recognised by content, not by name).  Every
  * extent file is opened, checked against its declared size and kept open
- * until vmdk_close.  Returns NULL with errno and err set on failure. */
+ * until vmdk_close.  Returns NULL with errno and err set on failure.
+ *
+ * A descriptor is data, often from someone else (an OVA, a copied VM
+ * folder): an extent named "/etc/shadow" or "../../x" would make a backup
+ * run as root read and keep that file.  So every extent file must resolve
+ * (symbolic links followed) inside the descriptor's directory or below it;
+ * one outside is refused before it is opened (errno EPERM), unless flags
+ * has VMDK_OPEN_EXTERNAL_EXTENTS.  A disk of capacity 0, and a sparse
+ * extent whose header capacity is not the size its descriptor line gives
+ * it, are refused (EINVAL): the file is damaged or not what it claims. */
+#define VMDK_OPEN_EXTERNAL_EXTENTS 0x1u
+vmdk_disk *vmdk_open_flags(const char *path, unsigned flags, char *err, size_t errlen);
+
+/* vmdk_open_flags(path, 0, ...): extents outside the descriptor's
+ * directory refused. */
 vmdk_disk *vmdk_open(const char *path, char *err, size_t errlen);
 
 /* Virtual size in bytes (sum of the extents, a multiple of 512). */

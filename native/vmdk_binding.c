@@ -71,14 +71,19 @@ static PyObject *fs_encode(PyObject *path)
 }
 
 PyDoc_STRVAR(open_vmdk_doc,
-"open_vmdk(path) -> Disk\n\n"
+"open_vmdk(path, allow_external_extents=False) -> Disk\n\n"
 "Open a hosted VMDK read-only: a descriptor (flat, vmfs, twoGbMaxExtent*),\n"
-"monolithicSparse or streamOptimized.  info['create_type'] names the kind.");
+"monolithicSparse or streamOptimized.  info['create_type'] names the kind.\n"
+"An extent file outside the descriptor's directory (after symbolic links)\n"
+"raises PermissionError unless allow_external_extents is true.");
 
-static PyObject *mod_open_vmdk(PyObject *Py_UNUSED(m), PyObject *args)
+static PyObject *mod_open_vmdk(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
 {
+    static char *kwlist[] = {"path", "allow_external_extents", NULL};
     PyObject *path;
-    if (!PyArg_ParseTuple(args, "O&", PyUnicode_FSDecoder, &path))
+    int external = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|p", kwlist, PyUnicode_FSDecoder, &path,
+                                     &external))
         return NULL;
     PyObject *bytes = fs_encode(path);
     if (!bytes) {
@@ -89,7 +94,8 @@ static PyObject *mod_open_vmdk(PyObject *Py_UNUSED(m), PyObject *args)
     vmdk_disk *v;
     int saved = 0;
     Py_BEGIN_ALLOW_THREADS
-    v = vmdk_open(PyBytes_AS_STRING(bytes), err, sizeof err);
+    v = vmdk_open_flags(PyBytes_AS_STRING(bytes), external ? VMDK_OPEN_EXTERNAL_EXTENTS : 0, err,
+                        sizeof err);
     if (!v)
         saved = errno;
     Py_END_ALLOW_THREADS

@@ -187,8 +187,21 @@ int vmdk_descriptor_parse(const char *text, size_t len, int embedded, const char
         size_t wn = (size_t)(w - p);
         if (w < end && is_ws(*w) &&
             (word_is(p, wn, "RW") || word_is(p, wn, "RDONLY") || word_is(p, wn, "NOACCESS"))) {
-            if (embedded)
-                continue; /* a sparse file's own extent line: it is the file itself */
+            if (embedded) {
+                /* A sparse file's own extent line: it names the file itself,
+                 * but its size must agree with the header (vmdk.c checks). */
+                const char *q = w;
+                uint64_t sectors;
+                while (q < end && is_ws(*q))
+                    q++;
+                if (parse_u64(&q, end, &sectors) == 0) {
+                    out->embedded_lines++;
+                    out->embedded_sectors = sectors > UINT64_MAX - out->embedded_sectors
+                                                ? UINT64_MAX
+                                                : out->embedded_sectors + sectors;
+                }
+                continue;
+            }
             if (parse_extent(p, end, lineno, path, out, &cap, err, errlen) != 0)
                 goto fail;
             continue;

@@ -81,6 +81,10 @@ typedef struct {
     int has_parent;
     size_t n_ext;
     vmdk_desc_extent *ext;
+    /* Embedded descriptors only: how many extent lines, and the sectors they
+     * add up to (saturating), to check against the sparse header's capacity. */
+    size_t embedded_lines;
+    uint64_t embedded_sectors;
 } vmdk_descriptor;
 
 /* Formats "<path>: <message>" into err, sets errno to errnum, returns -1. */

@@ -106,7 +106,9 @@ def cmd_backup(args) -> int:
 def cmd_restore(args) -> int:
     from engine.swapped import check_vm_restore
     from engine.vsphere.restore import RestoreOptions, restore_vm
+    from engine.vsphere.vmcatalog import parse_vm_ref
     check_vm_restore(args.store, args.backup)
+    parse_vm_ref(args.backup)  # a malformed id is a usage error before credentials or a connection
 
     started = time.monotonic()
     options = RestoreOptions(name=args.name, datacenter=args.datacenter, datastore=args.datastore,

@@ -94,7 +94,7 @@ for sub in ("monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat"):
 # A small descriptor mixing every extent kind, and one descriptor alone.
 mixed = (b'# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n'
          b'createType="twoGbMaxExtentSparse"\n\n# Extent description\n'
-         b'RW 16 FLAT "x0.vmdk" 2\nRDONLY 100 ZERO\nRW 66 SPARSE "x1.vmdk"\nRW 4 VMFS "x0.vmdk"\n'
+         b'RW 16 FLAT "x0.vmdk" 2\nRDONLY 100 ZERO\nRW 2048 SPARSE "x1.vmdk"\nRW 4 VMFS "x0.vmdk"\n'
          b'\n#DDB\nddb.adapterType = "ide"\n')
 put("multi-mixed", b"\1" + SEP.join([mixed, bytes(range(256)) * 40, read("zg.vmdk")]))
 put("single-descriptor", b"\0" + read("monolithicFlat.vmdk").rstrip(b" \0"))

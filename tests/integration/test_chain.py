@@ -3,11 +3,13 @@ every point restores byte-identical to the image as it was backed up."""
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from engine.backup import backup_image
-from engine.errors import NotFoundError
+import native
+from engine.backup import backup_disk, backup_image, commit_backups
+from engine.errors import BadInputError, NotFoundError
 from engine.restore import restore_backup
 from helpers import allocated_ranges, make_sparse, resize, rng, same_file, snapshot, text_bytes, write_at
 
@@ -155,10 +157,21 @@ def test_differential_needs_a_full(repo, tmp_path):
 
 
 def test_empty_and_all_hole_disks(repo, tmp_path):
+    """An all-hole disk backs up and restores as holes.  An empty (0-byte) image is refused
+    since issue 9 item 15 (a backup of nothing is a mistake), but a 0-byte point made before
+    that, here through backup_disk under the source check, still restores."""
     for name, size in (("empty", 0), ("holes", 50 * CS + 7)):
         img = str(tmp_path / f"{name}.img")
         make_sparse(img, size)
-        rec = backup_image(repo, img, name, "full")
+        if size == 0:
+            with pytest.raises(BadInputError, match=r"empty\.img is empty \(0 bytes\); nothing to back up"):
+                backup_image(repo, img, name, "full")
+            with native.open_raw(img) as disk, repo.store.writer() as session, ThreadPoolExecutor(2) as pool:
+                prepared = backup_disk(repo, session, pool, 2, disk, name, "full")
+                commit_backups(repo, session, [prepared])
+            rec = prepared.record
+        else:
+            rec = backup_image(repo, img, name, "full")
         assert rec.stats["new_chunks"] == 0
         out = str(tmp_path / f"{name}.out")
         restore_backup(repo, rec.id, out)

@@ -58,6 +58,29 @@ NONSENSE = [
     (["vsphere", "backup", "{store}", "--vm", "x", *SERVER, "--timeout", "0"], "--timeout: 0: give a number"),
     (["vsphere", "restore", "{store}", "x@1", "--name", "y", *SERVER, "--threads", "0"], "--threads"),
     (["vsphere", "vms", *SERVER, "--timeout", "-1"], "--timeout"),
+    # Issue 9 item 16: in every command that takes them.
+    *[(cmd + [opt, value], needle)
+      for cmd in (["backup", "{store}", "{img}", "--disk", "d"], ["restore", "{store}", "d@1", "{out}"],
+                  ["verify", "{store}"], ["vsphere", "backup", "{store}", "--vm", "x", *SERVER],
+                  ["vsphere", "restore", "{store}", "x@1", "--name", "y", *SERVER])
+      for opt, value, needle in (("--threads", "-1", "argument --threads: -1 threads: give 1 to 256"),
+                                 ("--threads", "1000", "argument --threads: 1000 threads: give 1 to 256"),
+                                 ("--threads", "²", "argument --threads: '²' is not a whole number"))],
+    *[(cmd + [f"--wait={value}"], f"argument --wait: {value}: give 0 or more seconds")
+      for cmd in (["backup", "{store}", "{img}", "--disk", "d"], ["rebuild-index", "{store}"],
+                  ["vsphere", "backup", "{store}", "--vm", "x", *SERVER])
+      for value in ("nan", "NaN", "-inf")],
+    (["backup", "{store}", "{img}", "--disk", "d", "--threads", "٣"], "'٣' is not a whole number of threads"),
+    (["backup", "{store}", "{img}", "--disk", "d", "--wait", "٣"], "'٣' is not a number of seconds"),
+    (["restore", "{store}", "d@²", "{out}"], "'d@²' is not a backup id; write d@3"),
+    (["restore", "{store}", "d@-²", "{out}"], "'d@-²' is not a backup id"),
+    (["restore", "{store}", "d@4294967296", "{out}"],
+     "'d@4294967296': 4294967296 is past the largest point number there can be, 4294967295"),
+    (["restore", "{store}", "d@-4294967296", "{out}"], "goes back further than the largest point number"),
+    (["restore", "{store}", "d@99999999999999999999999", "{out}"], "is past the largest point number"),
+    (["vsphere", "restore", "{store}", "x@²", "--name", "y", *SERVER], "'x@²' is not a VM backup id"),
+    (["vsphere", "restore", "{store}", "x@4294967296", "--name", "y", *SERVER],
+     "4294967296 is past the largest point number"),
 ]
 
 

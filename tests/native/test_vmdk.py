@@ -579,6 +579,16 @@ def _sparse_cases(b):
         "parent": (b.replace(b"parentCID=ffffffff", b"parentCID=1234abcd"), r"parent"),
         "desc-long-line": (b[:512 + 100] + b"#" * 9000 + b[512 + 9100:],
                            r"longer than 8192 bytes"),
+        # An empty disk is not a disk to back up; a header that disagrees with its own
+        # descriptor is damaged (69632 sectors: the 34 MiB base).
+        "capacity-zero": (_put(b, 12, "<Q", 0), r"sparse header gives a capacity of 0 sectors \(an empty "
+                          r"disk\), but its embedded descriptor's extents add up to 69632 sectors"),
+        "capacity-zero-no-desc": (_put(_put(b, 12, "<Q", 0), 28, "<Q", 0),
+                                  r"sparse header gives a capacity of 0 sectors: an empty disk"),
+        "capacity-smaller": (_put(b, 12, "<Q", 65536), r"its embedded descriptor's extents add up to 69632 "
+                             r"sectors, but the sparse header gives a capacity of 65536 sectors"),
+        "capacity-larger": (_put(b, 12, "<Q", 69633), r"add up to 69632 sectors, but the sparse header "
+                            r"gives a capacity of 69633 sectors"),
     }
 
 
@@ -643,7 +653,7 @@ CORRUPT_NAMES = (
         "grain-not-power-of-two grain-zero gtes-zero gtes-huge capacity-absurd capacity-large "
         "gd-past-eof gd-zero gd-entry-past-eof gd-entry-almost-eof gt-overlap gt-entry-past-eof "
         "gt-entry-last-sector newline-damaged compress-unknown desc-huge desc-past-eof parent "
-        "desc-long-line").split()]
+        "desc-long-line capacity-zero capacity-zero-no-desc capacity-smaller capacity-larger").split()]
     + [f"stream-{n}" for n in (
         "empty truncated-header truncated-half truncated-to-gd bad-magic version huge-grain "
         "grain-not-power-of-two grain-zero gtes-zero gtes-huge capacity-absurd capacity-large "
@@ -651,7 +661,8 @@ CORRUPT_NAMES = (
         "gt-entry-last-sector newline-damaged compress-unknown desc-huge desc-past-eof parent "
         "marker-size-huge marker-size-short footer-marker-past-eof marker-lba deflate-garbage gt-at-metadata "
         "footer-missing footer-cut footer-bad-magic footer-gd-at-end footer-grain-bomb-size "
-        "footer-gd-past-eof footer-gt-past-eof only-header inflates-past-a-grain").split()]
+        "footer-gd-past-eof footer-gt-past-eof only-header inflates-past-a-grain "
+        "capacity-zero capacity-zero-no-desc capacity-smaller capacity-larger").split()]
 )
 
 
@@ -712,6 +723,19 @@ DESCRIPTOR_CASES = {
     "sparse-twice": ('RW 1024 SPARSE "good.vmdk"\nRW 1024 SPARSE "good.vmdk"\n',
                      r"good.vmdk: sparse extent 2 uses the same file as an earlier extent"),
     "create-type-long": ('RW 1 ZERO\ncreateType="' + "m" * 100 + '"\n', r"createType of 100"),
+    # Extents must stay in the descriptor's directory (symbolic links resolved).
+    "absolute-extent": ('RW 1 FLAT "/etc/passwd" 0\n',
+                        r'extent 1 is "/etc/passwd" \(/etc/passwd\), outside the descriptor\'s directory /\S+; '
+                        r"such an extent is not read unless external extents are allowed"),
+    "dotdot-extent": ('RW 8 ZERO\nRW 8 FLAT "../outside.bin" 0\n',
+                      r'extent 2 is "\S+/\.\./outside\.bin" \(/\S+/outside\.bin\), outside the descriptor'),
+    "symlink-extent": ('RW 8 FLAT "link.bin" 0\n', r'extent 1 is "\S+/link\.bin" \(/\S+/outside\.bin\), outside'),
+    "dotdot-back-inside": ('RW 8 FLAT "../{dir}/f.bin" 0\nRW 1 FLAT "nope.bin"\n', r"nope.bin: cannot open"),
+    "sparse-smaller": ('RW 1000 SPARSE "good.vmdk"\n', r"good.vmdk: sparse extent 1 is given 1000 sectors, "
+                       r"but the sparse header gives a capacity of 69632 sectors"),
+    "sparse-larger": ('RW 8 ZERO\nRW 69633 SPARSE "good.vmdk"\n',
+                      r"good.vmdk: sparse extent 2 is given 69633 sectors, but the sparse header gives a "
+                      r"capacity of 69632 sectors"),
 }
 
 
@@ -726,8 +750,10 @@ def test_corrupt_descriptors(case, san_tool, corrupt_bases, tmp_path):
     (tmp_path / "bad.vmdk").write_bytes(bytes(bad))
     (tmp_path / "good.vmdk").write_bytes(corrupt_bases["monolithicSparse"])
     (tmp_path / "delta-cowd.bin").write_bytes(b"COWD" + bytes(2044))
+    (tmp_path.parent / "outside.bin").write_bytes(bytes(4096))
+    (tmp_path / "link.bin").symlink_to(tmp_path.parent / "outside.bin")
     img = tmp_path / f"{case}.vmdk"
-    img.write_text(DESC_HEAD + body.replace("{self}", img.name))
+    img.write_text(DESC_HEAD + body.replace("{self}", img.name).replace("{dir}", tmp_path.name))
     named = re.match(r"(\S+): ", pattern)
     _expect_error(san_tool, img, pattern, named.group(1) if named else img.name)
 

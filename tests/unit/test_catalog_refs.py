@@ -48,7 +48,7 @@ def test_every_form_resolves_within_its_own_chain(chains, ref, expected):
     ("d2@2026-11-30", "d2 has 3 backups; the newest: d2@3"),   # d's points are not d2's
     ("d2@4", "see 'blockvault list STORE --disk d2'"),
     ("nope@latest", "there are no backups of 'nope'"),
-    ("d@4294967296", "no backup d@4294967296"),
+    ("d@4294967295", "no backup d@4294967295"),  # the largest number a catalog key holds
 ])
 def test_unknown_points_list_the_newest_and_count_the_older(chains, ref, needle):
     with pytest.raises(NotFoundError) as info:
@@ -58,12 +58,24 @@ def test_unknown_points_list_the_newest_and_count_the_older(chains, ref, needle)
 
 
 @pytest.mark.parametrize("ref", ["d", "d@", "@3", "d@0", "d@-0", "d@+1", "d@1.5", "d@x", "d@last",
-                                 "d@2026-13-01", "d@2026-02-30", "d@26-11-30", "a b@1", "d@١"])
+                                 "d@2026-13-01", "d@2026-02-30", "d@26-11-30", "a b@1", "d@١", "d@²", "d@-²"])
 def test_malformed_ids_are_usage_errors_with_the_syntax(chains, ref):
     with pytest.raises(UsageError) as info:
         _resolve(chains, ref)
     assert info.value.exit_code == 2
     assert "not a backup id" in str(info.value) or "is not a date" in str(info.value)
+
+
+@pytest.mark.parametrize("ref,needle", [
+    ("d@4294967296", "4294967296 is past the largest point number there can be, 4294967295"),
+    ("d@99999999999999999999", "is past the largest point number"),
+    ("d@-4294967296", "-4294967296 goes back further than the largest point number there can be"),
+])
+def test_numbers_past_32_bits_are_usage_errors(chains, ref, needle):
+    """Catalog keys hold 32-bit sequence numbers: no point can be numbered beyond them (issue 9 item 16)."""
+    with pytest.raises(UsageError) as info:
+        _resolve(chains, ref)
+    assert info.value.exit_code == 2 and needle in str(info.value)
 
 
 def test_vm_ids_take_the_same_forms(repo):
