@@ -129,3 +129,22 @@ def test_an_index_that_may_not_be_written_opens_without_its_lock(tmp_path, chain
         _reads_and_refuses(tmp_path, chain, mounted=False)
     finally:
         subprocess.run(["chattr", "-i", *files], check=True)
+
+
+def test_verify_of_a_damaged_read_only_store_reports_the_damage_it_cannot_mark(tmp_path, chain):
+    packs = sorted(os.path.join(r, f) for r, _, fs in os.walk(os.path.join(chain["rw_store"], "packs"))
+                   for f in fs)
+    with open(packs[0], "r+b") as f:  # a byte inside the first record's payload
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    before = store_fingerprint(chain["rw_store"])
+    _mount_read_only(chain["src"], chain["mnt"])
+    r = run_cli("verify", chain["store"], "--json")
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["bad_chunks"], doc
+    assert "read-only" in json.dumps(doc) + r.stderr
+    assert store_fingerprint(chain["rw_store"]) == before
