@@ -4,6 +4,8 @@ disk of many small extents restores into the space its source takes."""
 
 import os
 import random
+import subprocess
+import sys
 import tracemalloc
 
 import native
@@ -12,7 +14,7 @@ import pytest
 from engine.backup import plan_read
 from engine.changes import EXTENT_PAGE, paged_extents
 from engine.repository import Repository
-from helpers import allocated_ranges, make_sparse, run_cli, same_file, write_at
+from helpers import REPO_ROOT, allocated_ranges, make_sparse, run_cli, same_file, write_at
 
 CS = 64 << 10
 BLOCK = 4096
@@ -122,3 +124,30 @@ def test_native_extents_page_through_a_vmdk_too(tmp_path):
         assert list(paged_extents(d, 5)) == whole
         start, length = whole[3]
         assert d.extents(start + 512, 1) == [(start + 512, length - 512)]
+
+
+def _backup_peak_rss(tmp_path, name: str, size: int, count: int) -> int:
+    """Peak RSS (bytes) of one backup, in a fresh process of its own."""
+    img, store = str(tmp_path / f"{name}.img"), str(tmp_path / f"{name}-store")
+    _fragmented(img, size, count)
+    assert run_cli("init", store, "--chunk-size", "64K").returncode == 0
+    code = ("import resource, subprocess, sys\n"
+            f"r = subprocess.run([sys.executable, '-m', 'engine.cli', 'backup', {store!r}, {img!r}, '--disk', 'd'],"
+            " capture_output=True, text=True)\n"
+            "assert r.returncode == 0, r.stderr\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    os.unlink(img)
+    return int(out.stdout) * 1024
+
+
+@pytest.mark.slow
+def test_committing_a_rewritten_manifest_does_not_hold_its_segments_twice(tmp_path):
+    """16,384 small extents over 1 TiB touch every one of its 16,384 manifest
+    segments: 256 MiB of new segments.  The commit held them in Python and
+    again in LMDB's transaction (618 MiB peak); now each leaves Python as it
+    enters LMDB (457 MiB).  The figures of the item's 4 TiB disk: 677 → 518 MB."""
+    base = _backup_peak_rss(tmp_path, "small", 1 << 30, 16)
+    peak = _backup_peak_rss(tmp_path, "large", 1 << 40, 16_384)
+    segments = 16_384 * 1024 * 16
+    assert peak - base < 1.9 * segments, (base, peak)
