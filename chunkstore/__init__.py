@@ -14,7 +14,8 @@ those on top of it.
 
 from chunkstore.config import StoreConfig, parse_size
 from chunkstore.errors import (ChunkNotFound, ConfigError, FormatVersionError, IntegrityError,
-                               NotAStoreError, StoreError, StoreExistsError, StoreLockedError)
+                               NotAStoreError, StoreError, StoreExistsError, StoreLockedError,
+                               StoreReadOnlyError)
 from chunkstore.index import IndexEntry
 from chunkstore.session import WriteSession
 from chunkstore.store import ChunkStore
@@ -22,5 +23,5 @@ from chunkstore.store import ChunkStore
 __all__ = [
     "ChunkNotFound", "ChunkStore", "ConfigError", "FormatVersionError", "IndexEntry",
     "IntegrityError", "NotAStoreError", "StoreConfig", "StoreError", "StoreExistsError",
-    "StoreLockedError", "WriteSession", "parse_size",
+    "StoreLockedError", "StoreReadOnlyError", "WriteSession", "parse_size",
 ]

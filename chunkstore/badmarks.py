@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from chunkstore.errors import StoreError
 from chunkstore.lock import WriterLock
+from chunkstore.readonly import refuse_write
 
 BAD_DB = b"bad"
 BAD, HEALED = "bad", "healed"
@@ -82,6 +83,8 @@ def update_marks(store, bad: dict[bytes, str], started: float) -> MarkResult:
     result = MarkResult()
     lock = WriterLock(store.path)
     try:
+        if store.read_only:  # a read-only mount, or an index we may not write (chunkstore/readonly.py)
+            raise refuse_write(store.path)
         lock.acquire(0.0, "verify (marking bad chunks)")
     except (StoreError, OSError) as e:
         with store.read_txn() as txn:

@@ -52,3 +52,7 @@ class ConfigError(StoreError):
 class UnsafePathError(StoreError):
     """A symbolic link, device node or other non-regular file where a store
     (or a restore) opens or creates a file: refused, never followed."""
+
+
+class StoreReadOnlyError(StoreError):
+    """A writer was asked of a store that cannot be written (a read-only mount)."""

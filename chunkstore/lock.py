@@ -14,6 +14,7 @@ backup truncate another file.
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import logging
@@ -21,7 +22,8 @@ import os
 import time
 
 from chunkstore import safefs
-from chunkstore.errors import StoreLockedError, UnsafePathError
+from chunkstore.errors import StoreLockedError, StoreReadOnlyError, UnsafePathError
+from chunkstore.readonly import read_only_message
 
 LOCK_FILE = "lock"
 
@@ -39,7 +41,7 @@ class WriterLock:
         the CLI shows on stderr) whom it waits for; a timeout names the holder
         and how long it waited.  The error carries the holder as ``holder``.
         """
-        fd = safefs.open_file(self.path, os.O_RDWR | os.O_CREAT, "store lock file")
+        fd = self._open()
         if os.fstat(fd).st_nlink != 1:
             os.close(fd)
             raise UnsafePathError(f"store lock file {self.path} has other names (hard links); a store's files "
@@ -75,6 +77,15 @@ class WriterLock:
         info = {"pid": os.getpid(), "host": os.uname().nodename, "since": time.time(), "purpose": purpose}
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._fd = fd
+
+    def _open(self) -> int:
+        """The lock file, opened for writing: on a read-only store, a clear refusal."""
+        try:
+            return safefs.open_file(self.path, os.O_RDWR | os.O_CREAT, "store lock file")
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise StoreReadOnlyError(read_only_message(self.store_path)) from None
+            raise
 
     def release(self) -> None:
         if self._fd >= 0:

@@ -31,6 +31,7 @@ from chunkstore.errors import (ChunkNotFound, IntegrityError, NotAStoreError, St
                                UnsafePathError)
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry
 from chunkstore.pack import MAX_PAYLOAD, RECORD_HEADER_SIZE, check_payload, decode_record_header, pack_relpath
+from chunkstore.readonly import EMPTY, ReadOnlyTxn, is_denied, open_read_only, refuse_write, store_is_writable
 from chunkstore.session import WriteSession
 
 INDEX_DIR = "index"
@@ -50,6 +51,8 @@ class ChunkStore:
         self.path = path
         self.config = config
         self.env = env
+        # A store on a read-only mount (see chunkstore/readonly.py): readers only.
+        self.read_only = env.flags().get("readonly", False)
         self.digester = Digester.for_config(config)
         self.codec = Codec(config.compression_level)
         self.chunk_size = config.chunk_size
@@ -102,9 +105,16 @@ class ChunkStore:
         return cls(path, cfg, env)
 
     def db(self, name: bytes):
-        """A named LMDB database of this store's environment (created on first use)."""
+        """A named LMDB database of this store's environment (created on first use;
+        in a read-only store, one that does not exist is ``EMPTY``)."""
         handle = self._dbs.get(name)
-        if handle is None:
+        if handle is None and self.read_only:
+            try:
+                handle = self.env.open_db(name, create=False)
+            except lmdb.NotFoundError:
+                handle = EMPTY
+            self._dbs[name] = handle
+        elif handle is None:
             # py-lmdb opens named databases in a short write transaction of
             # its own; LMDB shares the handle with every later transaction.
             handle = self.env.open_db(name, create=True)
@@ -127,7 +137,8 @@ class ChunkStore:
     # -- reading ---------------------------------------------------------------
 
     def read_txn(self) -> lmdb.Transaction:
-        return self.env.begin(buffers=False)
+        txn = self.env.begin(buffers=False)
+        return ReadOnlyTxn(txn) if self.read_only else txn
 
     def lookup(self, txn, digest: bytes) -> IndexEntry | None:
         value = txn.get(digest, db=self.chunks_db)
@@ -213,6 +224,8 @@ class ChunkStore:
 
     def writer(self, wait: float = 0.0, purpose: str = "backup") -> WriteSession:
         """The store's one write session (see chunkstore/session.py)."""
+        if self.read_only:
+            raise refuse_write(self.path)
         return WriteSession(self, wait, purpose)
 
 
@@ -235,10 +248,23 @@ def refuse_url(path: str) -> None:
 
 def _open_env(path: str, create: bool) -> lmdb.Environment:
     index = os.path.join(path, INDEX_DIR)
+    if not create and not store_is_writable(index):
+        return _open_env_read_only(path)
     try:
         env = lmdb.open(index, map_size=MAP_SIZE, max_dbs=MAX_DBS, subdir=True, create=create,
                         readahead=False, max_readers=256, mode=safefs.FILE_MODE)
     except lmdb.Error as e:
+        if not create and is_denied(e):
+            return _open_env_read_only(path)
         raise NotAStoreError(f"{path}: cannot open the store index: {e}") from None
     env.reader_check()  # clear reader slots left by killed processes
     return env
+
+
+def _open_env_read_only(path: str) -> lmdb.Environment:
+    """The index of a store we may not write (chunkstore/readonly.py)."""
+    try:
+        return open_read_only(os.path.join(path, INDEX_DIR), map_size=MAP_SIZE, max_dbs=MAX_DBS, subdir=True,
+                              readahead=False, max_readers=256)
+    except lmdb.Error as e:
+        raise NotAStoreError(f"{path}: cannot open the store index (read-only): {e}") from None

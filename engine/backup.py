@@ -37,7 +37,8 @@ from typing import Callable
 
 from engine import signals
 from engine.catalog import KINDS, BackupRecord, check_disk_name
-from engine.changes import ChangeList, Run, check_cover, extents_to_runs, load_changed_areas, run_chunks
+from engine.changes import (ChangeList, DiskRuns, Run, check_cover, extents_to_runs, load_changed_areas,
+                            run_chunks)
 from engine.errors import BadInputError, NotFoundError
 from engine.identity import differences, source_identity
 from engine.manifest import Manifest, ManifestBuilder
@@ -57,14 +58,14 @@ class PreparedBackup:
 
 @dataclass
 class ReadPlan:
-    runs: list[Run]
+    runs: list[Run] | DiskRuns  # a disk's own extents are streamed (DiskRuns), never listed whole
     base: BackupRecord | None
     base_manifest: Manifest | None  # the manifest overlaid (None: built from what is read)
     warnings: list[str] = field(default_factory=list)
 
     @property
     def chunks(self) -> int:
-        return run_chunks(self.runs)
+        return self.runs.chunks if isinstance(self.runs, DiskRuns) else run_chunks(self.runs)
 
 
 def source_change(catalog, txn, disk_name: str, base: BackupRecord, identity: dict | None,
@@ -111,7 +112,7 @@ def plan_read(repo: Repository, txn, disk, disk_name: str, mode: str,
                 "are stored)")
             changes = None
     if changes is None:
-        return ReadPlan(extents_to_runs(disk.extents(), cs, size), base, None, warnings)
+        return ReadPlan(DiskRuns(disk, cs, size), base, None, warnings)
     if not isinstance(changes, ChangeList):
         changes = ChangeList.whole(changes, size)
     check_cover(changes, size, disk_name)

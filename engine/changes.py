@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from engine import nodes
 from engine.errors import BadInputError
@@ -24,20 +24,68 @@ from engine.errors import BadInputError
 Run = tuple[int, int]  # [first chunk, end chunk)
 
 
-def extents_to_runs(extents: Iterable[tuple[int, int]], chunk_size: int, size: int) -> list[Run]:
-    """Byte extents (start, length) → chunk runs covering them, clipped to the disk."""
-    runs: list[Run] = []
-    for start, length in sorted(extents):
+# Extents asked of a disk reader at a time: a backup of a disk with a
+# million small extents holds this many, not a million (engine/backup.py).
+EXTENT_PAGE = 4096
+
+
+def runs_of(extents: Iterable[tuple[int, int]], chunk_size: int, size: int) -> Iterator[Run]:
+    """Byte extents (start, length), sorted by start → chunk runs covering them,
+    clipped to the disk, one at a time: memory does not grow with their number."""
+    cur: Run | None = None
+    for start, length in extents:
         end = min(start + length, size)
         if length <= 0 or start >= end:
             continue
         first, last = start // chunk_size, -(-end // chunk_size)
-        if runs and first <= runs[-1][1]:
-            if last > runs[-1][1]:
-                runs[-1] = (runs[-1][0], last)
+        if cur is not None and first <= cur[1]:
+            if last > cur[1]:
+                cur = (cur[0], last)
         else:
-            runs.append((first, last))
-    return runs
+            if cur is not None:
+                yield cur
+            cur = (first, last)
+    if cur is not None:
+        yield cur
+
+
+def extents_to_runs(extents: Iterable[tuple[int, int]], chunk_size: int, size: int) -> list[Run]:
+    """Byte extents (start, length) in any order → chunk runs covering them, clipped to the disk."""
+    return list(runs_of(sorted(extents), chunk_size, size))
+
+
+def paged_extents(disk, page: int = EXTENT_PAGE) -> Iterator[tuple[int, int]]:
+    """A disk's allocated extents in order, asked of its reader ``page`` at a
+    time (``native.Disk.extents(start, max_count)``), never all at once.  A
+    reader that only lists everything (the vSphere HTTP disk: its list is
+    vCenter's reply, already in memory) is taken whole."""
+    start = 0
+    while True:
+        try:
+            got = disk.extents(start, page)
+        except TypeError:
+            if start:
+                raise
+            yield from sorted(disk.extents())
+            return
+        yield from got
+        if len(got) < page:
+            return
+        last_start, last_length = got[-1]
+        start = last_start + last_length
+
+
+class DiskRuns:
+    """The chunk runs of a disk's allocated extents, listed from the disk
+    again each time they are iterated: a plan of a fragmented disk costs a
+    page of extents, not a list of them all.  ``chunks`` is counted once."""
+
+    def __init__(self, disk, chunk_size: int, size: int):
+        self.disk, self.chunk_size, self.size = disk, chunk_size, size
+        self.chunks = run_chunks(self)
+
+    def __iter__(self) -> Iterator[Run]:
+        return runs_of(paged_extents(self.disk), self.chunk_size, self.size)
 
 
 def merge_runs(*lists: Iterable[Run]) -> list[Run]:

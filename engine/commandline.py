@@ -132,6 +132,7 @@ def _code_table() -> list[tuple[type, str]]:
         (CommandLineError, "usage"),
         (KeyboardInterrupt, "interrupted"),
         (se.StoreLockedError, "store_locked"),
+        (se.StoreReadOnlyError, "store_read_only"),
         (se.NotAStoreError, "not_a_store"),
         (se.FormatVersionError, "format_version"),
         (se.StoreExistsError, "store_exists"),

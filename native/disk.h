@@ -26,6 +26,11 @@ typedef struct disk_ops {
     /* 1 when err messages already name the file (VMDK: often an extent file,
      * not the one opened), so the binding must not add the path again. */
     int messages_name_file;
+    /* At most max extents from byte `from` on (clipped to start there); NULL
+     * when the kind lists everything at once (disk_type.c then keeps that
+     * list, 16 bytes an extent, and pages through it). */
+    int (*extents_from)(void *impl, uint64_t from, size_t max, rd_extent **out, size_t *count,
+                        char *err, size_t errlen);
 } disk_ops;
 
 #endif

@@ -18,6 +18,8 @@ typedef struct {
     PyObject *path;
     PyObject *info;    /* dict: what the reader learned (format, transport...) */
     Py_ssize_t active; /* calls running with the GIL released */
+    rd_extent *ext_cache; /* paged extents() of a kind without extents_from */
+    size_t ext_n;
 } DiskObject;
 
 static PyTypeObject DiskType;
@@ -62,6 +64,8 @@ static PyObject *disk_new_from(const disk_ops *ops, void *impl, uint64_t size, P
     d->impl = impl;
     d->size = size;
     d->active = 0;
+    d->ext_cache = NULL;
+    d->ext_n = 0;
     Py_INCREF(path);
     d->path = path;
     d->info = PyDict_New();
@@ -74,6 +78,7 @@ static PyObject *disk_new_from(const disk_ops *ops, void *impl, uint64_t size, P
 
 static void disk_dealloc(DiskObject *self)
 {
+    free(self->ext_cache);
     if (self->impl)
         self->ops->close(self->impl);
     Py_XDECREF(self->path);
@@ -222,27 +227,15 @@ out:
 }
 
 PyDoc_STRVAR(extents_doc,
-"extents() -> list[tuple[int, int]]\n\n"
+"extents(start=0, max_count=0) -> list[tuple[int, int]]\n\n"
 "Allocated (start, length) byte ranges, sorted and merged: the local\n"
-"equivalent of queryChangedDiskAreas(\"*\").");
+"equivalent of queryChangedDiskAreas(\"*\").  With max_count > 0, at most\n"
+"that many, from byte start on (the first one clipped to begin there): a\n"
+"caller pages through a fragmented disk by passing the end of the last\n"
+"extent it got, so its memory does not grow with the number of extents.");
 
-static PyObject *disk_extents(DiskObject *self, PyObject *Py_UNUSED(ignored))
+static PyObject *extent_list(const rd_extent *v, size_t n)
 {
-    if (disk_check_open(self) != 0)
-        return NULL;
-    rd_extent *v = NULL;
-    size_t n = 0;
-    char err[RD_ERRLEN] = "";
-    int rc, saved = 0;
-    self->active++;
-    Py_BEGIN_ALLOW_THREADS
-    rc = self->ops->extents(self->impl, &v, &n, err, sizeof err);
-    if (rc != 0)
-        saved = errno;
-    Py_END_ALLOW_THREADS
-    self->active--;
-    if (rc != 0)
-        return raise_oserror(saved, err, disk_err_path(self));
     PyObject *list = PyList_New((Py_ssize_t)n);
     for (size_t i = 0; list && i < n; i++) {
         PyObject *t = Py_BuildValue("(KK)", (unsigned long long)v[i].start,
@@ -253,6 +246,88 @@ static PyObject *disk_extents(DiskObject *self, PyObject *Py_UNUSED(ignored))
         }
         PyList_SET_ITEM(list, (Py_ssize_t)i, t);
     }
+    return list;
+}
+
+/* Kinds that list everything at once: list once, keep the C array (16 bytes
+ * an extent, a tenth of the Python tuples), page through it. */
+static PyObject *disk_extents_cached(DiskObject *self, uint64_t from, size_t max)
+{
+    if (!self->ext_cache) {
+        rd_extent *v = NULL;
+        size_t n = 0;
+        char err[RD_ERRLEN] = "";
+        int rc, saved = 0;
+        self->active++;
+        Py_BEGIN_ALLOW_THREADS
+        rc = self->ops->extents(self->impl, &v, &n, err, sizeof err);
+        if (rc != 0)
+            saved = errno;
+        Py_END_ALLOW_THREADS
+        self->active--;
+        if (rc != 0)
+            return raise_oserror(saved, err, disk_err_path(self));
+        if (self->ext_cache) { /* another thread listed meanwhile */
+            free(v);
+        } else {
+            self->ext_cache = v;
+            self->ext_n = n;
+        }
+    }
+    const rd_extent *c = self->ext_cache;
+    size_t lo = 0, hi = self->ext_n;
+    while (lo < hi) { /* first extent ending after from */
+        size_t mid = lo + (hi - lo) / 2;
+        if (c[mid].start + c[mid].length <= from)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    size_t n = self->ext_n - lo < max ? self->ext_n - lo : max;
+    PyObject *list = extent_list(c + lo, n);
+    if (list && n > 0 && c[lo].start < from) { /* clip the first one */
+        PyObject *t = Py_BuildValue("(KK)", (unsigned long long)from,
+                                    (unsigned long long)(c[lo].start + c[lo].length - from));
+        if (!t)
+            Py_CLEAR(list);
+        else
+            PyList_SetItem(list, 0, t);
+    }
+    return list;
+}
+
+static PyObject *disk_extents(DiskObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"start", "max_count", NULL};
+    unsigned long long from = 0;
+    Py_ssize_t max = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|Kn", kwlist, &from, &max))
+        return NULL;
+    if (disk_check_open(self) != 0)
+        return NULL;
+    if (max < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_count must not be negative");
+        return NULL;
+    }
+    if (max > 0 && !self->ops->extents_from)
+        return disk_extents_cached(self, from, (size_t)max);
+    rd_extent *v = NULL;
+    size_t n = 0;
+    char err[RD_ERRLEN] = "";
+    int rc, saved = 0;
+    self->active++;
+    Py_BEGIN_ALLOW_THREADS
+    if (max > 0)
+        rc = self->ops->extents_from(self->impl, from, (size_t)max, &v, &n, err, sizeof err);
+    else
+        rc = self->ops->extents(self->impl, &v, &n, err, sizeof err);
+    if (rc != 0)
+        saved = errno;
+    Py_END_ALLOW_THREADS
+    self->active--;
+    if (rc != 0)
+        return raise_oserror(saved, err, disk_err_path(self));
+    PyObject *list = extent_list(v, n);
     free(v);
     return list;
 }
@@ -289,6 +364,9 @@ static PyObject *disk_close(DiskObject *self, PyObject *Py_UNUSED(ignored))
         self->ops->close(self->impl);
         self->impl = NULL;
     }
+    free(self->ext_cache);
+    self->ext_cache = NULL;
+    self->ext_n = 0;
     Py_RETURN_NONE;
 }
 
@@ -347,7 +425,7 @@ static PyMethodDef disk_methods[] = {
     {"read_chunks", (PyCFunction)disk_read_chunks, METH_VARARGS, read_chunks_doc},
     {"read", (PyCFunction)disk_read, METH_VARARGS, read_doc},
     {"write", (PyCFunction)disk_write, METH_VARARGS, write_doc},
-    {"extents", (PyCFunction)disk_extents, METH_NOARGS, extents_doc},
+    {"extents", (PyCFunction)(void (*)(void))disk_extents, METH_VARARGS | METH_KEYWORDS, extents_doc},
     {"finish", (PyCFunction)disk_finish, METH_NOARGS, finish_doc},
     {"close", (PyCFunction)disk_close, METH_NOARGS, "close()"},
     {"__enter__", (PyCFunction)disk_enter, METH_NOARGS, NULL},

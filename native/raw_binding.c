@@ -56,6 +56,19 @@ static int raw_extents(void *impl, rd_extent **out, size_t *count, char *err, si
     return 0;
 }
 
+static int raw_extents_from(void *impl, uint64_t from, size_t max, rd_extent **out, size_t *count,
+                            char *err, size_t errlen)
+{
+    int fd = ((raw_impl *)impl)->fd;
+    if (rd_extents_from(fd, raw_size_of(fd), from, max, out, count) != 0) {
+        int e = errno;
+        snprintf(err, errlen, "cannot list allocated extents: %s", strerror(e));
+        errno = e;
+        return -1;
+    }
+    return 0;
+}
+
 static int raw_finish(void *impl, char *err, size_t errlen)
 {
     if (fsync(((raw_impl *)impl)->fd) != 0 && errno != EINVAL) {
@@ -73,7 +86,8 @@ static void raw_close(void *impl)
     free(impl);
 }
 
-static const disk_ops raw_ops = {"raw", raw_read, raw_write, raw_extents, raw_finish, raw_close, 0};
+static const disk_ops raw_ops = {"raw", raw_read, raw_write, raw_extents, raw_finish, raw_close, 0,
+                                 raw_extents_from};
 
 
 PyDoc_STRVAR(open_raw_doc,

@@ -78,11 +78,16 @@ static int push_extent(rd_extent **v, size_t *n, size_t *cap, uint64_t start, ui
 
 int rd_extents(int fd, uint64_t size, rd_extent **out, size_t *count)
 {
+    return rd_extents_from(fd, size, 0, SIZE_MAX, out, count);
+}
+
+int rd_extents_from(int fd, uint64_t size, uint64_t from, size_t max, rd_extent **out, size_t *count)
+{
     rd_extent *v = NULL;
     size_t n = 0, cap = 0;
-    uint64_t pos = 0;
+    uint64_t pos = from;
 
-    while (pos < size) {
+    while (pos < size && n < max) {
         off_t data = lseek(fd, (off_t)pos, SEEK_DATA);
         if (data < 0) {
             if (errno == ENXIO)
@@ -90,7 +95,7 @@ int rd_extents(int fd, uint64_t size, rd_extent **out, size_t *count)
             if (errno == EINVAL || errno == ENOTSUP || errno == EOPNOTSUPP) {
                 /* Filesystem (or block device) cannot tell: all of it. */
                 n = 0;
-                if (push_extent(&v, &n, &cap, 0, size) != 0)
+                if (push_extent(&v, &n, &cap, from, size) != 0)
                     goto fail;
                 break;
             }

@@ -41,6 +41,12 @@ int rd_open(const char *path, int writable, uint64_t *size_out, char *err, size_
  * Returns 0, or -1 with errno set. */
 int rd_extents(int fd, uint64_t size, rd_extent **out, size_t *count);
 
+/* The same from byte `from` on, at most max extents (the first one starts at
+ * `from` or later): a caller pages through a fragmented file in batches, so
+ * its memory does not grow with the number of extents. */
+int rd_extents_from(int fd, uint64_t size, uint64_t from, size_t max, rd_extent **out,
+                    size_t *count);
+
 /* Reads len bytes at off; bytes past EOF read as zeros.  Returns 0 or -1
  * (errno set). */
 int rd_pread_full(int fd, void *buf, size_t len, uint64_t off);

@@ -49,7 +49,7 @@ static void vddk_ops_close(void *impl)
 }
 
 static const disk_ops vddk_ops = {"vddk", vddk_ops_read, vddk_ops_write, vddk_ops_extents,
-                                  vddk_ops_finish, vddk_ops_close, 0};
+                                  vddk_ops_finish, vddk_ops_close, 0, NULL};
 
 
 /* Connection parameters come as keyword arguments; the C strings borrow from

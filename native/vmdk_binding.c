@@ -26,7 +26,8 @@ static void vmdk_ops_close(void *impl)
     vmdk_close(impl);
 }
 
-static const disk_ops vmdk_ops = {"vmdk", vmdk_ops_read, NULL, vmdk_ops_extents, NULL, vmdk_ops_close, 1};
+static const disk_ops vmdk_ops = {"vmdk", vmdk_ops_read, NULL, vmdk_ops_extents, NULL, vmdk_ops_close, 1,
+                                  NULL};
 
 static int vmdkw_read(void *impl, void *buf, size_t len, uint64_t off, char *err, size_t errlen)
 {
@@ -61,7 +62,7 @@ static void vmdkw_close(void *impl)
 }
 
 static const disk_ops vmdk_writer_ops = {"vmdk-writer", vmdkw_read, vmdkw_write, vmdkw_extents,
-                                         vmdkw_finish, vmdkw_close, 1};
+                                         vmdkw_finish, vmdkw_close, 1, NULL};
 
 
 /* Encodes a path argument for C; on failure returns NULL with the error set. */
