@@ -52,3 +52,12 @@ class ConfigError(StoreError):
 class UnsafePathError(StoreError):
     """A symbolic link, device node or other non-regular file where a store
     (or a restore) opens or creates a file: refused, never followed."""
+
+
+class IndexDamagedError(IntegrityError):
+    """The LMDB file is truncated or is not an LMDB file: mapping it would
+    crash the process (SIGBUS), so it is refused before it is opened."""
+
+
+class ConfigMismatchError(StoreError):
+    """config.json disagrees with the settings every pack header carries."""
