@@ -17,7 +17,7 @@ from chunkstore import safefs
 from chunkstore.errors import ConfigError, FormatVersionError, NotAStoreError
 
 FORMAT_NAME = "blockvault-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 
 DIGEST_KINDS = ("xxh3-128", "sha256")
@@ -106,6 +106,13 @@ class StoreConfig:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise NotAStoreError(f"{path} is not a blockvault store config")
         version = doc.get("version")
+        if version == 1:
+            raise FormatVersionError(
+                f"{store_path} has store format version 1; this blockvault reads version {FORMAT_VERSION} only "
+                "(version 2 keeps every backup's catalog entry and manifest in the packs too, so a lost index "
+                "can be rebuilt; a version-1 store cannot be converted): restore what you need with the "
+                "blockvault release that wrote it and back it up into a new store"
+            )
         if version != FORMAT_VERSION:
             raise FormatVersionError(
                 f"{store_path} has store format version {version!r}, this blockvault reads version "

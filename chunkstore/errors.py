@@ -56,3 +56,12 @@ class UnsafePathError(StoreError):
 
 class StoreReadOnlyError(StoreError):
     """A writer was asked of a store that cannot be written (a read-only mount)."""
+
+
+class IndexDamagedError(IntegrityError):
+    """The LMDB file is truncated or is not an LMDB file: mapping it would
+    crash the process (SIGBUS), so it is refused before it is opened."""
+
+
+class ConfigMismatchError(StoreError):
+    """config.json disagrees with the settings every pack header carries."""

@@ -18,8 +18,8 @@ META_DB = b"meta"
 
 # pack id, record offset, stored (payload) length, raw length, codec
 _ENTRY = struct.Struct("<16sQIIB3x")
-# pack size in bytes, chunk count, sealed flag
-_PACK = struct.Struct("<QIB3x")
+# pack size in bytes, record count, sealed flag, metadata flag (a commit's metadata pack)
+_PACK = struct.Struct("<QIBB2x")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +43,12 @@ class PackInfo:
     size: int
     chunk_count: int
     sealed: bool
+    metadata: bool = False  # holds a commit's metadata records (no chunks)
 
     def encode(self) -> bytes:
-        return _PACK.pack(self.size, self.chunk_count, int(self.sealed))
+        return _PACK.pack(self.size, self.chunk_count, int(self.sealed), int(self.metadata))
 
     @classmethod
     def decode(cls, value) -> "PackInfo":
-        size, count, sealed = _PACK.unpack(bytes(value))
-        return cls(size, count, bool(sealed))
+        size, count, sealed, metadata = _PACK.unpack(bytes(value))
+        return cls(size, count, bool(sealed), bool(metadata))

@@ -28,17 +28,28 @@ from chunkstore.digest import DIGEST_FIELD
 from chunkstore.errors import IntegrityError
 
 PACK_MAGIC = b"BVLTPACK"
-PACK_VERSION = 1
-# magic, version, reserved, store id, pack id, created (unix s), header checksum
-PACK_HEADER = struct.Struct("<8sII16s16sQQ")
+PACK_VERSION = 2
+# magic, version, reserved, store id, pack id, created (unix s), then the store's
+# settings (chunk size, digest kind, zstd level, reserved, seed, pack target size,
+# store created), reserved, header checksum: every pack can recreate config.json.
+PACK_HEADER = struct.Struct("<8sII16s16sQIBbHQQd32sQ")
 RECORD_MAGIC = b"BVCK"
+METADATA_MAGIC = b"BVMD"
 TRAILER_MAGIC = b"BVND"
+RECORD_MAGICS = (RECORD_MAGIC, METADATA_MAGIC, TRAILER_MAGIC)
 # magic, codec, digest length, reserved, raw length, stored length,
 # digest (zero padded), payload checksum, header checksum
 RECORD_HEADER = struct.Struct("<4sBBHII32sQQ")
-assert PACK_HEADER.size == 64 and RECORD_HEADER.size == 64
+assert PACK_HEADER.size == 128 and RECORD_HEADER.size == 64
 RECORD_HEADER_SIZE = RECORD_HEADER.size
 MAX_PAYLOAD = 16 << 20  # above any chunk size: a larger length is corruption
+DIGEST_CODES = {"xxh3-128": 1, "sha256": 2}
+# A metadata record's 32-byte field: commit number, the commit it follows,
+# part index, number of parts, commit time.
+METADATA_FIELD = struct.Struct("<QQIId")
+# Raw bytes per metadata record: no larger than the smallest chunk size, so
+# every record of a pack obeys the same size limits.
+METADATA_PART = 64 << 10
 
 
 def _check64(data) -> int:
@@ -50,23 +61,63 @@ def pack_relpath(pack_id: bytes) -> str:
     return os.path.join("packs", h[:2], h + ".pack")
 
 
-def encode_pack_header(store_id: bytes, pack_id: bytes) -> bytes:
-    body = PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, 0, store_id, pack_id, int(time.time()), 0)
-    return body[:56] + struct.pack("<Q", _check64(body[:56]))
+@dataclass(frozen=True)
+class PackHeader:
+    """What a pack header says: whose pack it is, and the store's settings."""
+
+    store_id: bytes
+    pack_id: bytes
+    created: int
+    chunk_size: int
+    digest: str
+    compression_level: int
+    seed: int
+    pack_target_size: int
+    store_created: float
+
+    def settings(self) -> dict:
+        """The fields of config.json this header carries."""
+        return {"store_id": self.store_id.hex(), "chunk_size": self.chunk_size, "digest": self.digest,
+                "seed": self.seed, "compression_level": self.compression_level,
+                "pack_target_size": self.pack_target_size, "created": self.store_created}
 
 
-def decode_pack_header(data: bytes, where: str) -> tuple[bytes, bytes]:
-    """(store id, pack id) of a pack header, or IntegrityError."""
+def encode_pack_header(config, pack_id: bytes) -> bytes:
+    """The header of a new pack of the store ``config`` (a StoreConfig)."""
+    body = PACK_HEADER.pack(
+        PACK_MAGIC, PACK_VERSION, 0, bytes.fromhex(config.store_id), pack_id, int(time.time()),
+        config.chunk_size, DIGEST_CODES[config.digest], config.compression_level, 0, config.seed,
+        config.pack_target_size, float(config.created), bytes(32), 0)
+    return body[:-8] + struct.pack("<Q", _check64(body[:-8]))
+
+
+def decode_pack_header(data: bytes, where: str) -> PackHeader:
+    """A pack header, checked; IntegrityError when it is not one."""
+    if len(data) >= 12 and data[:8] == PACK_MAGIC and struct.unpack_from("<I", data, 8)[0] == 1:
+        raise IntegrityError(f"{where}: pack format version 1 is not supported (a version-1 store)")
     if len(data) < PACK_HEADER.size:
         raise IntegrityError(f"{where}: pack header truncated ({len(data)} bytes)")
-    magic, version, _, store_id, pack_id, _, check = PACK_HEADER.unpack_from(data)
+    (magic, version, _, store_id, pack_id, created, chunk_size, digest, level, _, seed, target,
+     store_created, _, check) = PACK_HEADER.unpack_from(data)
     if magic != PACK_MAGIC:
         raise IntegrityError(f"{where}: not a blockvault pack (bad magic)")
-    if check != _check64(data[:56]):
+    if check != _check64(data[:PACK_HEADER.size - 8]):
         raise IntegrityError(f"{where}: pack header checksum mismatch")
     if version != PACK_VERSION:
         raise IntegrityError(f"{where}: pack format version {version} is not supported")
-    return store_id, pack_id
+    kinds = {v: k for k, v in DIGEST_CODES.items()}
+    if digest not in kinds:
+        raise IntegrityError(f"{where}: pack header names digest kind {digest}, which is unknown")
+    return PackHeader(store_id, pack_id, created, chunk_size, kinds[digest], level, seed, target, store_created)
+
+
+def read_pack_header(path: str) -> PackHeader:
+    """The header of the pack file ``path`` (never followed if it is a link)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return decode_pack_header(os.pread(fd, PACK_HEADER.size, 0), path)
+    finally:
+        os.close(fd)
 
 
 def encode_record(digest: bytes, codec: int, raw_len: int, payload) -> bytes:
@@ -77,9 +128,71 @@ def encode_record(digest: bytes, codec: int, raw_len: int, payload) -> bytes:
     return head[:56] + struct.pack("<Q", _check64(head[:56]))
 
 
-def encode_trailer(chunk_count: int) -> bytes:
-    head = RECORD_HEADER.pack(TRAILER_MAGIC, 0, 0, 0, chunk_count, 0, bytes(DIGEST_FIELD), 0, 0)
+def encode_trailer(record_count: int) -> bytes:
+    head = RECORD_HEADER.pack(TRAILER_MAGIC, 0, 0, 0, record_count, 0, bytes(DIGEST_FIELD), 0, 0)
     return head[:56] + struct.pack("<Q", _check64(head[:56]))
+
+
+# -- metadata records ------------------------------------------------------------
+#
+# A commit's metadata is the list of LMDB writes (database, key, value) the
+# layer above makes in that commit, as one byte stream cut into records of at
+# most METADATA_PART raw bytes.  chunkstore does not read the values: replaying
+# every commit's writes in commit order recreates those databases.
+
+OP_PUT, OP_DELETE = 1, 2
+# op, database name length, key length, value length
+METADATA_ENTRY = struct.Struct("<BBHI")
+
+
+@dataclass(frozen=True)
+class MetadataPart:
+    commit: int     # this commit's number (1, 2, ...)
+    follows: int    # the number of the commit that was the store's latest when it was made (0: none)
+    part: int
+    parts: int
+    time: float
+
+
+def encode_metadata(writes) -> bytes:
+    """The stream of ``(op, db name, key, value)`` writes."""
+    out = bytearray()
+    for op, name, key, value in writes:
+        out += METADATA_ENTRY.pack(op, len(name), len(key), len(value)) + name + key + value
+    return bytes(out)
+
+
+def decode_metadata(stream: bytes, where: str) -> list[tuple[int, bytes, bytes, bytes]]:
+    writes, pos, n = [], 0, len(stream)
+    while pos < n:
+        if pos + METADATA_ENTRY.size > n:
+            raise IntegrityError(f"{where}: metadata entry truncated at byte {pos}")
+        op, nlen, klen, vlen = METADATA_ENTRY.unpack_from(stream, pos)
+        pos += METADATA_ENTRY.size
+        end = pos + nlen + klen + vlen
+        if op not in (OP_PUT, OP_DELETE) or end > n:
+            raise IntegrityError(f"{where}: bad metadata entry at byte {pos - METADATA_ENTRY.size}")
+        name, key, value = stream[pos:pos + nlen], stream[pos + nlen:pos + nlen + klen], stream[pos + nlen + klen:end]
+        writes.append((op, name, key, value))
+        pos = end
+    return writes
+
+
+def encode_metadata_records(stream: bytes, commit: int, follows: int, when: float, codec) -> list[bytes]:
+    """The records (header + payload, joined) carrying ``stream`` for commit ``commit``."""
+    pieces = [stream[i:i + METADATA_PART] for i in range(0, len(stream), METADATA_PART)] or [b""]
+    out = []
+    for i, raw in enumerate(pieces):
+        kind, payload = codec.encode(raw) if raw else (0, b"")
+        field = METADATA_FIELD.pack(commit, follows, i, len(pieces), when)
+        head = RECORD_HEADER.pack(METADATA_MAGIC, kind, METADATA_FIELD.size, 0, len(raw), len(payload),
+                                  field, _check64(payload), 0)
+        out.append(head[:56] + struct.pack("<Q", _check64(head[:56])) + bytes(payload))
+    return out
+
+
+def metadata_part(header: "RecordHeader") -> MetadataPart:
+    return MetadataPart(*METADATA_FIELD.unpack(header.digest))
 
 
 @dataclass(frozen=True)
@@ -101,15 +214,17 @@ def decode_record_header(data, where: str, max_chunk: int = MAX_PAYLOAD) -> Reco
     if len(data) < RECORD_HEADER_SIZE:
         raise IntegrityError(f"{where}: record header truncated")
     magic, codec, dlen, _, raw_len, stored_len, digest, pcheck, hcheck = RECORD_HEADER.unpack_from(data)
-    if magic not in (RECORD_MAGIC, TRAILER_MAGIC):
+    if magic not in RECORD_MAGICS:
         raise IntegrityError(f"{where}: no record here (bad magic)")
     if hcheck != _check64(bytes(data[:56])):
         raise IntegrityError(f"{where}: record header checksum mismatch")
-    if dlen > DIGEST_FIELD or stored_len > MAX_PAYLOAD or (magic == RECORD_MAGIC and raw_len > MAX_PAYLOAD):
+    if dlen > DIGEST_FIELD or stored_len > MAX_PAYLOAD or (magic != TRAILER_MAGIC and raw_len > MAX_PAYLOAD):
         raise IntegrityError(f"{where}: record header has impossible sizes")
     if magic == RECORD_MAGIC and max(raw_len, stored_len) > max_chunk:
         raise IntegrityError(f"{where}: record declares {raw_len} bytes raw, {stored_len} stored, more than "
                              f"the store's chunk size {max_chunk}")
+    if magic == METADATA_MAGIC and (dlen != METADATA_FIELD.size or raw_len > METADATA_PART):
+        raise IntegrityError(f"{where}: metadata record header has impossible sizes")
     return RecordHeader(magic, codec, digest[:dlen], raw_len, stored_len, pcheck)
 
 
@@ -131,7 +246,7 @@ class PackWriter:
     lost bytes.
     """
 
-    def __init__(self, store_path: str, store_id: bytes):
+    def __init__(self, store_path: str, config):
         self.pack_id = os.urandom(16)
         self.relpath = pack_relpath(self.pack_id)
         self.path = os.path.join(store_path, self.relpath)
@@ -142,14 +257,15 @@ class PackWriter:
         safefs.make_dir(directory, "store directory")
         self._dir = directory
         self._fd = safefs.create_file(self.path, "pack file")
-        header = encode_pack_header(store_id, self.pack_id)
+        header = encode_pack_header(config, self.pack_id)
         try:
             self.write_at(0, [header])
         except BaseException:
             self.discard()  # nothing else knows this file yet
             raise
         self.size = len(header)   # bytes reserved so far
-        self.chunk_count = 0
+        self.chunk_count = 0      # records (chunk and metadata), as the trailer counts them
+        self.metadata = False     # a commit's metadata pack
         self.writers = 0          # threads between reserve and the end of write_at
         self.retired = False      # takes no more reservations
         self.sealed = False
@@ -242,7 +358,6 @@ class PackScan:
     lost: list = field(default_factory=list)
 
 
-RECORD_MAGICS = (RECORD_MAGIC, TRAILER_MAGIC)
 _FIND_WINDOW = 1 << 20
 
 
@@ -300,7 +415,7 @@ def scan_pack(path: str, check_payloads: bool = True) -> PackScan:
     with open(path, "rb") as f:
         head = f.read(PACK_HEADER.size)
         try:
-            _, pack_id = decode_pack_header(head, path)
+            pack_id = decode_pack_header(head, path).pack_id
         except IntegrityError as e:
             name = os.path.basename(path)[:-len(".pack")]
             try:
@@ -328,7 +443,7 @@ def scan_pack(path: str, check_payloads: bool = True) -> PackScan:
             if hdr.magic == TRAILER_MAGIC:
                 scan.sealed = True
                 if hdr.raw_len != len(scan.records):
-                    scan.problem = f"trailer counts {hdr.raw_len} chunks, found {len(scan.records)}"
+                    scan.problem = f"trailer counts {hdr.raw_len} records, found {len(scan.records)}"
                 break
             scan.records.append(ScannedRecord(pos, hdr))
             pos += RECORD_HEADER_SIZE + hdr.stored_len

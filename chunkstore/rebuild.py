@@ -1,19 +1,38 @@
-"""Rebuild the chunk index from the packs alone.
+"""Rebuild the whole LMDB environment from the packs alone.
 
-The index is a cache of what the packs' record headers already say, so
-losing or damaging it loses nothing: scan every pack (checking each record's
-header and payload checksums), stop at a torn tail, and write the entries in
-one transaction that replaces the old index.  Runs as the store's writer.
+Every pack record says what it is: chunk records recreate the chunk index,
+and metadata records (written by every commit after its chunks were durable,
+docs/FORMAT.md "Metadata records") recreate the databases of the layer above:
+each commit's writes are replayed in commit order.  chunkstore does not read
+those writes; they are (database, key, value) triples the engine defines.
+
+Which commits count: each commit names the one that was the store's latest
+when it was made, so the committed history is a chain.  A commit whose
+metadata reached the packs but whose LMDB commit never happened (a crash in
+between) is a sibling of the next commit: it is left out.  Only when it is
+the last thing that happened is it counted, and then it is complete (its
+chunks were durable before its metadata was written).
+
+A damaged ``data.mdb`` (truncated, not LMDB) is never opened: it is moved
+aside and a new one is written.  Runs as the store's writer.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 
+from chunkstore.codec import Codec
+from chunkstore.config import StoreConfig, fsync_dir
 from chunkstore.errors import IntegrityError
 from chunkstore.index import IndexEntry, PackInfo
-from chunkstore.pack import RECORD_MAGIC, iter_pack_paths, scan_pack
-from chunkstore.store import ChunkStore
+from chunkstore.lock import WriterLock
+from chunkstore.pack import (METADATA_MAGIC, OP_PUT, RECORD_HEADER_SIZE, RECORD_MAGIC, check_payload,
+                             decode_metadata, decode_record_header, iter_pack_paths, metadata_part, read_pack_header,
+                             scan_pack)
+from chunkstore.session import LAST_COMMIT, OWN_DBS, RESERVED_COMMIT, _U64
+from chunkstore.store import DATA_FILE, INDEX_DIR, ChunkStore, _open_env, index_file_problem
 
 
 @dataclass
@@ -21,6 +40,11 @@ class RebuildReport:
     packs: int = 0
     chunks: int = 0
     duplicates: int = 0
+    commits: int = 0                                     # commits replayed
+    records: dict = field(default_factory=dict)         # database name → keys it holds after the replay
+    left_out: list[str] = field(default_factory=list)   # commits not replayed, and why
+    moved_aside: str | None = None                      # where a damaged data.mdb went
+    previous_index: str | None = None                   # a copy of the replaced index, kept when incomplete
     torn: list[str] = field(default_factory=list)       # "path@offset: problem"
     unreadable: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)       # "path@start-end: problem": damage, records after it saved
@@ -34,50 +58,216 @@ class RebuildReport:
         """Something could not be saved: the caller must not report plain success."""
         return bool(self.lost or self.bad_headers or self.unreadable)
 
+    @property
+    def complete(self) -> bool:
+        """Nothing the packs should have held was damaged, missing or unreadable."""
+        return not self.damaged and not any(" missing" in x or "incomplete" in x for x in self.left_out)
+
+
+@dataclass
+class _Commit:
+    number: int
+    follows: int
+    time: float
+    parts: int
+    streams: dict = field(default_factory=dict)   # part index → raw bytes
+
+    @property
+    def whole(self) -> bool:
+        return len(self.streams) == self.parts
+
+
+def rebuild_store(path: str, wait: float = 0.0) -> RebuildReport:
+    """Recreate ``STORE/index`` from the packs: chunk index, packs, metadata."""
+    cfg = StoreConfig.load(path)
+    lock = WriterLock(path)
+    lock.acquire(wait, "rebuild")
+    try:
+        report = RebuildReport()
+        index = os.path.join(path, INDEX_DIR)
+        os.makedirs(index, exist_ok=True)
+        data_mdb = os.path.join(index, DATA_FILE)
+        if os.path.exists(data_mdb) and index_file_problem(data_mdb):
+            report.moved_aside = f"{data_mdb}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+            os.rename(data_mdb, report.moved_aside)
+            try:  # its reader table belongs to the damaged file
+                os.unlink(os.path.join(index, "lock.mdb"))
+            except FileNotFoundError:
+                pass
+            fsync_dir(index)
+        store = ChunkStore(path, cfg, _open_env(path, create=True))
+        try:
+            _rebuild(store, report)
+        finally:
+            store.close()
+        return report
+    finally:
+        lock.release()
+
 
 def rebuild_index(store: ChunkStore, wait: float = 0.0) -> RebuildReport:
-    report = RebuildReport()
+    """``rebuild_store`` for a store this process has open (its index intact)."""
+    lock = WriterLock(store.path)
+    lock.acquire(wait, "rebuild")
+    try:
+        report = RebuildReport()
+        _rebuild(store, report)
+        return report
+    finally:
+        lock.release()
+
+
+def _rebuild(store: ChunkStore, report: RebuildReport) -> None:
+    entries, packs, commits = _scan(store.path, store.config, report)
+    chain = _chain(commits, report)
+    if not report.complete:
+        _keep_previous(store, report)
+    _replace(store, entries, packs, chain, commits, report)
+
+
+def _keep_previous(store: ChunkStore, report: RebuildReport) -> None:
+    """The packs lack something: the index being replaced may still hold it, so keep a copy."""
+    with store.read_txn() as txn:
+        if txn.stat(store.meta_db)["entries"] == 0 and txn.stat(store.chunks_db)["entries"] == 0:
+            return  # empty: nothing to keep
+    stem = os.path.join(store.path, INDEX_DIR, f"before-rebuild-{time.strftime('%Y%m%dT%H%M%S')}")
+    where, n = stem, 1
+    while os.path.lexists(where):
+        n += 1
+        where = f"{stem}-{n}"
+    os.makedirs(where, mode=0o700)
+    store.env.copy(where)
+    for name in os.listdir(where):
+        os.chmod(os.path.join(where, name), 0o600)
+    report.previous_index = where
+
+
+def _scan(path: str, cfg: StoreConfig, report: RebuildReport):
     entries: dict[bytes, IndexEntry] = {}
     packs: dict[bytes, PackInfo] = {}
+    commits: dict[int, _Commit] = {}
     lost: list[tuple[str, bytes | None]] = []
-    session = store.writer(wait=wait, purpose="rebuild-index")
-    try:
-        for path in iter_pack_paths(store.path):
+    codec = Codec(cfg.compression_level)
+    dlen = 32 if cfg.digest == "sha256" else 16
+    for pack_path in iter_pack_paths(path):
+        try:
             try:
-                scan = scan_pack(path)
-            except (IntegrityError, OSError) as e:
-                report.unreadable.append(f"{path}: {e}")
+                owner = read_pack_header(pack_path).store_id.hex()
+            except IntegrityError:
+                owner = cfg.store_id  # a bad header: scan_pack reports it and reads the records anyway
+            if owner != cfg.store_id:
+                raise IntegrityError(f"belongs to store {owner}, not to this store ({cfg.store_id})")
+            scan = scan_pack(pack_path)
+        except (IntegrityError, OSError) as e:
+            report.unreadable.append(f"{pack_path}: {e}")
+            continue
+        report.packs += 1
+        if scan.torn_at is not None:
+            report.torn.append(f"{pack_path}@{scan.torn_at}: {scan.problem}")
+        if scan.header_problem:
+            report.bad_headers.append(scan.header_problem)
+        lost += [(f"{pack_path}@{start}-{end}: {problem}", digest) for start, end, problem, digest in scan.lost]
+        good_end = scan.torn_at if scan.torn_at is not None else scan.size
+        metadata = [rec for rec in scan.records if rec.header.magic == METADATA_MAGIC]
+        packs[scan.pack_id] = PackInfo(good_end, len(scan.records), scan.sealed, bool(metadata))
+        for rec in scan.records:
+            h = rec.header
+            if h.magic == METADATA_MAGIC:
                 continue
-            report.packs += 1
-            if scan.torn_at is not None:
-                report.torn.append(f"{path}@{scan.torn_at}: {scan.problem}")
-            if scan.header_problem:
-                report.bad_headers.append(scan.header_problem)
-            lost += [(f"{path}@{start}-{end}: {problem}", digest) for start, end, problem, digest in scan.lost]
-            good_end = scan.torn_at if scan.torn_at is not None else scan.size
-            packs[scan.pack_id] = PackInfo(good_end, len(scan.records), scan.sealed)
-            for rec in scan.records:
-                h = rec.header
-                if h.magic != RECORD_MAGIC or len(h.digest) != store.digester.size:
-                    continue
+            elif h.magic == RECORD_MAGIC and len(h.digest) == dlen:
                 if h.digest in entries:
                     report.duplicates += 1
                     continue
                 entries[h.digest] = IndexEntry(scan.pack_id, rec.offset, h.stored_len, h.raw_len, h.codec)
-        report.chunks = len(entries)
-        for text, digest in lost:
-            (report.superseded if digest in entries else report.lost).append(text)
+        if metadata:
+            _read_metadata(pack_path, metadata, codec, commits, report)
+    report.chunks = len(entries)
+    for text, digest in lost:
+        (report.superseded if digest in entries else report.lost).append(text)
+    return entries, packs, commits
 
-        def replace(txn):
-            txn.drop(store.chunks_db, delete=False)
-            txn.drop(store.packs_db, delete=False)
-            for digest, entry in entries.items():
-                txn.put(digest, entry.encode(), db=store.chunks_db)
-            for pid, info in packs.items():
-                txn.put(pid, info.encode(), db=store.packs_db)
 
-        session.commit(replace)
-    finally:
-        if not session.committed:
-            session.abort()
-    return report
+def _read_metadata(pack_path: str, records, codec: Codec, commits: dict, report: RebuildReport) -> None:
+    with open(pack_path, "rb") as f:
+        for rec in records:
+            where = f"{pack_path}@{rec.offset}"
+            try:
+                f.seek(rec.offset)
+                hdr = decode_record_header(f.read(RECORD_HEADER_SIZE), where)
+                payload = f.read(hdr.stored_len)
+                check_payload(hdr, payload, where)
+                raw = codec.decode(hdr.codec, payload, hdr.raw_len) if hdr.stored_len else b""
+            except (IntegrityError, OSError) as e:
+                report.unreadable.append(f"{where}: {e}")
+                continue
+            part = metadata_part(hdr)
+            commit = commits.setdefault(part.commit, _Commit(part.commit, part.follows, part.time, part.parts))
+            commit.streams[part.part] = raw
+
+
+def _chain(commits: dict[int, _Commit], report: RebuildReport) -> list[int]:
+    """The committed history, oldest first (see the module's docstring)."""
+    whole = {n: c for n, c in commits.items() if c.whole}
+    for n, c in sorted(commits.items()):
+        if not c.whole:
+            report.left_out.append(f"commit {n}: incomplete ({len(c.streams)} of {c.parts} metadata records)")
+    chain, cur = [], max(whole, default=0)
+    while cur:
+        chain.append(cur)
+        prev = whole[cur].follows
+        if prev and prev not in whole:
+            if prev not in commits:
+                report.left_out.append(f"commit {prev}: its metadata records are missing (a pack lost?)")
+            older = [n for n in whole if n < prev]
+            prev = max(older, default=0)
+        cur = prev
+    kept = set(chain)
+    for n in sorted(whole):
+        if n not in kept:
+            report.left_out.append(f"commit {n}: never committed (a crash came before its LMDB commit)")
+    report.commits = len(chain)
+    return chain[::-1]
+
+
+def _replace(store: ChunkStore, entries, packs, chain: list[int], commits: dict, report: RebuildReport) -> None:
+    """One transaction: every database emptied and refilled."""
+    env = store.env
+    handles: dict[bytes, object] = {}
+
+    def db(txn, name: bytes):
+        if name not in handles:
+            handles[name] = env.open_db(name, txn=txn, create=True)
+        return handles[name]
+
+    with env.begin(write=True) as txn:
+        names = [bytes(k) for k, _ in txn.cursor()]
+        for name in names:
+            txn.drop(db(txn, name), delete=False)
+        for digest, entry in entries.items():
+            txn.put(digest, entry.encode(), db=store.chunks_db)
+        for pid, info in packs.items():
+            txn.put(pid, info.encode(), db=store.packs_db)
+        touched: set[bytes] = set()
+        for n in chain:
+            commit = commits[n]
+            stream = b"".join(commit.streams[i] for i in range(commit.parts))
+            try:
+                writes = decode_metadata(stream, f"metadata of commit {n}")
+            except IntegrityError as e:
+                report.left_out.append(f"commit {n}: {e}")
+                continue
+            for op, name, key, value in writes:
+                if name in OWN_DBS:
+                    report.left_out.append(f"commit {n}: writes chunkstore's database {name.decode()!r}; ignored")
+                    continue
+                handle = db(txn, name)
+                touched.add(name)
+                if op == OP_PUT:
+                    txn.put(key, value, db=handle)
+                else:
+                    txn.delete(key, db=handle)
+        if chain:
+            txn.put(LAST_COMMIT, _U64.pack(chain[-1]), db=store.meta_db)
+            txn.put(RESERVED_COMMIT, _U64.pack(max(commits)), db=store.meta_db)
+        for name in sorted(touched):
+            report.records[name.decode()] = txn.stat(db(txn, name))["entries"]

@@ -29,16 +29,19 @@ order and a crash leaves at most a torn tail.
 from __future__ import annotations
 
 import queue
+import struct
 import threading
+import time
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import lmdb
 
 from chunkstore import badmarks
 from chunkstore.errors import StoreError
-from chunkstore.index import IndexEntry, PackInfo
+from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry, PackInfo
 from chunkstore.lock import WriterLock
-from chunkstore.pack import RECORD_HEADER_SIZE, PackWriter, encode_record
+from chunkstore.pack import (OP_DELETE, OP_PUT, RECORD_HEADER_SIZE, PackWriter, encode_metadata,
+                             encode_metadata_records, encode_record)
 
 if TYPE_CHECKING:
     from chunkstore.store import ChunkStore
@@ -52,6 +55,22 @@ SEAL_BACKLOG = 2
 
 # One chunk for ``write``: (digest, codec, raw length, payload).
 Record = tuple[bytes, int, int, object]
+# One write of the layer above for ``commit``: (database name, key, value);
+# a value of None deletes the key.
+MetadataWrite = tuple[bytes, bytes, "bytes | None"]
+
+# Keys of the ``meta`` database: the number of the last committed commit, and
+# the highest number handed out (a commit that wrote its metadata records and
+# then died keeps its number: the next commit gets a new one).
+LAST_COMMIT = b"commit.last"
+RESERVED_COMMIT = b"commit.reserved"
+OWN_DBS = (CHUNKS_DB, PACKS_DB, META_DB, b"bad")  # b"bad": chunkstore/badmarks.py
+_U64 = struct.Struct("<Q")
+
+
+def meta_number(txn, db, key: bytes) -> int:
+    value = txn.get(key, db=db)
+    return _U64.unpack(bytes(value))[0] if value is not None else 0
 
 
 class WriteSession:
@@ -138,7 +157,7 @@ class WriteSession:
                     pack = None
                 if pack is None:
                     try:
-                        pack = PackWriter(self.store.path, self.store.store_id)
+                        pack = PackWriter(self.store.path, self.store.config)
                     except BaseException as e:  # the other writers stop too
                         self._fail(e)
                         raise
@@ -238,7 +257,7 @@ class WriteSession:
             for digest, entry in moved.items():
                 txn.put(digest, entry.encode(), db=store.chunks_db)
             for pack in synced:
-                txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True).encode(), db=store.packs_db)
+                txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True, pack.metadata).encode(), db=store.packs_db)
             self._heal(txn, moved)
         with self._mutex:
             for digest in moved:
@@ -265,27 +284,94 @@ class WriteSession:
         if self._sealer is not None:
             self._sealer.stop()
 
-    def commit(self, extra: Callable[[lmdb.Transaction], None] | None = None) -> None:
-        """Make this session's chunks, plus whatever ``extra`` writes, visible at once."""
+    def commit(self, extra: Callable[[lmdb.Transaction], None] | None = None,
+               metadata: Sequence[MetadataWrite] = ()) -> None:
+        """Make this session's chunks, plus whatever ``extra`` and ``metadata`` write, visible at once.
+
+        ``metadata`` is the layer above's writes, as (database, key, value):
+        once the chunk packs are durable they are written as metadata records
+        into a pack of their own, which is made durable too, and then applied
+        in the same LMDB transaction as the chunks, so the packs alone can
+        recreate those databases (chunkstore/rebuild.py).
+        ``extra`` may check or write more, but what it writes is not in the
+        packs.
+        """
         if self.committed:
             raise StoreError("write session committed twice")
+        writes = [(OP_DELETE if v is None else OP_PUT, bytes(n), bytes(k), b"" if v is None else bytes(v))
+                  for n, k, v in metadata]
+        for _, name, _, _ in writes:
+            if name in OWN_DBS:
+                raise StoreError(f"metadata may not write chunkstore's own database {name.decode()!r}")
+        store = self.store
         self._stop_writing()
         if self._failure is not None:
             self._raise_failure("write session failed, nothing committed")
         for pack in self._packs:
             if not pack.synced:  # not reached by the sealer: cannot happen unless it failed
                 raise StoreError(f"pack {pack.pack_id.hex()} was never synced; nothing committed")
-        store = self.store
+        number = 0
+        if writes:
+            number, follows = self._reserve_commit()
+            stream = encode_metadata(writes)
+            self._write_metadata(encode_metadata_records(stream, number, follows, time.time(), store.codec))
         with store.env.begin(write=True) as txn:
             for digest, entry in self.pending.items():
                 txn.put(digest, entry.encode(), db=store.chunks_db)
             for pack in self._packs:
-                txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True).encode(), db=store.packs_db)
+                txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True, pack.metadata).encode(), db=store.packs_db)
             self._heal(txn, self.pending)
             if extra is not None:
                 extra(txn)
+            for op, name, key, value in writes:
+                if op == OP_PUT:
+                    txn.put(key, value, db=store.db(name))
+                else:
+                    txn.delete(key, db=store.db(name))
+            if number:
+                txn.put(LAST_COMMIT, _U64.pack(number), db=store.meta_db)
         self.committed = True
         self._lock.release()
+
+    def _reserve_commit(self) -> tuple[int, int]:
+        """(this commit's number, the last committed one's), the number made
+        durable before any record carries it: numbers are never reused."""
+        store = self.store
+        with store.env.begin(write=True) as txn:
+            last = meta_number(txn, store.meta_db, LAST_COMMIT)
+            number = max(last, meta_number(txn, store.meta_db, RESERVED_COMMIT)) + 1
+            txn.put(RESERVED_COMMIT, _U64.pack(number), db=store.meta_db)
+        return number, last
+
+    def _write_metadata(self, records: list[bytes]) -> None:
+        """Write the commit's metadata records into packs of their own, then
+        seal and sync them.  Called after every chunk pack is durable, so
+        metadata that reached the disk never names chunks that did not."""
+        target = self.store.config.pack_target_size
+        pack = None
+        try:
+            for rec in records:
+                if pack is not None and pack.chunk_count and pack.size + len(rec) > target:
+                    self._finish_metadata_pack(pack)
+                    pack = None
+                if pack is None:
+                    pack = PackWriter(self.store.path, self.store.config)
+                    pack.metadata = True
+                    self._packs.append(pack)
+                pack.write_at(pack.reserve(len(rec)), [rec])
+                self.bytes_written += len(rec)
+            if pack is not None:
+                self._finish_metadata_pack(pack)
+        except BaseException as e:
+            self._fail(e)
+            raise
+
+    @staticmethod
+    def _finish_metadata_pack(pack: PackWriter) -> None:
+        pack.seal()
+        pack.sync()
+        pack.close()
+        pack.synced = True
 
     def abort(self) -> None:
         """Delete the packs nothing references; checkpointed ones stay for GC."""

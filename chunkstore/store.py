@@ -16,8 +16,10 @@ commit is what makes a backup appear whole or not at all.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+import struct
 import threading
 
 import lmdb
@@ -25,16 +27,18 @@ import lmdb
 from chunkstore import safefs
 from chunkstore.badmarks import BAD_DB
 from chunkstore.codec import Codec
-from chunkstore.config import StoreConfig, fsync_dir
+from chunkstore.config import CONFIG_FILE, StoreConfig, fsync_dir
 from chunkstore.digest import Digester
-from chunkstore.errors import (ChunkNotFound, IntegrityError, NotAStoreError, StoreExistsError, StoreUrlError,
-                               UnsafePathError)
+from chunkstore.errors import (ChunkNotFound, ConfigMismatchError, IndexDamagedError, IntegrityError,
+                               NotAStoreError, StoreExistsError, StoreUrlError, UnsafePathError)
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry
-from chunkstore.pack import MAX_PAYLOAD, RECORD_HEADER_SIZE, check_payload, decode_record_header, pack_relpath
+from chunkstore.pack import (MAX_PAYLOAD, RECORD_HEADER_SIZE, check_payload, decode_record_header, iter_pack_paths,
+                             pack_relpath, read_pack_header)
 from chunkstore.readonly import EMPTY, ReadOnlyTxn, is_denied, open_read_only, refuse_write, store_is_writable
 from chunkstore.session import WriteSession
 
 INDEX_DIR = "index"
+DATA_FILE = "data.mdb"
 PACKS_DIR = "packs"
 # What a store opens by name; none may be a link (chunkstore/safefs.py).
 STORE_FILES = ("config.json", "lock", "index/data.mdb", "index/lock.mdb")
@@ -95,12 +99,15 @@ class ChunkStore:
     @classmethod
     def open(cls, path: str) -> "ChunkStore":
         refuse_url(path)
+        require_config(path)
         cfg = StoreConfig.load(path)
         # Before LMDB opens (and may truncate) index/lock.mdb, and before a
         # writer follows packs/XX anywhere: a store holds no links.
         safefs.check_tree(path, STORE_FILES, (INDEX_DIR, PACKS_DIR), PACKS_DIR)
+        check_config(path, cfg)
         if not os.path.isdir(os.path.join(path, INDEX_DIR)):
-            raise NotAStoreError(f"{path}: store index directory '{INDEX_DIR}' is missing")
+            raise NotAStoreError(f"{path}: store index directory '{INDEX_DIR}' is missing; run "
+                                 f"'blockvault rebuild {path}' to recreate the index from the packs")
         env = _open_env(path, create=False)
         return cls(path, cfg, env)
 
@@ -246,10 +253,96 @@ def refuse_url(path: str) -> None:
                         "file systems) are not supported yet; mount the file system and give its path")
 
 
+def require_config(path: str) -> None:
+    """A directory of packs without config.json is a store that lost its config: say how to recreate it."""
+    if (os.path.isdir(path) and not os.path.exists(os.path.join(path, CONFIG_FILE))
+            and next(iter_pack_paths(path), None) is not None):
+        raise NotAStoreError(
+            f"{path}: {CONFIG_FILE} is missing, but the directory holds blockvault packs; run "
+            f"'blockvault rebuild --config {path}' to recreate it from the settings in the pack headers")
+
+
+def check_config(path: str, cfg: StoreConfig, packs: int = 3) -> None:
+    """Compare config.json with the first few pack headers (each carries the
+    store's settings): an edited or swapped config.json would otherwise make
+    every chunk hash to the wrong digest and every restore fail obscurely."""
+    mine = {"store_id": cfg.store_id, "chunk_size": cfg.chunk_size, "digest": cfg.digest, "seed": cfg.seed}
+    for pack in itertools.islice(iter_pack_paths(path), packs):
+        try:
+            theirs = read_pack_header(pack).settings()
+        except (IntegrityError, OSError):
+            continue  # a damaged header is verify's business
+        differ = [k for k in mine if theirs[k] != mine[k]]
+        if differ:
+            raise ConfigMismatchError(
+                f"{path}: {CONFIG_FILE} disagrees with the pack headers ({', '.join(differ)} differ"
+                f", e.g. in {pack}): with these settings no backup can be restored; if {CONFIG_FILE} was "
+                f"edited or copied from another store, run 'blockvault rebuild --config {path}' to rewrite "
+                "it from the packs (the current one is kept beside it)")
+
+
+# LMDB meta pages (pages 0 and 1): page header (16 bytes), then magic, version,
+# address, map size, two 48-byte database records (the first one's first
+# field is the page size), last page number, transaction id.
+_LMDB_MAGIC = 0xBEEFC0DE
+_META = struct.Struct("<II QQ I44x 48x QQ")
+
+
+def check_index_file(path: str) -> None:
+    """Refuse an LMDB file that is truncated or not LMDB before it is mapped:
+    LMDB trusts its meta page, and reading a page past the end of a mapped
+    file kills the process with SIGBUS."""
+    data_mdb = os.path.join(path, INDEX_DIR, DATA_FILE)
+    problem = index_file_problem(data_mdb)
+    if problem:
+        raise IndexDamagedError(
+            f"store {path}: the index {data_mdb} {problem}; the backups cannot be listed or restored until "
+            f"it is rebuilt: run 'blockvault rebuild {path}' (it moves a damaged file aside and recreates the "
+            "index, every backup included, from the packs)")
+
+
+def index_file_problem(data_mdb: str) -> str:
+    """What is wrong with an LMDB data file ("" if nothing is seen)."""
+    try:
+        with open(data_mdb, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return ""  # LMDB initialises an empty file
+            head = f.read(16 + _META.size)
+            metas = []
+            if len(head) == 16 + _META.size:
+                metas.append(_META.unpack_from(head, 16))
+                psize = metas[0][4]
+                if metas[0][0] == _LMDB_MAGIC and psize in {1 << k for k in range(9, 17)}:
+                    f.seek(psize)
+                    other = f.read(16 + _META.size)
+                    if len(other) == 16 + _META.size:
+                        metas.append(_META.unpack_from(other, 16))
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if not metas or metas[0][0] != _LMDB_MAGIC or metas[0][1] != 1:
+        return f"is not an LMDB file ({size} bytes, no LMDB meta page at its start)"
+    psize = metas[0][4]
+    if psize not in {1 << k for k in range(9, 17)}:
+        return f"has an impossible page size ({psize})"
+    if len(metas) < 2 or size < 2 * psize:
+        return f"is truncated ({size} bytes, shorter than its two meta pages)"
+    good = [m for m in metas if m[0] == _LMDB_MAGIC]
+    last_pg = max(good, key=lambda m: m[6])[5]
+    need = (last_pg + 1) * psize
+    if size < need:
+        return f"is truncated ({size} bytes; its meta page says {need})"
+    return ""
+
+
 def _open_env(path: str, create: bool) -> lmdb.Environment:
     index = os.path.join(path, INDEX_DIR)
-    if not create and not store_is_writable(index):
-        return _open_env_read_only(path)
+    if not create:
+        check_index_file(path)
+        if not store_is_writable(index):
+            return _open_env_read_only(path)
     try:
         env = lmdb.open(index, map_size=MAP_SIZE, max_dbs=MAX_DBS, subdir=True, create=create,
                         readahead=False, max_readers=256, mode=safefs.FILE_MODE)

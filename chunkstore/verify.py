@@ -20,8 +20,9 @@ from typing import Callable
 
 from chunkstore.errors import IntegrityError
 from chunkstore.index import IndexEntry, PackInfo
-from chunkstore.pack import (PACK_HEADER, RECORD_HEADER_SIZE, TRAILER_MAGIC, decode_pack_header,
-                             decode_record_header, iter_pack_paths)
+from chunkstore.pack import (METADATA_MAGIC, PACK_HEADER, RECORD_HEADER_SIZE, TRAILER_MAGIC, decode_pack_header,
+                             decode_record_header, iter_pack_paths, metadata_part, scan_pack)
+from chunkstore.session import LAST_COMMIT, RESERVED_COMMIT, meta_number
 from chunkstore.store import ChunkStore
 
 SPAN_BYTES = 8 << 20
@@ -36,10 +37,11 @@ class ChunkVerifyReport:
     unreferenced_packs: list[str] = field(default_factory=list)  # left by interrupted writers
     bad_packs: dict[str, str] = field(default_factory=dict)      # pack id hex → what is wrong with its frame
     read_errors: list[dict] = field(default_factory=list)        # {id, offset, length, error}
+    metadata_lost: str | None = None  # why the packs hold commits the index never saw
 
     @property
     def ok(self) -> bool:
-        return not self.corrupt and not self.missing_packs and not self.bad_packs
+        return not self.corrupt and not self.missing_packs and not self.bad_packs and not self.metadata_lost
 
 
 # Index entries held in memory at once (about 200 bytes each): a store of
@@ -109,9 +111,11 @@ def verify_chunks(store: ChunkStore, workers: int = 2,
         on_total(total)
     for groups in index_batches(store, batch_entries):
         _verify_batch(store, groups, workers, report, missing, on_progress)
-    report.missing_packs = sorted(p.hex() for p in missing)
     with store.read_txn() as txn:
         infos = {bytes(k): PackInfo.decode(v) for k, v in txn.cursor(db=store.packs_db)}
+    # A commit's metadata pack holds no indexed chunk, and only it can rebuild that commit.
+    missing |= {p for p, info in infos.items() if info.metadata and not os.path.exists(store.pack_path(p))}
+    report.missing_packs = sorted(p.hex() for p in missing)
     for pack_id, info in sorted(infos.items()):
         if pack_id not in missing and os.path.exists(store.pack_path(pack_id)):
             problem = check_pack_frame(store, pack_id, info, report)
@@ -125,6 +129,7 @@ def verify_chunks(store: ChunkStore, workers: int = 2,
             continue
         if pid not in known_packs:
             report.unreferenced_packs.append(path)
+    report.metadata_lost = metadata_lost(store, report.unreferenced_packs)
     return report
 
 
@@ -135,7 +140,8 @@ def check_pack_frame(store: ChunkStore, pack_id: bytes, info: PackInfo, report: 
     at = 0
     try:
         head = store.read_span(pack_id, 0, PACK_HEADER.size)
-        store_id, header_id = decode_pack_header(head, where)
+        header = decode_pack_header(head, where)
+        store_id, header_id = header.store_id, header.pack_id
         if store_id != store.store_id:
             return f"{where}: header names store {store_id.hex()}, not this store ({store.store_id.hex()})"
         if header_id != pack_id:
@@ -161,6 +167,31 @@ def _read_error(pack_id: bytes, offset: int, length: int, e: OSError) -> tuple[d
     text = e.strerror or str(e)
     return ({"id": pack_id.hex(), "offset": offset, "length": length, "error": text},
             f"read error in pack {pack_id.hex()} at offset {offset} ({length} bytes): {text}")
+
+
+def metadata_lost(store: ChunkStore, unreferenced: list[str]) -> str | None:
+    """Why the packs hold commits this index never made, or None.
+
+    Every commit reserves its number in the index (``meta``) before any pack
+    carries it, so a metadata record numbered above the reservation is a
+    commit of an index that was lost, replaced by an older copy or emptied.
+    A commit that died before its LMDB commit is below it: no alarm.  Only
+    packs the index does not know can hold such records."""
+    with store.read_txn() as txn:
+        reserved = max(meta_number(txn, store.meta_db, RESERVED_COMMIT), meta_number(txn, store.meta_db, LAST_COMMIT))
+    newer: set[int] = set()
+    for path in unreferenced:
+        try:
+            scan = scan_pack(path, check_payloads=False)
+        except (IntegrityError, OSError):
+            continue
+        newer |= {n for n in (metadata_part(r.header).commit for r in scan.records
+                              if r.header.magic == METADATA_MAGIC) if n > reserved}
+    if not newer:
+        return None
+    return (f"the packs hold {len(newer)} commit(s) of backups this index does not know (numbers "
+            f"{min(newer)}..{max(newer)}; the index knows {reserved}): the index was lost, emptied or replaced "
+            f"by an older copy; metadata lost: run 'blockvault rebuild {store.path}'")
 
 
 def _verify_batch(store: ChunkStore, groups: dict[bytes, list], workers: int, report: ChunkVerifyReport,

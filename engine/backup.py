@@ -161,21 +161,31 @@ def backup_disk(repo: Repository, session, pool: ThreadPoolExecutor, workers: in
     return PreparedBackup(record, manifest, builder.new_segments)
 
 
-def commit_backups(repo: Repository, session, prepared: list[PreparedBackup], extra=None) -> None:
-    """One LMDB transaction: new chunks, manifests, segments, catalog entries."""
+def commit_backups(repo: Repository, session, prepared: list[PreparedBackup], more=()) -> None:
+    """One LMDB transaction: new chunks, manifests, segments, catalog entries.
+
+    Every write also goes into the packs as metadata records (the session
+    writes them after the chunks and syncs them before the LMDB commit), so
+    ``blockvault rebuild`` can recreate the catalog from the packs alone.
+    ``more`` adds records of the caller's, as (NumberedRecords, record)
+    pairs: a VM backup's record."""
     finished = time.time()
     for p in prepared:
         p.record.stats["duration"] = round(finished - p.record.time, 6)
-
-    def write(txn):
+    writes = []
+    with repo.store.read_txn() as txn:
         for p in prepared:
-            repo.manifests.put(txn, p.record.key, p.manifest, p.new_segments)
-            repo.catalog.put(txn, p.record)
-        if extra is not None:
-            extra(txn)
+            writes += repo.manifests.writes(txn, p.record.key, p.manifest, p.new_segments)
+            writes.append(repo.catalog.write(p.record))
+    pairs = [(repo.catalog, p.record) for p in prepared] + list(more)
+    writes += [numbered.write(record) for numbered, record in more]
+
+    def check(txn):  # the writer lock makes a clash a bug, but a bug must not overwrite a backup
+        for numbered, record in pairs:
+            numbered.check_new(txn, record)
 
     with signals.deferred():  # interrupted after LMDB's commit, the abort would delete referenced packs
-        session.commit(write)
+        session.commit(check, metadata=writes)
 
 
 def backup_image(repo: Repository, source: str, disk_name: str, mode: str = "full",

@@ -188,11 +188,20 @@ class NumberedRecords:
     what = "backup"
     list_option = "--disk"  # how the list command narrows to one name
 
-    def __init__(self, db):
+    def __init__(self, db, name: bytes):
         self.db = db
+        self.name = name  # the LMDB database's name
 
     def put(self, txn, record) -> None:
         if not txn.put(record.key, record.to_json(), db=self.db, overwrite=False):
+            raise NotFoundError(f"{self.what} {record.id} already exists")  # the writer lock makes this a bug
+
+    def write(self, record) -> tuple[bytes, bytes, bytes]:
+        """``record`` as a (database, key, value) write for WriteSession.commit's metadata."""
+        return self.name, record.key, record.to_json()
+
+    def check_new(self, txn, record) -> None:
+        if txn.get(record.key, db=self.db) is not None:
             raise NotFoundError(f"{self.what} {record.id} already exists")  # the writer lock makes this a bug
 
     def get(self, txn, name: str, seq: int):

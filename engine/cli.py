@@ -44,6 +44,7 @@ examples:
   blockvault list /backup/store --disk web01-disk0
   blockvault restore /backup/store web01-disk0@latest /restore/disk.img
   blockvault verify /backup/store --json
+  blockvault rebuild /backup/store     # index lost or damaged: recreate it from the packs
   blockvault demo                      # try it all on a generated sparse image
 
 output: data (a backup id, tables, --json documents) on stdout; a one-line summary of each
@@ -199,6 +200,8 @@ def cmd_verify(args) -> int:
                                                          ("bad_records", "damaged catalog record")) if doc[k]]
     if doc["marks"]["note"]:
         logging.getLogger("blockvault.verify").warning(doc["marks"]["note"])
+    if doc["metadata_lost"]:
+        damage.insert(0, "metadata lost")
     checked = (f"{_count(doc['chunks_checked'], 'chunk')} ({human_bytes(doc['bytes_checked'])}) and "
                f"{_count(doc['backups_checked'], 'backup')} checked")
     verdict = "OK" if report.ok else f"DAMAGED: {', '.join(damage)}"
@@ -234,7 +237,9 @@ def cmd_verify(args) -> int:
         if doc["marks"]["marked"]:
             print(f"marked {_count(doc['marks']['marked'], 'bad chunk')}: the next backup that reads "
                   "their data stores them again")
-        if doc["unreferenced_packs"]:
+        if doc["metadata_lost"]:
+            print(f"METADATA LOST: {doc['metadata_lost']}")
+        if doc["unreferenced_packs"] and not doc["metadata_lost"]:
             print(f"note: {len(doc['unreferenced_packs'])} pack file(s) left by interrupted backups "
                   "hold no referenced data")
         print("store OK" if report.ok else "store DAMAGED")
@@ -264,30 +269,20 @@ def cmd_stats(args) -> int:
     return EXIT_OK
 
 
-def cmd_rebuild_index(args) -> int:
-    from chunkstore.rebuild import rebuild_index
-    with _open(args) as repo:
-        report = rebuild_index(repo.store, wait=args.wait)
-    doc = {"packs": report.packs, "chunks": report.chunks, "duplicates": report.duplicates,
-           "torn": report.torn, "unreadable": report.unreadable, "lost": report.lost,
-           "bad_headers": report.bad_headers, "superseded": report.superseded}
-    if report.damaged:
-        what = [_count(len(report.lost), "damaged range"), _count(len(report.bad_headers), "damaged pack header"),
-                _count(len(report.unreadable), "unreadable pack")]
+def cmd_rebuild(args) -> int:
+    from engine import recovery
+    if args.config:
+        doc = recovery.recreate_config(args.store, args.wait)
+        emit(args, doc, recovery.config_text(doc))
+        return EXIT_OK
+    report = recovery.rebuild(args.store, args.wait)
+    doc = recovery.rebuild_doc(report)
+    if not report.complete:
         doc["ok"] = False
-        doc["error"] = {"code": "damaged", "exit_code": EXIT_DAMAGED,
-                        "message": f"index rebuilt from what could be read, but not everything could be saved: "
-                                   f"{', '.join(what)}; run 'blockvault verify' to see which backups it hurts"}
+        doc["error"] = {"code": "damaged", "exit_code": EXIT_DAMAGED, "message": recovery.damage_message(report)}
         logging.getLogger("blockvault.rebuild").error(doc["error"]["message"])
-    emit(args, doc, f"index rebuilt: {report.chunks} chunks from {report.packs} packs"
-                     + "".join(f"\n  torn tail ignored: {t}" for t in report.torn)
-                     + "".join(f"\n  NOT SAVED (damaged range, good records after it were kept): {x}"
-                               for x in report.lost)
-                     + "".join(f"\n  DAMAGED pack header (its records were read anyway): {x}"
-                               for x in report.bad_headers)
-                     + "".join(f"\n  unreadable pack: {u}" for u in report.unreadable)
-                     + "".join(f"\n  bad copy of a chunk stored again elsewhere: {x}" for x in report.superseded))
-    return EXIT_DAMAGED if report.damaged else EXIT_OK
+    emit(args, doc, recovery.rebuild_text(doc))
+    return EXIT_OK if report.complete else EXIT_DAMAGED
 
 
 def cmd_demo(args) -> int:
@@ -391,11 +386,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("stats", cmd_stats, "space used and saved", "blockvault stats /backup/store")
     sp.add_argument("store", metavar="STORE")
 
-    sp = cmd("rebuild-index", cmd_rebuild_index, "rebuild the chunk index from the pack files",
-             "blockvault rebuild-index /backup/store")
-    sp.add_argument("store", metavar="STORE")
-    sp.add_argument("--wait", type=argtypes.wait_seconds, default=0.0, metavar="SECONDS",
-                    help="wait this long for another writer to finish, inf: as long as it takes")
+    for name, text in (("rebuild", "recreate the store's index (backups, manifests, chunk index) from the packs"),
+                       ("rebuild-index", "the old name of 'rebuild'")):
+        sp = cmd(name, cmd_rebuild, text,
+                 f"blockvault {name} /backup/store            # index lost, damaged or truncated\n"
+                 f"  blockvault {name} --config /backup/store   # config.json lost or edited")
+        sp.add_argument("store", metavar="STORE")
+        sp.add_argument("--config", action="store_true",
+                        help="recreate config.json from the settings in the pack headers instead "
+                             "(a differing one is kept as config.json.replaced-TIME)")
+        sp.add_argument("--wait", type=argtypes.wait_seconds, default=0.0, metavar="SECONDS",
+                        help="wait this long for another writer to finish, inf: as long as it takes")
 
     sp = cmd("demo", cmd_demo, "back up, restore and verify a generated sparse image in a scratch store",
              "blockvault demo --dir /tmp/bv-demo --size 2G")

@@ -214,6 +214,14 @@ class ManifestStore:
         self.segments_db = segments_db
         self.hasher = hasher
 
+    def writes(self, txn, key: bytes, manifest: Manifest,
+               new_segments: dict[bytes, bytes]) -> list[tuple[bytes, bytes, bytes]]:
+        """A backup's manifest and the segments the store lacks, as (database,
+        key, value) writes for WriteSession.commit's metadata."""
+        out = [(SEGMENTS_DB, d, c) for d, c in new_segments.items() if txn.get(d, db=self.segments_db) is None]
+        out.append((MANIFESTS_DB, key, manifest.encode()))
+        return out
+
     def get(self, txn, key: bytes, where: str, record=None) -> Manifest:
         """The manifest under ``key``; ``where`` names it in errors.  With
         ``record`` (its catalog entry) the sizes must also agree with it."""

@@ -16,7 +16,7 @@ class Repository:
     def __init__(self, store: ChunkStore):
         self.store = store
         self.path = store.path
-        self.catalog = Catalog(store.db(CATALOG_DB))
+        self.catalog = Catalog(store.db(CATALOG_DB), CATALOG_DB)
         self.manifests = ManifestStore(store.db(MANIFESTS_DB), store.db(SEGMENTS_DB), store.digester)
 
     @classmethod

@@ -167,8 +167,9 @@ def _aftermath(command: str, args) -> str:
     if command in ("backup", "vsphere backup"):
         what = "VM backup" if command == "vsphere backup" else "backup"
         return f"{what} aborted, its packs deleted; {unchanged}"
-    if command == "rebuild-index":
-        return f"rebuild-index aborted; {unchanged}"
+    if command in ("rebuild", "rebuild-index"):
+        return (f"{command} aborted; {unchanged} (a damaged index it had already moved aside stays "
+                "beside it as index/data.mdb.damaged-TIME: run the rebuild again)")
     if command == "restore":
         target = getattr(args, "target", "")
         if "://" in target or _is_block_device(target):

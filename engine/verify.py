@@ -77,6 +77,7 @@ class VerifyReport:
             "healed_chunks": healed,
             "marks": {"recorded": marks.recorded, "marked": marks.marked, "note": marks.note},
             "unreferenced_packs": [self._pack(path=p) for p in self.chunks.unreferenced_packs],
+            "metadata_lost": self.chunks.metadata_lost,
         }
 
     def _pack(self, pack_id: str | None = None, path: str | None = None) -> dict:

@@ -100,6 +100,12 @@ def store_fingerprint(store: str) -> dict:
     return fp
 
 
+def chunk_packs(store: str) -> list[str]:
+    """The store's pack files that hold chunk records (not a commit's metadata pack, format 2)."""
+    from chunkstore.pack import RECORD_MAGIC, iter_pack_paths, scan_pack
+    return [p for p in iter_pack_paths(store) if any(r.header.magic == RECORD_MAGIC for r in scan_pack(p).records)]
+
+
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real command, in a child process, as an administrator would run it."""
     return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,

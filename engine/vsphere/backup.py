@@ -197,7 +197,7 @@ def backup_vm(repo: Repository, conn: Connection, vm, options: BackupOptions | N
                     "quiesced": options.quiesce},
             snapshot={"name": snapshots.SNAPSHOT_NAME, "moref": run.snapshot._moId, "removed": removed})
         prepared = [o.prepared for o in outcomes]
-        commit_backups(repo, session, prepared, extra=lambda txn: vms.put(txn, record))
+        commit_backups(repo, session, prepared, more=[(vms, record)])
     _event(options, "committed", id=record.id)
     return VmBackupResult(record, [p.record for p in prepared], warnings)
 

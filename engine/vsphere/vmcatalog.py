@@ -5,7 +5,7 @@ Each disk of a VM keeps its own chain in the ordinary catalog, named
 record ties one run's disk backups together and holds what disaster recovery
 needs besides the data: the configuration read from the backup snapshot, the
 source VM's identity, and the run's warnings.  The record is written by
-``commit_backups(..., extra=...)`` in the same LMDB transaction as the disks'
+``commit_backups(..., more=...)`` in the same LMDB transaction as the disks'
 manifests and catalog entries, so a VM backup is visible only when every one
 of its disks is.
 
@@ -104,7 +104,7 @@ class VmCatalog(NumberedRecords):
     list_option = "--vm"
 
     def __init__(self, store):
-        super().__init__(store.db(VM_BACKUPS_DB))
+        super().__init__(store.db(VM_BACKUPS_DB), VM_BACKUPS_DB)
 
     def for_vm(self, txn, vm: str) -> Iterator[VmBackupRecord]:
         return self.for_name(txn, vm)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from chunkstore.pack import METADATA_MAGIC, PACK_HEADER, RECORD_HEADER_SIZE, iter_pack_paths, scan_pack
 from helpers import same_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -269,9 +270,14 @@ def test_reported_numbers_match_the_kept_stores(kept_run):
         stats = cli("stats", store)
         assert stats == tool["info"]["stats"]
         # Every chunk in the store was new in exactly one backup; the packs hold
-        # the records the backups wrote plus a 64-byte header and trailer each.
+        # the chunk records the backups wrote, each commit's metadata records
+        # (format version 2), and a 128-byte header and a 64-byte trailer each.
         assert stats["chunks"] == sum(b["stats"]["new_chunks"] for b in listed.values())
-        assert stats["stored_bytes"] == sum(b["stats"]["stored_bytes"] for b in listed.values()) + 128 * stats["packs"]
+        metadata = sum(RECORD_HEADER_SIZE + r.header.stored_len for p in iter_pack_paths(store)
+                       for r in scan_pack(p).records if r.header.magic == METADATA_MAGIC)
+        assert metadata > 0
+        assert stats["stored_bytes"] == (sum(b["stats"]["stored_bytes"] for b in listed.values()) + metadata
+                                         + (PACK_HEADER.size + RECORD_HEADER_SIZE) * stats["packs"])
         assert stats["backups"] == NIGHTS and stats["chunk_size"] == tool["info"]["chunk_size"]
 
 

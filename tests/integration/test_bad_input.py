@@ -83,11 +83,24 @@ def test_future_format_version(populated):
     store, img = populated
     cfg_path = os.path.join(store, "config.json")
     doc = json.loads(open(cfg_path).read())
-    doc["version"] = 2
+    doc["version"] = 3
     with open(cfg_path, "w") as f:
         json.dump(doc, f)
-    _expect_error(["backup", store, img, "--disk", "ok"], 1, "format version 2", store=store)
-    _expect_error(["list", store], 1, "format version 2")
+    _expect_error(["backup", store, img, "--disk", "ok"], 1, "format version 3", store=store)
+    _expect_error(["list", store], 1, "format version 3")
+
+
+def test_version_1_store_is_refused_with_what_to_do(populated):
+    """Format version 2 (issue 9) keeps metadata records in the packs; a version-1 store has none."""
+    store, img = populated
+    cfg_path = os.path.join(store, "config.json")
+    doc = json.loads(open(cfg_path).read())
+    doc["version"] = 1
+    with open(cfg_path, "w") as f:
+        json.dump(doc, f)
+    for args in (["backup", store, img, "--disk", "ok"], ["list", store], ["rebuild", store]):
+        _expect_error(args, 1, "store format version 1", "reads version 2 only",
+                      "restore what you need with the blockvault release that wrote it", store=store)
 
 
 def test_not_a_store(tmp_path):

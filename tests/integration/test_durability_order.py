@@ -29,6 +29,7 @@ import pytest
 
 from chunkstore import ChunkStore
 from chunkstore.index import IndexEntry
+from chunkstore.pack import METADATA_MAGIC, pack_relpath, scan_pack
 from engine.repository import Repository
 from engine.restore import restore_backup
 from helpers import REPO_ROOT, rng, same_file, write_at
@@ -206,6 +207,16 @@ def test_every_transaction_syncs_after_the_packs_it_references(tmp_path):
     # Checkpoints: index entries committed before the final commit.
     checkpoints = [t for t in referencing if t is not txns[-1]]
     assert len(checkpoints) >= 2, f"only {len(checkpoints)} checkpoint(s): the test would not see their order"
+    # The commit's metadata records (issue 9): in a pack of their own, written only after every
+    # chunk pack's fsync returned (metadata that reached the disk never names lost chunks), and
+    # synced, with its directory, before the final transaction (the check above), which names it.
+    meta_packs = [pid for pid in pack_calls
+                  if any(r.header.magic == METADATA_MAGIC for r in scan_pack(os.path.join(store, pack_relpath(pid))).records)]
+    assert len(meta_packs) == 1 and meta_packs[0] in txns[-1].data and meta_packs[0] not in indexed
+    (meta_pack,) = meta_packs
+    first_meta_write = min(c.start for c in pack_calls[meta_pack] if c.name.startswith(("pwrite", "write")))
+    chunk_syncs = [c for pid in indexed for c in pack_calls[pid] if c.name == "fsync"]
+    assert chunk_syncs and all(c.end < first_meta_write for c in chunk_syncs)
     out = str(tmp_path / "restored.img")
     with Repository.open(store) as repo:
         restore_backup(repo, "d@1", out)

@@ -13,7 +13,7 @@ import pytest
 from chunkstore.index import CHUNKS_DB
 from chunkstore.pack import PACK_HEADER, RECORD_HEADER_SIZE, iter_pack_paths, scan_pack
 import jsonshape
-from helpers import make_sparse, rng, run_cli, same_file, snapshot, write_at
+from helpers import chunk_packs, make_sparse, rng, run_cli, same_file, snapshot, write_at
 
 CS = 64 << 10
 N = 40
@@ -29,7 +29,7 @@ def one_pack(tmp_path):
     write_at(img, 0, rng(91).bytes(N * CS))
     proc = run_cli("backup", store, img, "--disk", "d", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
-    packs = list(iter_pack_paths(store))
+    packs = chunk_packs(store)  # the commit's metadata pack aside
     assert len(packs) == 1
     scan = scan_pack(packs[0])
     assert len(scan.records) == N and scan.sealed

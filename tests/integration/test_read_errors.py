@@ -14,7 +14,7 @@ import os
 
 from chunkstore.pack import PACK_HEADER, RECORD_HEADER_SIZE, iter_pack_paths, scan_pack
 import jsonshape
-from helpers import REPO_ROOT, make_sparse, rng, run_cli, write_at
+from helpers import chunk_packs, REPO_ROOT, make_sparse, rng, run_cli, write_at
 
 CS = 64 << 10
 N = 24
@@ -27,7 +27,7 @@ def _store(tmp_path):
     make_sparse(img, 32 * CS)
     write_at(img, 0, rng(93).bytes(N * CS))
     assert run_cli("backup", store, img, "--disk", "d", "--threads", "1").returncode == 0
-    [pack] = list(iter_pack_paths(store))
+    [pack] = chunk_packs(store)  # the commit's metadata pack aside
     return store, pack, scan_pack(pack)
 
 

@@ -97,7 +97,7 @@ def test_rebuild_index_stops_at_a_tail_record_whose_payload_is_bad(tmp_path):
     r = rng(71)
     good, torn = r.bytes(CS), r.bytes(CS)
     pack_id = os.urandom(16)
-    body = bytearray(encode_pack_header(st.store_id, pack_id))
+    body = bytearray(encode_pack_header(st.config, pack_id))
     for raw in (good, torn):
         body += encode_record(st.digester(raw), 0, CS, raw) + raw
     torn_at = PACK_HEADER.size + RECORD_HEADER_SIZE + CS

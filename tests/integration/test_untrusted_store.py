@@ -238,17 +238,17 @@ def _plant(store: str, digest: bytes, payload: bytes, raw_len: int = CS, codec: 
     (valid checksums: only the frame inside lies)."""
     from chunkstore import ChunkStore
     from chunkstore.index import IndexEntry, PackInfo
-    from chunkstore.pack import encode_pack_header, encode_record, encode_trailer, pack_relpath
+    from chunkstore.pack import PACK_HEADER, encode_pack_header, encode_record, encode_trailer, pack_relpath
     with ChunkStore.open(store) as s:
         pid = os.urandom(16)
         path = os.path.join(store, pack_relpath(pid))
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        data = encode_pack_header(s.store_id, pid) + encode_record(digest, codec, raw_len, payload) + payload
+        data = encode_pack_header(s.config, pid) + encode_record(digest, codec, raw_len, payload) + payload
         data += encode_trailer(1)
         with open(path, "wb") as f:
             f.write(data)
         with s.env.begin(write=True) as txn:
-            txn.put(digest, IndexEntry(pid, 64, len(payload), raw_len, codec).encode(), db=s.chunks_db)
+            txn.put(digest, IndexEntry(pid, PACK_HEADER.size, len(payload), raw_len, codec).encode(), db=s.chunks_db)
             txn.put(pid, PackInfo(len(data), 1, True).encode(), db=s.packs_db)
 
 
