@@ -178,17 +178,41 @@ def decode_metadata(stream: bytes, where: str) -> list[tuple[int, bytes, bytes, 
     return writes
 
 
+def _metadata_record(raw: bytes, commit: int, follows: int, index: int, count: int, when: float, codec) -> bytes:
+    kind, payload = codec.encode(raw) if raw else (0, b"")
+    field = METADATA_FIELD.pack(commit, follows, index, count, when)
+    head = RECORD_HEADER.pack(METADATA_MAGIC, kind, METADATA_FIELD.size, 0, len(raw), len(payload),
+                              field, _check64(payload), 0)
+    return head[:56] + struct.pack("<Q", _check64(head[:56])) + bytes(payload)
+
+
 def encode_metadata_records(stream: bytes, commit: int, follows: int, when: float, codec) -> list[bytes]:
     """The records (header + payload, joined) carrying ``stream`` for commit ``commit``."""
     pieces = [stream[i:i + METADATA_PART] for i in range(0, len(stream), METADATA_PART)] or [b""]
-    out = []
-    for i, raw in enumerate(pieces):
-        kind, payload = codec.encode(raw) if raw else (0, b"")
-        field = METADATA_FIELD.pack(commit, follows, i, len(pieces), when)
-        head = RECORD_HEADER.pack(METADATA_MAGIC, kind, METADATA_FIELD.size, 0, len(raw), len(payload),
-                                  field, _check64(payload), 0)
-        out.append(head[:56] + struct.pack("<Q", _check64(head[:56])) + bytes(payload))
-    return out
+    return [_metadata_record(raw, commit, follows, i, len(pieces), when, codec) for i, raw in enumerate(pieces)]
+
+
+def iter_metadata_records(writes, commit: int, follows: int, when: float, codec) -> Iterator[bytes]:
+    """The records of ``encode_metadata_records(encode_metadata(writes), ...)``,
+    built one part at a time.  A backup of a large fragmented disk rewrites
+    hundreds of MiB of manifest segments; the whole stream, its parts and
+    their records held at once cost several times that (a 1 TiB disk with
+    16,384 extents: 924 MB peak RSS against 457 MB without records)."""
+    total = sum(METADATA_ENTRY.size + len(n) + len(k) + len(v) for _, n, k, v in writes)
+    count = max(1, -(-total // METADATA_PART))
+    buf = bytearray()
+    index = 0
+    for op, name, key, value in writes:
+        buf += METADATA_ENTRY.pack(op, len(name), len(key), len(value))
+        buf += name
+        buf += key
+        buf += value
+        while len(buf) >= METADATA_PART:
+            yield _metadata_record(bytes(buf[:METADATA_PART]), commit, follows, index, count, when, codec)
+            del buf[:METADATA_PART]
+            index += 1
+    if buf or index == 0:
+        yield _metadata_record(bytes(buf), commit, follows, index, count, when, codec)
 
 
 def metadata_part(header: "RecordHeader") -> MetadataPart:

@@ -31,6 +31,7 @@ from chunkstore.lock import WriterLock
 from chunkstore.pack import (METADATA_MAGIC, OP_PUT, RECORD_HEADER_SIZE, RECORD_MAGIC, check_payload,
                              decode_metadata, decode_record_header, iter_pack_paths, metadata_part, read_pack_header,
                              scan_pack)
+from chunkstore.readonly import refuse_write, store_is_writable
 from chunkstore.session import LAST_COMMIT, OWN_DBS, RESERVED_COMMIT, _U64
 from chunkstore.store import DATA_FILE, INDEX_DIR, ChunkStore, _open_env, index_file_problem
 
@@ -86,6 +87,8 @@ def rebuild_store(path: str, wait: float = 0.0) -> RebuildReport:
         report = RebuildReport()
         index = os.path.join(path, INDEX_DIR)
         os.makedirs(index, exist_ok=True)
+        if not store_is_writable(index):  # the writer lock alone does not tell (an immutable index)
+            raise refuse_write(path)
         data_mdb = os.path.join(index, DATA_FILE)
         if os.path.exists(data_mdb) and index_file_problem(data_mdb):
             report.moved_aside = f"{data_mdb}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"

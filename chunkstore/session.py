@@ -40,8 +40,8 @@ from chunkstore import badmarks
 from chunkstore.errors import StoreError
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry, PackInfo
 from chunkstore.lock import WriterLock
-from chunkstore.pack import (OP_DELETE, OP_PUT, RECORD_HEADER_SIZE, PackWriter, encode_metadata,
-                             encode_metadata_records, encode_record)
+from chunkstore.pack import (OP_DELETE, OP_PUT, RECORD_HEADER_SIZE, PackWriter, encode_record,
+                             iter_metadata_records)
 
 if TYPE_CHECKING:
     from chunkstore.store import ChunkStore
@@ -294,12 +294,14 @@ class WriteSession:
         in the same LMDB transaction as the chunks, so the packs alone can
         recreate those databases (chunkstore/rebuild.py).
         ``extra`` may check or write more, but what it writes is not in the
-        packs.
+        packs.  A ``metadata`` list is taken over (emptied).
         """
         if self.committed:
             raise StoreError("write session committed twice")
         writes = [(OP_DELETE if v is None else OP_PUT, bytes(n), bytes(k), b"" if v is None else bytes(v))
                   for n, k, v in metadata]
+        if isinstance(metadata, list):
+            metadata.clear()  # taken over: each write is dropped once LMDB holds it (see below)
         for _, name, _, _ in writes:
             if name in OWN_DBS:
                 raise StoreError(f"metadata may not write chunkstore's own database {name.decode()!r}")
@@ -313,8 +315,7 @@ class WriteSession:
         number = 0
         if writes:
             number, follows = self._reserve_commit()
-            stream = encode_metadata(writes)
-            self._write_metadata(encode_metadata_records(stream, number, follows, time.time(), store.codec))
+            self._write_metadata(iter_metadata_records(writes, number, follows, time.time(), store.codec))
         with store.env.begin(write=True) as txn:
             for digest, entry in self.pending.items():
                 txn.put(digest, entry.encode(), db=store.chunks_db)
@@ -323,7 +324,12 @@ class WriteSession:
             self._heal(txn, self.pending)
             if extra is not None:
                 extra(txn)
-            for op, name, key, value in writes:
+            # A write leaves Python's memory as it enters the transaction's: a
+            # fragmented disk's backup rewrites hundreds of MiB of segments,
+            # which would otherwise be held twice at the peak.
+            for i in range(len(writes)):
+                op, name, key, value = writes[i]
+                writes[i] = None
                 if op == OP_PUT:
                     txn.put(key, value, db=store.db(name))
                 else:
@@ -343,7 +349,7 @@ class WriteSession:
             txn.put(RESERVED_COMMIT, _U64.pack(number), db=store.meta_db)
         return number, last
 
-    def _write_metadata(self, records: list[bytes]) -> None:
+    def _write_metadata(self, records: Iterable[bytes]) -> None:
         """Write the commit's metadata records into packs of their own, then
         seal and sync them.  Called after every chunk pack is durable, so
         metadata that reached the disk never names chunks that did not."""

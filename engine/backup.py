@@ -177,6 +177,7 @@ def commit_backups(repo: Repository, session, prepared: list[PreparedBackup], mo
         for p in prepared:
             writes += repo.manifests.writes(txn, p.record.key, p.manifest, p.new_segments)
             writes.append(repo.catalog.write(p.record))
+            p.new_segments = {}  # handed to the session, which drops each as LMDB takes it
     pairs = [(repo.catalog, p.record) for p in prepared] + list(more)
     writes += [numbered.write(record) for numbered, record in more]
 

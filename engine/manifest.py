@@ -255,11 +255,3 @@ class ManifestStore:
                                      f"the manifest expects {length}")
         return content
 
-    def put(self, txn, key: bytes, manifest: Manifest, new_segments: dict[bytes, bytes]) -> None:
-        # Each segment leaves Python's memory as it enters the transaction's:
-        # a 4 TiB disk rewrites 256 MiB of them, which were held twice.
-        while new_segments:
-            digest, content = new_segments.popitem()
-            txn.put(digest, content, db=self.segments_db, overwrite=False)
-            del content
-        txn.put(key, manifest.encode(), db=self.manifests_db)

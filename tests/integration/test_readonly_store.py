@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from helpers import make_sparse, rng, run_cli, same_file, snapshot, store_fingerprint, write_at
+from helpers import chunk_packs, make_sparse, rng, run_cli, same_file, snapshot, store_fingerprint, write_at
 
 CS = 64 << 10
 MESSAGE = ("the store at {} is read-only (mounted read-only?); writing is impossible: "
@@ -132,9 +132,8 @@ def test_an_index_that_may_not_be_written_opens_without_its_lock(tmp_path, chain
 
 
 def test_verify_of_a_damaged_read_only_store_reports_the_damage_it_cannot_mark(tmp_path, chain):
-    packs = sorted(os.path.join(r, f) for r, _, fs in os.walk(os.path.join(chain["rw_store"], "packs"))
-                   for f in fs)
-    with open(packs[0], "r+b") as f:  # a byte inside the first record's payload
+    packs = chunk_packs(chain["rw_store"])  # not a commit's metadata pack
+    with open(packs[0], "r+b") as f:  # a byte inside the first record's payload (128-byte pack header)
         f.seek(200)
         byte = f.read(1)
         f.seek(200)

@@ -12,7 +12,8 @@ from chunkstore.codec import Codec
 from chunkstore.errors import IntegrityError
 from chunkstore.pack import (METADATA_MAGIC, METADATA_PART, OP_DELETE, OP_PUT, RECORD_HEADER_SIZE, check_payload,
                              decode_metadata, decode_pack_header, decode_record_header, encode_metadata,
-                             encode_metadata_records, encode_pack_header, metadata_part)
+                             encode_metadata_records, encode_pack_header, iter_metadata_records,
+                             metadata_part)
 from chunkstore.store import index_file_problem
 
 
@@ -33,6 +34,8 @@ def test_a_commit_stream_is_cut_into_checked_parts_and_comes_back_whole():
         assert (part.commit, part.follows, part.parts, part.time) == (7, 6, len(records), 1.5)
         parts[part.part] = codec.decode(hdr.codec, payload, hdr.raw_len)
     assert decode_metadata(b"".join(parts[i] for i in range(len(parts))), "test") == writes
+    # A commit's records are built one part at a time: the same bytes as the whole stream's.
+    assert list(iter_metadata_records(writes, 7, 6, 1.5, codec)) == records
     # one flipped payload byte is caught by the payload check
     bad = bytearray(records[0])
     bad[RECORD_HEADER_SIZE + 5] ^= 1
@@ -74,3 +77,12 @@ def test_a_truncated_or_foreign_data_mdb_is_recognised_without_mapping_it(tmp_pa
     assert "is not an LMDB file" in index_file_problem(path)
     os.unlink(path)
     assert index_file_problem(path) == "is missing"
+
+
+@pytest.mark.parametrize("value_sizes", [[], [0], [METADATA_PART - 27], [METADATA_PART * 2 + 3, 5]],
+                         ids=["empty", "one-empty-value", "exactly-one-part", "values-across-parts"])
+def test_streamed_records_match_the_whole_stream_at_every_boundary(value_sizes):
+    writes = [(OP_PUT, b"seg", b"k" * 16, os.urandom(n)) for n in value_sizes]
+    codec = Codec(1)
+    assert (list(iter_metadata_records(writes, 3, 2, 9.0, codec))
+            == encode_metadata_records(encode_metadata(writes), 3, 2, 9.0, codec))
