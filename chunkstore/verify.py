@@ -119,6 +119,8 @@ def verify_chunks(store: ChunkStore, workers: int = 2,
     for pack_id, info in sorted(infos.items()):
         if pack_id not in missing and os.path.exists(store.pack_path(pack_id)):
             problem = check_pack_frame(store, pack_id, info, report)
+            if not problem and info.metadata:
+                problem = metadata_pack_problem(store.pack_path(pack_id))
             if problem:
                 report.bad_packs[pack_id.hex()] = problem
     for path in iter_pack_paths(store.path):
@@ -131,6 +133,27 @@ def verify_chunks(store: ChunkStore, workers: int = 2,
             report.unreferenced_packs.append(path)
     report.metadata_lost = metadata_lost(store, report.unreferenced_packs)
     return report
+
+
+def metadata_pack_problem(path: str) -> str:
+    """What is wrong with a commit's metadata records ("" when nothing).
+
+    No index entry points into a metadata pack, so the chunk checks never
+    read it; yet its records are the only copy of that commit outside LMDB,
+    the copy ``blockvault rebuild`` needs.  Metadata packs are small: each is
+    scanned whole, every record's payload checked.  Such a pack was synced
+    before its commit, so a torn tail is damage too, not a crash's leftover."""
+    try:
+        scan = scan_pack(path)
+    except (IntegrityError, OSError) as e:
+        return f"metadata pack unreadable: {e}"
+    if scan.lost:
+        start, _, problem, _ = scan.lost[0]
+        return (f"metadata record damaged at offset {start} ({problem}); the index still holds the commit, "
+                "but a rebuild from the packs would not")
+    if scan.torn_at is not None or not scan.sealed:
+        return f"metadata pack ends early at offset {scan.torn_at}: {scan.problem or 'no trailer'}"
+    return ""
 
 
 def check_pack_frame(store: ChunkStore, pack_id: bytes, info: PackInfo, report: ChunkVerifyReport) -> str:

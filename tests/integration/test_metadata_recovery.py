@@ -264,3 +264,25 @@ def test_a_lost_metadata_pack_is_missing_to_verify_and_the_rebuild_says_what_it_
     listed = [b["id"] for b in json.loads(run_cli("list", store, "--json").stdout)["backups"]]
     assert listed == ["d@1", "d@3", "e@1"]
     restores_identical(store, {k: points[k] for k in ("d@1", "e@1")}, tmp_path)
+
+
+@pytest.mark.parametrize("where", ["payload", "tail"])
+def test_a_damaged_metadata_record_is_damage_to_verify(chain, tmp_path, where):
+    """The index still holds the commit, so reads work; but the pack copy the
+    rebuild needs is bad, and verify must say so (no chunk check reads it)."""
+    store, _ = chain
+    path = metadata_pack_of(store, 2)
+    with open(path, "r+b") as f:
+        if where == "payload":   # a byte inside the first record's payload
+            f.seek(128 + 64 + 3)
+            byte = f.read(1)
+            f.seek(128 + 64 + 3)
+            f.write(bytes([byte[0] ^ 0x55]))
+        else:                    # the trailer gone: the pack ends early
+            f.truncate(os.path.getsize(path) - 64)
+    proc = run_cli("verify", store, "--json")
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
+    doc = json.loads(proc.stdout)
+    pack_id = os.path.basename(path)[:-5]
+    bad = [p for p in doc["bad_packs"] if p["id"] == pack_id]
+    assert bad and "metadata" in bad[0]["reason"], doc["bad_packs"]

@@ -15,7 +15,7 @@ import time
 import pytest
 import zstandard
 
-from helpers import REPO_ROOT, make_sparse, rng, run_cli, same_file, store_fingerprint, write_at
+from helpers import REPO_ROOT, chunk_packs, make_sparse, rng, run_cli, same_file, store_fingerprint, write_at
 
 CS = 64 << 10
 VICTIM_TEXT = b"precious: must never be truncated or overwritten\n"
@@ -112,7 +112,7 @@ def test_other_links_inside_a_store_are_refused(backed_up, tmp_path, name):
 def test_a_pack_file_that_is_a_symlink_is_not_read(backed_up, tmp_path):
     """Readers open packs O_NOFOLLOW: restore fails naming the link, verify counts it as damage."""
     store, _ = backed_up
-    packs = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(store, "packs")) for f in fs]
+    packs = chunk_packs(store)  # the one restore reads (not the commit's metadata pack)
     moved = tmp_path / "moved.pack"
     os.rename(packs[0], moved)
     os.symlink(moved, packs[0])
