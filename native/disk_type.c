@@ -249,6 +249,29 @@ static PyObject *extent_list(const rd_extent *v, size_t n)
     return list;
 }
 
+/* List extents with the GIL released: all of them (max 0) or a page of at
+ * most max from offset from.  0, or -1 with an OSError set. */
+static int disk_list_extents(DiskObject *self, uint64_t from, size_t max, rd_extent **v, size_t *n)
+{
+    char err[RD_ERRLEN] = "";
+    int rc, saved = 0;
+    self->active++;
+    Py_BEGIN_ALLOW_THREADS
+    if (max > 0)
+        rc = self->ops->extents_from(self->impl, from, max, v, n, err, sizeof err);
+    else
+        rc = self->ops->extents(self->impl, v, n, err, sizeof err);
+    if (rc != 0)
+        saved = errno;
+    Py_END_ALLOW_THREADS
+    self->active--;
+    if (rc != 0) {
+        raise_oserror(saved, err, disk_err_path(self));
+        return -1;
+    }
+    return 0;
+}
+
 /* Kinds that list everything at once: list once, keep the C array (16 bytes
  * an extent, a tenth of the Python tuples), page through it. */
 static PyObject *disk_extents_cached(DiskObject *self, uint64_t from, size_t max)
@@ -256,17 +279,8 @@ static PyObject *disk_extents_cached(DiskObject *self, uint64_t from, size_t max
     if (!self->ext_cache) {
         rd_extent *v = NULL;
         size_t n = 0;
-        char err[RD_ERRLEN] = "";
-        int rc, saved = 0;
-        self->active++;
-        Py_BEGIN_ALLOW_THREADS
-        rc = self->ops->extents(self->impl, &v, &n, err, sizeof err);
-        if (rc != 0)
-            saved = errno;
-        Py_END_ALLOW_THREADS
-        self->active--;
-        if (rc != 0)
-            return raise_oserror(saved, err, disk_err_path(self));
+        if (disk_list_extents(self, 0, 0, &v, &n) != 0)
+            return NULL;
         if (self->ext_cache) { /* another thread listed meanwhile */
             free(v);
         } else {
@@ -313,20 +327,8 @@ static PyObject *disk_extents(DiskObject *self, PyObject *args, PyObject *kw)
         return disk_extents_cached(self, from, (size_t)max);
     rd_extent *v = NULL;
     size_t n = 0;
-    char err[RD_ERRLEN] = "";
-    int rc, saved = 0;
-    self->active++;
-    Py_BEGIN_ALLOW_THREADS
-    if (max > 0)
-        rc = self->ops->extents_from(self->impl, from, (size_t)max, &v, &n, err, sizeof err);
-    else
-        rc = self->ops->extents(self->impl, &v, &n, err, sizeof err);
-    if (rc != 0)
-        saved = errno;
-    Py_END_ALLOW_THREADS
-    self->active--;
-    if (rc != 0)
-        return raise_oserror(saved, err, disk_err_path(self));
+    if (disk_list_extents(self, from, (size_t)max, &v, &n) != 0)
+        return NULL;
     PyObject *list = extent_list(v, n);
     free(v);
     return list;
