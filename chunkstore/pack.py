@@ -52,7 +52,7 @@ METADATA_FIELD = struct.Struct("<QQIId")
 METADATA_PART = 64 << 10
 
 
-def _check64(data) -> int:
+def check64(data) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
@@ -88,7 +88,7 @@ def encode_pack_header(config, pack_id: bytes) -> bytes:
         PACK_MAGIC, PACK_VERSION, 0, bytes.fromhex(config.store_id), pack_id, int(time.time()),
         config.chunk_size, DIGEST_CODES[config.digest], config.compression_level, 0, config.seed,
         config.pack_target_size, float(config.created), bytes(32), 0)
-    return body[:-8] + struct.pack("<Q", _check64(body[:-8]))
+    return body[:-8] + struct.pack("<Q", check64(body[:-8]))
 
 
 def decode_pack_header(data: bytes, where: str) -> PackHeader:
@@ -101,7 +101,7 @@ def decode_pack_header(data: bytes, where: str) -> PackHeader:
      store_created, _, check) = PACK_HEADER.unpack_from(data)
     if magic != PACK_MAGIC:
         raise IntegrityError(f"{where}: not a blockvault pack (bad magic)")
-    if check != _check64(data[:PACK_HEADER.size - 8]):
+    if check != check64(data[:PACK_HEADER.size - 8]):
         raise IntegrityError(f"{where}: pack header checksum mismatch")
     if version != PACK_VERSION:
         raise IntegrityError(f"{where}: pack format version {version} is not supported")
@@ -123,100 +123,14 @@ def read_pack_header(path: str) -> PackHeader:
 def encode_record(digest: bytes, codec: int, raw_len: int, payload) -> bytes:
     head = RECORD_HEADER.pack(
         RECORD_MAGIC, codec, len(digest), 0, raw_len, len(payload),
-        digest.ljust(DIGEST_FIELD, b"\0"), _check64(payload), 0,
+        digest.ljust(DIGEST_FIELD, b"\0"), check64(payload), 0,
     )
-    return head[:56] + struct.pack("<Q", _check64(head[:56]))
+    return head[:56] + struct.pack("<Q", check64(head[:56]))
 
 
 def encode_trailer(record_count: int) -> bytes:
     head = RECORD_HEADER.pack(TRAILER_MAGIC, 0, 0, 0, record_count, 0, bytes(DIGEST_FIELD), 0, 0)
-    return head[:56] + struct.pack("<Q", _check64(head[:56]))
-
-
-# -- metadata records ------------------------------------------------------------
-#
-# A commit's metadata is the list of LMDB writes (database, key, value) the
-# layer above makes in that commit, as one byte stream cut into records of at
-# most METADATA_PART raw bytes.  chunkstore does not read the values: replaying
-# every commit's writes in commit order recreates those databases.
-
-OP_PUT, OP_DELETE = 1, 2
-# op, database name length, key length, value length
-METADATA_ENTRY = struct.Struct("<BBHI")
-
-
-@dataclass(frozen=True)
-class MetadataPart:
-    commit: int     # this commit's number (1, 2, ...)
-    follows: int    # the number of the commit that was the store's latest when it was made (0: none)
-    part: int
-    parts: int
-    time: float
-
-
-def encode_metadata(writes) -> bytes:
-    """The stream of ``(op, db name, key, value)`` writes."""
-    out = bytearray()
-    for op, name, key, value in writes:
-        out += METADATA_ENTRY.pack(op, len(name), len(key), len(value)) + name + key + value
-    return bytes(out)
-
-
-def decode_metadata(stream: bytes, where: str) -> list[tuple[int, bytes, bytes, bytes]]:
-    writes, pos, n = [], 0, len(stream)
-    while pos < n:
-        if pos + METADATA_ENTRY.size > n:
-            raise IntegrityError(f"{where}: metadata entry truncated at byte {pos}")
-        op, nlen, klen, vlen = METADATA_ENTRY.unpack_from(stream, pos)
-        pos += METADATA_ENTRY.size
-        end = pos + nlen + klen + vlen
-        if op not in (OP_PUT, OP_DELETE) or end > n:
-            raise IntegrityError(f"{where}: bad metadata entry at byte {pos - METADATA_ENTRY.size}")
-        name, key, value = stream[pos:pos + nlen], stream[pos + nlen:pos + nlen + klen], stream[pos + nlen + klen:end]
-        writes.append((op, name, key, value))
-        pos = end
-    return writes
-
-
-def _metadata_record(raw: bytes, commit: int, follows: int, index: int, count: int, when: float, codec) -> bytes:
-    kind, payload = codec.encode(raw) if raw else (0, b"")
-    field = METADATA_FIELD.pack(commit, follows, index, count, when)
-    head = RECORD_HEADER.pack(METADATA_MAGIC, kind, METADATA_FIELD.size, 0, len(raw), len(payload),
-                              field, _check64(payload), 0)
-    return head[:56] + struct.pack("<Q", _check64(head[:56])) + bytes(payload)
-
-
-def encode_metadata_records(stream: bytes, commit: int, follows: int, when: float, codec) -> list[bytes]:
-    """The records (header + payload, joined) carrying ``stream`` for commit ``commit``."""
-    pieces = [stream[i:i + METADATA_PART] for i in range(0, len(stream), METADATA_PART)] or [b""]
-    return [_metadata_record(raw, commit, follows, i, len(pieces), when, codec) for i, raw in enumerate(pieces)]
-
-
-def iter_metadata_records(writes, commit: int, follows: int, when: float, codec) -> Iterator[bytes]:
-    """The records of ``encode_metadata_records(encode_metadata(writes), ...)``,
-    built one part at a time.  A backup of a large fragmented disk rewrites
-    hundreds of MiB of manifest segments; the whole stream, its parts and
-    their records held at once cost several times that (a 1 TiB disk with
-    16,384 extents: 924 MB peak RSS against 457 MB without records)."""
-    total = sum(METADATA_ENTRY.size + len(n) + len(k) + len(v) for _, n, k, v in writes)
-    count = max(1, -(-total // METADATA_PART))
-    buf = bytearray()
-    index = 0
-    for op, name, key, value in writes:
-        buf += METADATA_ENTRY.pack(op, len(name), len(key), len(value))
-        buf += name
-        buf += key
-        buf += value
-        while len(buf) >= METADATA_PART:
-            yield _metadata_record(bytes(buf[:METADATA_PART]), commit, follows, index, count, when, codec)
-            del buf[:METADATA_PART]
-            index += 1
-    if buf or index == 0:
-        yield _metadata_record(bytes(buf), commit, follows, index, count, when, codec)
-
-
-def metadata_part(header: "RecordHeader") -> MetadataPart:
-    return MetadataPart(*METADATA_FIELD.unpack(header.digest))
+    return head[:56] + struct.pack("<Q", check64(head[:56]))
 
 
 @dataclass(frozen=True)
@@ -240,7 +154,7 @@ def decode_record_header(data, where: str, max_chunk: int = MAX_PAYLOAD) -> Reco
     magic, codec, dlen, _, raw_len, stored_len, digest, pcheck, hcheck = RECORD_HEADER.unpack_from(data)
     if magic not in RECORD_MAGICS:
         raise IntegrityError(f"{where}: no record here (bad magic)")
-    if hcheck != _check64(bytes(data[:56])):
+    if hcheck != check64(bytes(data[:56])):
         raise IntegrityError(f"{where}: record header checksum mismatch")
     if dlen > DIGEST_FIELD or stored_len > MAX_PAYLOAD or (magic != TRAILER_MAGIC and raw_len > MAX_PAYLOAD):
         raise IntegrityError(f"{where}: record header has impossible sizes")
@@ -255,7 +169,7 @@ def decode_record_header(data, where: str, max_chunk: int = MAX_PAYLOAD) -> Reco
 def check_payload(header: RecordHeader, payload, where: str) -> None:
     if len(payload) != header.stored_len:
         raise IntegrityError(f"{where}: payload truncated ({len(payload)} of {header.stored_len} bytes)")
-    if _check64(payload) != header.payload_check:
+    if check64(payload) != header.payload_check:
         raise IntegrityError(f"{where}: payload checksum mismatch")
 
 

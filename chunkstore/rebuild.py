@@ -28,9 +28,9 @@ from chunkstore.config import StoreConfig, fsync_dir
 from chunkstore.errors import IntegrityError
 from chunkstore.index import IndexEntry, PackInfo
 from chunkstore.lock import WriterLock
-from chunkstore.pack import (METADATA_MAGIC, OP_PUT, RECORD_HEADER_SIZE, RECORD_MAGIC, check_payload,
-                             decode_metadata, decode_record_header, iter_pack_paths, metadata_part, read_pack_header,
-                             scan_pack)
+from chunkstore.metadata import OP_PUT, decode_metadata, metadata_part
+from chunkstore.pack import (METADATA_MAGIC, RECORD_HEADER_SIZE, RECORD_MAGIC, check_payload, decode_record_header,
+                             iter_pack_paths, read_pack_header, scan_pack)
 from chunkstore.readonly import refuse_write, store_is_writable
 from chunkstore.session import LAST_COMMIT, OWN_DBS, RESERVED_COMMIT, _U64
 from chunkstore.store import DATA_FILE, INDEX_DIR, ChunkStore, _open_env, index_file_problem

@@ -40,8 +40,8 @@ from chunkstore import badmarks
 from chunkstore.errors import StoreError
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry, PackInfo
 from chunkstore.lock import WriterLock
-from chunkstore.pack import (OP_DELETE, OP_PUT, RECORD_HEADER_SIZE, PackWriter, encode_record,
-                             iter_metadata_records)
+from chunkstore.metadata import OP_DELETE, OP_PUT, iter_metadata_records
+from chunkstore.pack import RECORD_HEADER_SIZE, PackWriter, encode_record
 
 if TYPE_CHECKING:
     from chunkstore.store import ChunkStore

@@ -20,8 +20,9 @@ from typing import Callable
 
 from chunkstore.errors import IntegrityError
 from chunkstore.index import IndexEntry, PackInfo
+from chunkstore.metadata import metadata_part
 from chunkstore.pack import (METADATA_MAGIC, PACK_HEADER, RECORD_HEADER_SIZE, TRAILER_MAGIC, decode_pack_header,
-                             decode_record_header, iter_pack_paths, metadata_part, scan_pack)
+                             decode_record_header, iter_pack_paths, scan_pack)
 from chunkstore.session import LAST_COMMIT, RESERVED_COMMIT, meta_number
 from chunkstore.store import ChunkStore
 

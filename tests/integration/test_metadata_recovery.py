@@ -235,7 +235,8 @@ def test_a_complete_commit_that_died_last_is_counted(chain, tmp_path):
 
 
 def metadata_pack_of(store: str, commit: int) -> str:
-    from chunkstore.pack import METADATA_MAGIC, iter_pack_paths, metadata_part, scan_pack
+    from chunkstore.metadata import metadata_part
+    from chunkstore.pack import METADATA_MAGIC, iter_pack_paths, scan_pack
     (path,) = [p for p in iter_pack_paths(store)
                if any(r.header.magic == METADATA_MAGIC and metadata_part(r.header).commit == commit
                       for r in scan_pack(p).records)]

@@ -10,10 +10,10 @@ import pytest
 from chunkstore import StoreConfig
 from chunkstore.codec import Codec
 from chunkstore.errors import IntegrityError
-from chunkstore.pack import (METADATA_MAGIC, METADATA_PART, OP_DELETE, OP_PUT, RECORD_HEADER_SIZE, check_payload,
-                             decode_metadata, decode_pack_header, decode_record_header, encode_metadata,
-                             encode_metadata_records, encode_pack_header, iter_metadata_records,
-                             metadata_part)
+from chunkstore.metadata import (OP_DELETE, OP_PUT, decode_metadata, encode_metadata, encode_metadata_records,
+                                 iter_metadata_records, metadata_part)
+from chunkstore.pack import (METADATA_MAGIC, METADATA_PART, RECORD_HEADER_SIZE, check_payload, decode_pack_header,
+                             decode_record_header, encode_pack_header)
 from chunkstore.store import index_file_problem
 
 
