@@ -106,6 +106,23 @@ def chunk_packs(store: str) -> list[str]:
     return [p for p in iter_pack_paths(store) if any(r.header.magic == RECORD_MAGIC for r in scan_pack(p).records)]
 
 
+def back_up_chain(store: str, img: str, disk: str, r: np.random.Generator, change_at, snapshots: str,
+                  run=None) -> dict[str, str]:
+    """Points DISK@1..3 of ``img`` as a full, an incremental and a differential;
+    before each later point ``r.bytes(length)`` is written at
+    ``change_at(seq) -> (offset, length)``.  Returns {id: a copy of the image
+    as that point saw it} (copies named ``snapshots + seq``)."""
+    points = {}
+    for seq, mode in ((1, "full"), (2, "incremental"), (3, "differential")):
+        if seq > 1:
+            offset, length = change_at(seq)
+            write_at(img, offset, r.bytes(length))
+        proc = (run or run_cli)("backup", store, img, "--disk", disk, "--mode", mode)
+        assert proc.returncode == 0 and proc.stdout.strip() == f"{disk}@{seq}", proc.stderr
+        points[f"{disk}@{seq}"] = snapshot(img, f"{snapshots}{seq}")
+    return points
+
+
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real command, in a child process, as an administrator would run it."""
     return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,

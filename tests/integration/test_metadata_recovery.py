@@ -13,7 +13,7 @@ import lmdb
 import pytest
 
 from chunkstore import ChunkStore
-from helpers import REPO_ROOT, make_sparse, rng, run_cli, same_file, snapshot, store_fingerprint, text_bytes, write_at
+from helpers import REPO_ROOT, back_up_chain, make_sparse, rng, run_cli, same_file, snapshot, store_fingerprint, text_bytes, write_at
 
 CS = 64 << 10
 
@@ -28,13 +28,7 @@ def chain(tmp_path):
     r = rng(91)
     write_at(img, 0, r.bytes(20 * CS))
     write_at(img, 30 * CS, text_bytes(r, 10 * CS))
-    points = {}
-    for seq, mode in ((1, "full"), (2, "incremental"), (3, "differential")):
-        if seq > 1:
-            write_at(img, (50 + 6 * seq) * CS, r.bytes(3 * CS))
-        proc = run_cli("backup", store, img, "--disk", "d", "--mode", mode)
-        assert proc.returncode == 0, proc.stderr
-        points[f"d@{seq}"] = snapshot(img, str(tmp_path / f"d{seq}"))
+    points = back_up_chain(store, img, "d", r, lambda seq: ((50 + 6 * seq) * CS, 3 * CS), str(tmp_path / "d"))
     other = str(tmp_path / "e.img")
     make_sparse(other, 8 * CS)
     write_at(other, CS, r.bytes(2 * CS))

@@ -10,7 +10,7 @@ from chunkstore import ChunkStore
 from chunkstore.index import CHUNKS_DB, PACKS_DB
 from chunkstore.pack import (PACK_HEADER, RECORD_HEADER_SIZE, encode_pack_header, encode_record,
                              pack_relpath)
-from helpers import make_sparse, rng, run_cli, same_file, snapshot, text_bytes, write_at
+from helpers import back_up_chain, make_sparse, rng, run_cli, same_file, text_bytes, write_at
 
 CS = 64 << 10
 
@@ -48,13 +48,7 @@ def _store_with_points(tmp_path) -> tuple[str, dict[str, str]]:
     r = rng(70)
     write_at(img, 0, r.bytes(24 * CS))
     write_at(img, 40 * CS, text_bytes(r, 16 * CS))
-    points = {}
-    for seq, mode in ((1, "full"), (2, "incremental"), (3, "differential")):
-        if seq > 1:
-            write_at(img, (60 + 8 * seq) * CS, r.bytes(6 * CS))
-        proc = run_cli("backup", store, img, "--disk", "d", "--mode", mode)
-        assert proc.returncode == 0 and proc.stdout.strip() == f"d@{seq}", proc.stderr
-        points[f"d@{seq}"] = snapshot(img, str(tmp_path / f"p{seq}"))
+    points = back_up_chain(store, img, "d", r, lambda seq: ((60 + 8 * seq) * CS, 6 * CS), str(tmp_path / "p"))
     return store, points
 
 

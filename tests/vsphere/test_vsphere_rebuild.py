@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from helpers import make_sparse, rng, same_file, snapshot, store_fingerprint, text_bytes, write_at
+from helpers import back_up_chain, make_sparse, rng, same_file, store_fingerprint, text_bytes, write_at
 from vsphere_helpers import (BLOCK, KiB, MiB, bv, bv_json, create_vm, image, init_store, keep_images,
                              server_args, write)
 
@@ -36,13 +36,8 @@ def test_lost_index_of_a_vm_chain_and_an_image_chain_is_rebuilt_from_the_packs(v
     img = str(tmp_path / "d.img")
     make_sparse(img, 40 * BLOCK + 5)
     write_at(img, 3 * BLOCK, text_bytes(r, 6 * BLOCK))
-    image_points = {}
-    for seq, mode in ((1, "full"), (2, "incremental"), (3, "differential")):
-        if seq > 1:
-            write_at(img, (10 + 5 * seq) * BLOCK, r.bytes(2 * BLOCK))
-        proc = bv("backup", store, img, "--disk", "img", "--mode", mode)
-        assert proc.returncode == 0 and proc.stdout.strip() == f"img@{seq}", proc.stderr
-        image_points[f"img@{seq}"] = snapshot(img, str(tmp_path / f"img-{seq}"))
+    image_points = back_up_chain(store, img, "img", r, lambda seq: ((10 + 5 * seq) * BLOCK, 2 * BLOCK),
+                                 str(tmp_path / "img-"), run=bv)
 
     before = store_fingerprint(store)
     assert {k for k in before if k.startswith("lmdb:")} >= {
