@@ -1,6 +1,6 @@
 """What every blockvault command shares: options, JSON or text output, failures, tables.
 
-Both command groups (engine/cli.py and engine/vsphere/cli.py) build their
+Both command groups (engine/cli/ and engine/vsphere/cli.py) build their
 commands with these, so ``--json``, ``--quiet``/``-v``/``--log-file``, help
 epilogs, error documents and table layout behave the same everywhere.  The
 JSON shapes are documented in docs/JSON.md (and tested against it).

@@ -1,7 +1,7 @@
 """``blockvault vsphere ...``: VM backups, disaster recovery and the VM list.
 
-Registered into the main parser by engine/cli.py (``register``); errors,
-exit codes and ``--json`` follow engine/cli.py: 0 success, 1 an error on
+Registered into the main parser by engine/cli/ (``register``); errors,
+exit codes and ``--json`` follow engine/cli/: 0 success, 1 an error on
 stderr, 2 usage, 4 store busy, 130 interrupted.  Warnings (CBT fallbacks, a
 removed left-over snapshot...) do not fail a run: they go to stderr as they
 happen (engine/clilog.py) and into the ``warnings`` list of ``--json``

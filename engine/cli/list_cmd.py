@@ -1,0 +1,40 @@
+"""``list``: the points of a store, oldest first."""
+
+from __future__ import annotations
+
+import time
+
+from engine.cli.common import open_repo, warn_bad_records
+from engine.commandline import EXIT_OK, add_command, emit, print_table, printable
+from engine.progress import human_bytes
+
+
+def cmd_list(args) -> int:
+    bad: list = []
+    with open_repo(args) as repo, repo.store.read_txn() as txn:
+        if args.disk:
+            records = list(repo.catalog.for_disk(txn, args.disk, bad=bad))
+        else:
+            records = list(repo.catalog.all(txn, bad=bad))
+    bad = [b.as_dict() for b in bad]
+    warn_bad_records(bad)
+    if args.json:
+        emit(args, {"backups": [r.summary() for r in records], "bad_records": bad}, "")
+        return EXIT_OK
+    if not records:
+        print(printable("no backups" + (f" of disk {args.disk}" if args.disk else "")))
+        return EXIT_OK
+    rows = [("ID", "TIME", "KIND", "BASE", "SIZE", "READ", "STORED", "SECONDS")]
+    for r in records:
+        st = r.stats
+        rows.append((r.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.time)), r.kind, r.base or "-",
+                     human_bytes(r.size), human_bytes(st.get("bytes_read", 0)),
+                     human_bytes(st.get("stored_bytes", 0)), f"{st.get('duration', 0):.2f}"))
+    print_table(rows)
+    return EXIT_OK
+
+
+def register(sub) -> None:
+    sp = add_command(sub, "list", cmd_list, "list backups", "blockvault list /backup/store --disk db01")
+    sp.add_argument("store", metavar="STORE")
+    sp.add_argument("--disk", help="only this disk")

@@ -1,0 +1,95 @@
+"""The store as a whole: ``init``, ``stats`` and ``rebuild`` (the index or
+config.json recreated from the packs, engine/recovery.py)."""
+
+from __future__ import annotations
+
+import logging
+
+from chunkstore.config import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, DIGEST_KINDS
+from engine import argtypes
+from engine.cli.common import open_repo, warn_bad_records
+from engine.commandline import EXIT_DAMAGED, EXIT_OK, add_command, emit
+from engine.progress import human_bytes
+
+
+def cmd_init(args) -> int:
+    from engine.repository import Repository
+    repo = Repository.init(args.store, chunk_size=args.chunk_size, digest=args.digest,
+                           compression_level=args.compression_level)
+    with repo:
+        cfg = repo.store.config
+        doc = {"store": args.store, "chunk_size": cfg.chunk_size, "digest": cfg.digest,
+               "compression_level": cfg.compression_level, "format_version": cfg.version}
+        emit(args, doc, f"initialised store {args.store} (chunk size {human_bytes(cfg.chunk_size)}, "
+                         f"digest {cfg.digest}, zstd level {cfg.compression_level})")
+    return EXIT_OK
+
+
+def cmd_stats(args) -> int:
+    from engine.stats import store_stats
+    with open_repo(args) as repo:
+        doc = store_stats(repo)
+    warn_bad_records(doc["bad_records"])
+    if args.json:
+        emit(args, doc, "")
+        return EXIT_OK
+
+    def r(x):
+        return f"{x:.2f}x" if x else "-"
+    print(f"store            {doc['store']}\n"
+          f"disks, backups   {doc['disks']}, {doc['backups']}\n"
+          f"protected        {human_bytes(doc['logical_bytes'])} logical, "
+          f"{human_bytes(doc['logical_allocated_bytes'])} allocated\n"
+          f"unique chunks    {doc['chunks']} ({human_bytes(doc['unique_bytes'])})\n"
+          f"stored           {human_bytes(doc['stored_bytes'])} in {doc['packs']} packs\n"
+          f"dedup            {r(doc['dedup_ratio'])}\n"
+          f"compression      {r(doc['compression_ratio'])}\n"
+          f"total reduction  {r(doc['reduction_ratio'])}")
+    return EXIT_OK
+
+
+def cmd_rebuild(args) -> int:
+    from engine import recovery
+    if args.config:
+        doc = recovery.recreate_config(args.store, args.wait)
+        emit(args, doc, recovery.config_text(doc))
+        return EXIT_OK
+    report = recovery.rebuild(args.store, args.wait)
+    doc = recovery.rebuild_doc(report)
+    if not report.complete:
+        doc["ok"] = False
+        doc["error"] = {"code": "damaged", "exit_code": EXIT_DAMAGED, "message": recovery.damage_message(report)}
+        logging.getLogger("blockvault.rebuild").error(doc["error"]["message"])
+    emit(args, doc, recovery.rebuild_text(doc))
+    return EXIT_OK if report.complete else EXIT_DAMAGED
+
+
+def register_init(sub) -> None:
+    """``init`` comes first in --help; the other store verbs after the daily ones."""
+    sp = add_command(sub, "init", cmd_init, "create a new store in an empty directory",
+             "blockvault init /backup/store --chunk-size 1M")
+    sp.add_argument("store", metavar="STORE")
+    sp.add_argument("--chunk-size", type=argtypes.chunk_size, default=f"{DEFAULT_CHUNK_SIZE >> 10}K",
+                    help="fixed chunk size, a power of two from 64K to 8M (default %(default)s)")
+    sp.add_argument("--digest", choices=DIGEST_KINDS, default="xxh3-128",
+                    help="chunk identity: keyed xxh3-128 (fast) or sha256 (for mutually untrusting "
+                         "tenants); default %(default)s")
+    sp.add_argument("--compression-level", type=argtypes.compression_level, default=DEFAULT_COMPRESSION_LEVEL,
+                    help="zstd level, -7 to 22 (default %(default)s)")
+
+
+def register(sub) -> None:
+    sp = add_command(sub, "stats", cmd_stats, "space used and saved", "blockvault stats /backup/store")
+    sp.add_argument("store", metavar="STORE")
+
+    for name, text in (("rebuild", "recreate the store's index (backups, manifests, chunk index) from the packs"),
+                       ("rebuild-index", "the old name of 'rebuild'")):
+        sp = add_command(sub, name, cmd_rebuild, text,
+                 f"blockvault {name} /backup/store            # index lost, damaged or truncated\n"
+                 f"  blockvault {name} --config /backup/store   # config.json lost or edited")
+        sp.add_argument("store", metavar="STORE")
+        sp.add_argument("--config", action="store_true",
+                        help="recreate config.json from the settings in the pack headers instead "
+                             "(a differing one is kept as config.json.replaced-TIME)")
+        sp.add_argument("--wait", type=argtypes.wait_seconds, default=0.0, metavar="SECONDS",
+                        help="wait this long for another writer to finish, inf: as long as it takes")
