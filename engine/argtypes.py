@@ -112,3 +112,11 @@ def point_time(text: str) -> float:
         return parse_time(text)
     except UsageError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--time ")) from None
+
+
+def count(text: str) -> int:
+    """A retention count: a whole number, 0 or more (0: the rule is off)."""
+    n = _number(text, int, "a whole number")
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text}: give 0 or more")
+    return n
