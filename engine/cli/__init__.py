@@ -51,6 +51,8 @@ examples:
   blockvault list /backup/store --disk web01-disk0
   blockvault restore /backup/store web01-disk0@latest /restore/disk.img
   blockvault verify /backup/store --json
+  blockvault forget /backup/store --all --keep-daily 7 --keep-weekly 4 --keep-monthly 6 --dry-run
+  blockvault protect /backup/store web01-disk0@12
   blockvault rebuild /backup/store     # index lost or damaged: recreate it from the packs
   blockvault demo                      # try it all on a generated sparse image
 
