@@ -40,7 +40,7 @@ def register(sub) -> None:
              "  blockvault backup /backup/store web01.vmdk --disk web01\n"
              "  blockvault backup /backup/store 'vddk://vc.lab:443/vm-42?disk=[ds1] web01/web01.vmdk"
              "&snapshot=snapshot-7&thumbprint=AA:BB:..' --disk web01-disk0\n"
-             "  blockvault backup /backup/store disk.img --disk db01 --mode incremental --time 2026-11-30T23:30:00+01:00")
+             "  blockvault backup /backup/store imported.img --disk db02 --time 2026-11-30T23:30:00+01:00   # its recorded time")
     sp.add_argument("store", metavar="STORE")
     sp.add_argument("source", metavar="SOURCE",
                     help="raw image (file or block device), hosted .vmdk (flat, sparse, streamOptimized), "

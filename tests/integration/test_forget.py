@@ -221,7 +221,8 @@ def test_forget_all_groups_in_one_run_dry_run_changes_nothing_and_json_is_docume
     assert dry.returncode == 0, dry.stderr
     assert store_fingerprint(store) == before
     doc = json.loads(dry.stdout)
-    assert not jsonshape.check(doc, "forget", jsonshape.parse()[0]), jsonshape.check(doc, "forget", jsonshape.parse()[0])
+    problems = jsonshape.check(doc, "forget", jsonshape.parse()[0])
+    assert not problems, problems
     assert doc["zone"] == "Europe/Berlin" and doc["dry_run"] is True
     groups = {(g["kind"], g["name"]): [(p["id"], p["keep"], p["reason"]) for p in g["points"]] for g in doc["groups"]}
     assert groups == {
