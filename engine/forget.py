@@ -223,6 +223,14 @@ def groups(points: Points, txn, disk: str | None = None, vm: str | None = None, 
     return out
 
 
+def _protected(points: Points, txn, p: Point) -> bool:
+    """A VM backup counts as protected if one of its disk backups is (protect refuses to set that,
+    but a policy must never fail half-way on it)."""
+    if p.record.protected:
+        return True
+    return p.kind == VM and any(r.protected for r in points.disk_backups(txn, p.record))
+
+
 @dataclass
 class ForgetResult:
     groups: list[Group]
@@ -245,7 +253,7 @@ def forget(repo, policy: Policy, tz, disk: str | None = None, vm: str | None = N
             removed: list[Point] = []
             for g in found:
                 by_id = {p.id: p for p in g.points}
-                g.decisions = decide([Candidate(p.id, p.record.time, p.record.seq, p.record.protected)
+                g.decisions = decide([Candidate(p.id, p.record.time, p.record.seq, _protected(points, txn, p))
                                       for p in g.points], policy, tz,
                                      g.newest.id if g.newest else None, allow_remove_newest)
                 removed += [by_id[d.id] for d in g.decisions if not d.keep]

@@ -13,7 +13,7 @@ import logging
 from dataclasses import replace
 
 from engine.errors import BadInputError
-from engine.points import Points
+from engine.points import DISK, Points
 
 log = logging.getLogger("blockvault.points")
 MAX_NOTE = 1000  # characters
@@ -42,6 +42,12 @@ def update_point(repo, ref: str, kind: str | None = None, wait: float = 0.0, **c
     with store.writer(wait=wait, purpose=f"{' and '.join(changes)} of {ref}") as session:
         with store.read_txn() as txn:
             point = points.resolve(txn, ref, kind)
+            owner = points.owner(txn, point.record) if point.kind == DISK else None
+        if owner is not None and "protected" in changes:
+            # forget and delete treat the VM backup as the point: a flag on one of its disks would
+            # make the VM backup's removal fail half-way through a policy.
+            raise BadInputError(f"{point.id} is a disk backup of VM backup {owner.id}; protect the VM backup: "
+                                f"'blockvault {'protect' if changes['protected'] else 'unprotect'} STORE {owner.id} --vm'")
         old = point.record
         new = replace(old, **changes)
         if new == old:

@@ -278,3 +278,23 @@ def test_forget_and_delete_wait_for_the_writer_or_exit_4(nights):
         holder.kill()
         holder.wait()
     assert ids(store) == [f"d@{n}" for n in range(1, 7)]
+
+
+def test_a_vm_s_disk_backup_cannot_be_protected_alone(tmp_path):
+    store = str(tmp_path / "store")
+    ChunkStore.init(store, chunk_size=CS).close()
+    img = str(tmp_path / "v.img")
+    make_sparse(img, 4 * CS)
+    for n in range(2):
+        vm_backup(store, "vm1", {2000: img}, T0 + n * DAY)
+    before = store_fingerprint(store)
+    proc = run_cli("protect", store, "vm1/disk-2000@1")
+    assert proc.returncode == 1 and "disk backup of VM backup vm1@1" in proc.stderr
+    assert "protect STORE vm1@1 --vm" in proc.stderr
+    assert store_fingerprint(store) == before
+    assert run_cli("note", store, "vm1/disk-2000@1", "the system disk").returncode == 0
+    assert run_cli("protect", store, "vm1@1").returncode == 0
+    proc = run_cli("forget", store, "--vm", "vm1", "--keep-last", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert [p["reason"] for p in json.loads(proc.stdout)["groups"][0]["points"]] == ["last 1/1", "protected"]
+    assert len(ids(store)) == 2
