@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 import native
+import numpy as np
 
 from engine.catalog import BackupRecord
 from engine.errors import BadInputError, UsageError
@@ -189,7 +190,6 @@ class _FromPlan:
 
     def pair(self, s: int):
         """(the point's digests, the base's at the same chunks) for segment s, as arrays."""
-        import numpy as np
         new_arr = self._segment(self.new, self.record, s)
         length = len(new_arr)
         if s < len(self.old.segments):
@@ -203,7 +203,6 @@ class _FromPlan:
 
     def differs(self, s: int):
         """Indices (within segment s) of the chunks to write."""
-        import numpy as np
         new_arr, old_arr = self.pair(s)
         mask = np.any(new_arr != old_arr, axis=1)
         first = s * self.new.seg_chunks
@@ -238,6 +237,8 @@ class _FromPlan:
         if count <= 0:
             return []
         limit = min(self.old.size, self.new.size, self.first_unknown * self.cs) // self.cs
+        if limit == 0:
+            return []
         seg = self.new.seg_chunks
         picked: dict[int, set[bytes]] = {}
         cache: dict[int, tuple] = {}
@@ -261,19 +262,21 @@ class _FromPlan:
             if len(idx):
                 take(last * seg + int(idx[-1]))
         r = random.Random()
-        weights = [n for n in self.old.nonzero]
-        segments = [s for s in range(len(self.old.segments)) if s * seg < limit]
+        segments = [s for s in range(len(self.old.segments)) if s * seg < limit and self.old.nonzero[s]]
+        weights = [self.old.nonzero[s] for s in segments]
+        rows: dict[int, list[int]] = {}  # per segment: its non-zero chunks inside the limit
         tries = 0
         while len(picked) < min(count, limit) and tries < 4 * count:
             tries += 1
-            if sum(weights[s] for s in segments):
-                s = r.choices(segments, weights=[weights[s] for s in segments])[0]
-                _, old_arr = arrays(s)
-                rows = [k for k in range(len(old_arr)) if old_arr[k].tobytes() != self.zero and s * seg + k < limit]
-                if rows:
-                    take(s * seg + r.choice(rows))
-                    continue
-            take(r.randrange(limit))
+            s = r.choices(segments, weights=weights)[0] if segments else None
+            if s is not None and s not in rows:
+                old_arr = arrays(s)[1]
+                nonzero = np.flatnonzero(np.any(old_arr != np.frombuffer(self.zero, dtype=np.uint8), axis=1))
+                rows[s] = [s * seg + int(k) for k in nonzero if s * seg + int(k) < limit]
+            if s is not None and rows[s]:
+                take(r.choice(rows[s]))
+            else:
+                take(r.randrange(limit))
         return sorted(picked.items())
 
 
@@ -315,7 +318,6 @@ def _compare_windows(repo: Repository, txn, record: BackupRecord, manifest: Mani
     """The chunks where the target differs from the point, read and hashed a
     window at a time in a pool of its own: while the write path writes one
     window, the next is being read."""
-    import numpy as np
     cs, size, dlen = manifest.chunk_size, manifest.size, manifest.digest_len
     digester = repo.store.digester
     zero = digester.zero_digest
