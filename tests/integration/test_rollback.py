@@ -16,6 +16,7 @@ import subprocess
 
 import pytest
 
+import jsonshape
 from engine.manifest import SEGMENT_CHUNKS
 from helpers import REPO_ROOT, allocated_ranges, rng, run_cli, same_file, write_at
 
@@ -82,6 +83,7 @@ def points(tmp_path_factory):
 
 
 def _expect_counts(doc: dict, changed: set[int], mode: str) -> None:
+    assert not jsonshape.check(doc, "restore"), jsonshape.check(doc, "restore")  # docs/JSON.md
     rb = doc["rollback"]
     assert doc["chunks_written"] == len(changed)
     assert doc["bytes_written"] == len(changed) * CS
