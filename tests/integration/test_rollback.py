@@ -295,12 +295,17 @@ def test_a_file_grows_or_shrinks_to_the_points_size(points, resized, tmp_path, m
     assert doc["rollback"]["chunks"] == (N if new == 2 else -(-SMALL // CS))
 
 
-def test_a_device_larger_than_the_base_gets_every_chunk_past_the_bases_end(points, resized, tmp_path, loop):
+@pytest.mark.parametrize("mode", ["from", "compare"])
+def test_a_device_larger_than_the_base_gets_every_chunk_past_the_bases_end(points, resized, tmp_path, loop, mode):
     """On a device the bytes past the base's end are whatever it held (not zeros, as in a
     resized file), so the chunks from the base's partial last chunk on are all written."""
     backing = _backing(tmp_path, resized[1], extra=SIZE + (1 << 20) - SMALL)
     dev = loop(backing)
-    proc = run_cli("restore", points["store"], "g@2", dev, "--force", "--rollback-from", "g@1", "--json")
+    if mode == "compare":  # the device holds g@1: its bytes past g@1's end are not g@1's, and do not count
+        proc = run_cli("restore", points["store"], "g@1", dev, "--force", "--rollback-compare", "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["chunks_written"] == 0
+    proc = run_cli("restore", points["store"], "g@2", dev, "--force", *_options(mode, "g@1"), "--json")
     assert proc.returncode == 0, proc.stderr
     assert _head(backing) == _head(resized[2])
     assert json.loads(proc.stdout)["chunks_written"] == N - SMALL // CS
