@@ -36,7 +36,6 @@ matches.
 from __future__ import annotations
 
 import random
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
@@ -52,9 +51,9 @@ from engine.repository import Repository
 from engine.restore import WINDOW_SEGMENTS, RestoreResult, _write_all
 from engine.sources import target_format
 from engine.targets import RestoreTarget, _is_block_device, make_target
+from engine.target_digests import compare_windows
 
 DEFAULT_SAMPLES = 8
-HASH_BATCH_BYTES = 32 << 20  # one read of the target per task in --rollback-compare
 
 
 @dataclass
@@ -122,7 +121,7 @@ def rollback_backup(repo: Repository, ref: str, out: RestoreTarget, base_ref: st
         try:
             if compare:
                 out.fit(manifest.size)
-                windows = _compare_windows(repo, txn, record, manifest, out, workers, stats, on_progress)
+                windows = compare_windows(repo, txn, record, manifest, out, workers, stats, on_progress)
             else:
                 plan = _FromPlan(repo, txn, record, manifest, base, old, resizes=isinstance(out, InPlaceFileTarget))
                 _check_holds_base(out, plan, samples, stats)
@@ -311,54 +310,3 @@ def _check_holds_base(out: RestoreTarget, plan: _FromPlan, samples: int, stats: 
             f"{bad[0]}{' and others' if len(bad) > 1 else ''}) match neither {base.id} nor {plan.record.id}; "
             "nothing was written. Name the point it holds, or use --rollback-compare, which reads the whole "
             "target and writes what differs")
-
-
-def _compare_windows(repo: Repository, txn, record: BackupRecord, manifest: Manifest, out: RestoreTarget,
-                     workers: int, stats: RollbackStats, on_progress) -> Iterator[dict[bytes, list[int]]]:
-    """The chunks where the target differs from the point, read and hashed a
-    window at a time in a pool of its own: while the write path writes one
-    window, the next is being read."""
-    cs, size, dlen = manifest.chunk_size, manifest.size, manifest.digest_len
-    digester = repo.store.digester
-    zero = digester.zero_digest
-    per_task = max(1, HASH_BATCH_BYTES // cs)
-    disk = out.open_reader()
-
-    def hash_batch(arr, base: int, first: int, count: int) -> tuple[list[int], int]:
-        """Indices (into ``arr``, whose chunk 0 is the disk's chunk ``base``) of
-        the ``count`` chunks from ``first`` that differ; bytes of the disk read."""
-        start = (base + first) * cs
-        buf = bytearray(count * cs)
-        disk.read_chunks([start + j * cs for j in range(count)], cs, buf)
-        if start + len(buf) > size:  # a device larger than the disk: its tail is not the disk's
-            buf[size - start:] = bytes(start + len(buf) - size)
-        flags = native.zero_chunks(buf, cs)
-        view = memoryview(buf)
-        got = b"".join(zero if flags[j] else digester(view[j * cs:(j + 1) * cs]) for j in range(count))
-        have = np.frombuffer(got, dtype=np.uint8).reshape(-1, dlen)
-        differ = np.flatnonzero(np.any(have != arr[first:first + count], axis=1))
-        return [first + int(k) for k in differ], min(len(buf), size - start)
-
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="bv-compare")
-    try:
-        for window in range(0, len(manifest.segments), WINDOW_SEGMENTS):
-            jobs = []
-            for s in range(window, min(window + WINDOW_SEGMENTS, len(manifest.segments))):
-                arr = segment_array(repo.manifests.segment(txn, manifest.segments[s], record.id, manifest, s), dlen)
-                base = s * manifest.seg_chunks
-                for first in range(0, len(arr), per_task):
-                    count = min(per_task, len(arr) - first)
-                    jobs.append((arr, base, count, pool.submit(hash_batch, arr, base, first, count)))
-            by_digest: dict[bytes, list[int]] = {}
-            for arr, base, count, fut in jobs:
-                differ, nbytes = fut.result()
-                stats.chunks_compared += count
-                stats.target_bytes_read += nbytes
-                for k in differ:
-                    by_digest.setdefault(arr[k].tobytes(), []).append((base + k) * cs)
-                if on_progress:
-                    on_progress(nbytes)
-            yield by_digest
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        out.close_reader(disk)
