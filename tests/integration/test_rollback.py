@@ -442,3 +442,62 @@ def test_bad_usage(points, tmp_path):
     shutil.copyfile(target, vmdk)
     proc = run_cli("restore", store, "c1@1", vmdk, "--rollback-from", "c1@2")
     assert proc.returncode == 1 and "restore it whole" in proc.stderr
+
+
+# -- interrupted -----------------------------------------------------------------------
+
+
+def _vddk_holding(vddk: dict, image: str) -> None:
+    with open(image, "rb") as src, open(vddk["disk"], "wb") as f:
+        while block := src.read(4 << 20):
+            f.write(block)
+
+
+def test_a_vddk_write_failure_part_way_leaves_a_mix_that_a_second_rollback_finishes(points, vddk):
+    """VDDK Write fails from its 20th call on (the stand-in's VDDK_STUB_FAIL): the chunks
+    before are written, the error says the disk is a mix, and the same rollback finishes it."""
+    p = points[100]
+    _vddk_holding(vddk, p["refs"][2])
+    env = dict(vddk["env"], VDDK_STUB_FAIL="Write:1:20")
+    proc = run_cli("restore", points["store"], "c100@1", vddk["url"], "--force", "--rollback-from", "c100@2",
+                   "--threads", "1", env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "now holds a mix of c100@2 and c100@1" in proc.stderr, proc.stderr
+    mixed = _head(vddk["disk"])
+    assert mixed != _head(p["refs"][2]) and mixed != _head(p["refs"][1])  # some chunks written, not all
+    proc = run_cli("restore", points["store"], "c100@1", vddk["url"], "--force", "--rollback-from", "c100@2",
+                   env=vddk["env"])
+    assert proc.returncode == 0, proc.stderr
+    assert same_file(vddk["disk"], p["refs"][1])
+
+
+def test_a_rollback_stopped_by_sigterm_says_the_target_is_a_mix(points, vddk):
+    """SIGTERM once the stand-in's log shows writes (each I/O slowed to 5 ms): exit 143, and the
+    message says the disk may be a mix; --rollback-compare then finishes the job."""
+    import signal
+    import sys
+    import time
+    p = points[100]
+    _vddk_holding(vddk, p["refs"][2])
+    log = vddk["log"]
+    log.write_text("")
+    env = dict(vddk["env"], VDDK_STUB_DELAY_US="5000")
+    child = subprocess.Popen([sys.executable, "-m", "engine.cli", "restore", points["store"], "c100@1", vddk["url"],
+                              "--force", "--rollback-from", "c100@2"], cwd=REPO_ROOT, env=env,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "\nWrite" not in log.read_text() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 143, stderr
+    assert "rollback aborted" in stderr and "may now hold a mix of c100@2 and c100@1" in stderr, stderr
+    assert "Traceback" not in stderr
+    proc = run_cli("restore", points["store"], "c100@1", vddk["url"], "--force", "--rollback-compare",
+                   env=vddk["env"])
+    assert proc.returncode == 0, proc.stderr
+    assert same_file(vddk["disk"], p["refs"][1])
