@@ -54,6 +54,7 @@ class InPlaceFileTarget(RawTarget):
 
     writes_zeros = True  # it holds old data: zero chunks are made zero (punched)
     in_place = True
+    resizes = True
 
     def __init__(self, target: str):
         super().__init__(target, force=True)

@@ -123,7 +123,7 @@ def rollback_backup(repo: Repository, ref: str, out: RestoreTarget, base_ref: st
                 out.fit(manifest.size)
                 windows = compare_windows(repo, txn, record, manifest, out, workers, stats, on_progress)
             else:
-                plan = _FromPlan(repo, txn, record, manifest, base, old, resizes=isinstance(out, InPlaceFileTarget))
+                plan = _FromPlan(repo, txn, record, manifest, base, old, resizes=out.resizes)
                 _check_holds_base(out, plan, samples, stats)
                 out.fit(manifest.size)
                 windows = plan.windows(stats, on_progress)
@@ -282,11 +282,10 @@ class _FromPlan:
 def _check_holds_base(out: RestoreTarget, plan: _FromPlan, samples: int, stats: RollbackStats) -> None:
     """Refuse, before anything is written, a target that cannot hold the base."""
     base, size = plan.base, plan.old.size
-    resizes = isinstance(out, InPlaceFileTarget)
-    if (out.capacity != size) if resizes else (out.capacity < size):
-        exactly = "" if resizes else " at least"
+    if (out.capacity != size) if out.resizes else (out.capacity < size):
+        rule = "a file holding it has exactly that size" if out.resizes else "a device holding it is at least that large"
         raise TargetMismatch(f"{out.target} holds {out.capacity} bytes ({human_bytes(out.capacity)}), so it does not "
-                             f"hold {base.id}, a disk of{exactly} {size} bytes ({human_bytes(size)}); nothing was "
+                             f"hold {base.id}, a disk of {size} bytes ({human_bytes(size)}; {rule}); nothing was "
                              "written. Name the point it holds, or use --rollback-compare")
     picks = plan.samples(samples)
     if not picks:

@@ -93,6 +93,7 @@ class RestoreTarget:
     # Only targets that exist before the restore have these: a block device, a
     # vddk:// disk, a raw file rolled back in place (InPlaceFileTarget).
     in_place = False
+    resizes = False  # fit() changes its size (a file); past its old end it then reads as zeros
     capacity = 0  # bytes the target holds, known once it is open
 
     def open_reader(self):
