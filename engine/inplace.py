@@ -9,9 +9,10 @@ size (truncation grows with zeros and shrinks), and writes in place.  An
 interrupted rollback leaves the file a mix of both points; engine/rollback.py
 says so, and a second rollback finishes the job.
 
-Zero chunks where the old point had data are punched out as holes
-(``fallocate(PUNCH_HOLE)``), so the file stays as sparse as a full restore
-would make it; on a file system without hole punching zeros are written.
+Zero chunks where the old point had data, and zero 4 KiB blocks inside the
+chunks written, are punched out as holes (``fallocate(PUNCH_HOLE)``), so the
+file ends as sparse as a full restore would make it; on a file system
+without hole punching zeros are written.
 An exclusive ``flock`` keeps two rollbacks from writing one file at once.
 """
 
@@ -55,6 +56,7 @@ class InPlaceFileTarget(RawTarget):
     writes_zeros = True  # it holds old data: zero chunks are made zero (punched)
     in_place = True
     resizes = True
+    punches_holes = True  # zero 4 KiB blocks inside a written chunk are punched as well
 
     def __init__(self, target: str):
         super().__init__(target, force=True)
@@ -102,7 +104,7 @@ class InPlaceFileTarget(RawTarget):
     def zero(self, offset: int, zeros) -> None:
         if self._punch and punch_hole(self.fd, offset, len(zeros)):
             return
-        self._punch = False
+        self._punch = False  # this file system cannot: zeros from now on
         self.write(offset, zeros)
 
     def finish(self) -> None:

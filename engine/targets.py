@@ -92,6 +92,7 @@ class RestoreTarget:
     # -- in place (a rollback, engine/rollback.py) ------------------------------
     # Only targets that exist before the restore have these: a block device, a
     # vddk:// disk, a raw file rolled back in place (InPlaceFileTarget).
+    punches_holes = False  # zero() deallocates (engine/inplace.py): zero blocks in chunks go that way too
     in_place = False
     resizes = False  # fit() changes its size (a file); past its old end it then reads as zeros
     capacity = 0  # bytes the target holds, known once it is open

@@ -132,6 +132,8 @@ def test_rollback_of_a_raw_file(points, tmp_path, level, mode, direction):
         data = allocated_ranges(target)
         for i in p["zeroed"]:
             assert not any(s < (i + 1) * CS and s + n > i * CS for s, n in data), f"chunk {i} still allocated"
+    # as sparse as the full restore: zero 4 KiB blocks inside the chunks written are holes too
+    assert allocated_ranges(target) == allocated_ranges(p["refs"][new])
 
 
 def test_text_summary_names_what_was_written_and_skipped(points, tmp_path):
