@@ -153,27 +153,36 @@ def _write_all(repo: Repository, txn, record: BackupRecord, manifest: Manifest, 
     written = chunks_written = chunks_read = 0
 
     sparse = not out.writes_zeros
+    # A target that holds old data but can deallocate (a file rolled back in
+    # place) gets the zero blocks inside a chunk punched, not written: it ends
+    # as sparse as a new file the same restore would have made.
+    punch = out.punches_holes
     block = getattr(out, "hole_block", HOLE_BLOCK)
     if windows is None:
         windows = manifest_windows(repo, txn, record, manifest, out.writes_zeros)
+    zeros = memoryview(bytes(cs)) if out.writes_zeros else None
 
     def work(span: _Span) -> int:
         data = store.read_span(span.pack_id, span.offset, span.length)
         done = 0
         for at, entry, digest, offsets in span.items:
             raw = store.decode_chunk(data, at, entry, digest)
-            runs = nonzero_runs(raw, block) if sparse else [(0, cs)]
+            runs = nonzero_runs(raw, block) if sparse or punch else [(0, cs)]
             view = memoryview(raw)
             for off in offsets:
                 n = min(cs, size - off)
+                done_to = 0
                 for start, end in runs:
                     if start >= n:
                         break
-                    out.write(off + start, view[start:min(end, n)])
+                    if punch and start > done_to:
+                        out.zero(off + done_to, zeros[:start - done_to])
+                    done_to = min(end, n)
+                    out.write(off + start, view[start:done_to])
+                if punch and done_to < n:
+                    out.zero(off + done_to, zeros[:n - done_to])
                 done += n
         return done
-
-    zeros = memoryview(bytes(cs)) if out.writes_zeros else None
 
     def write_zeros(offsets: list[int]) -> int:
         done = 0
