@@ -143,8 +143,8 @@ def manifest_windows(repo: Repository, txn, record: BackupRecord, manifest: Mani
 
 
 def _write_all(repo: Repository, txn, record: BackupRecord, manifest: Manifest, out: RestoreTarget,
-               workers: int, on_progress, windows: Iterable[dict[bytes, list[int]]] | None = None
-               ) -> tuple[int, int, int]:
+               workers: int, on_progress, windows: Iterable[dict[bytes, list[int]]] | None = None,
+               thread_prefix: str = "bv-restore") -> tuple[int, int, int]:
     """Write what ``windows`` names (default: the whole manifest) to ``out``:
     the one write path of every restore, whole or rollback.  Zero chunks are
     written (``out.zero``) only to targets that may hold old data."""
@@ -192,7 +192,7 @@ def _write_all(repo: Repository, txn, record: BackupRecord, manifest: Manifest, 
             done += n
         return done
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="bv-restore") as pool:
+    with ThreadPoolExecutor(workers, thread_name_prefix=thread_prefix) as pool:
         inflight: deque[Future] = deque()
         try:
             for by_digest in windows:

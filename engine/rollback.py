@@ -36,6 +36,7 @@ matches.
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
@@ -130,11 +131,12 @@ def rollback_backup(repo: Repository, ref: str, out: RestoreTarget, base_ref: st
             if on_start:
                 on_start(record, manifest.size)
             wrote = True
-            counts = _write_all(repo, txn, record, manifest, out, workers, None, windows)
+            counts = _write_all(repo, txn, record, manifest, out, workers, None, windows, "bv-rollback")
             out.finish()
         except BaseException as e:
             if windows is not None:
                 windows.close()  # stops --rollback-compare's readers
+            _join_orphans()
             out.discard()
             if wrote and not isinstance(e, KeyboardInterrupt):  # signals.py words the interrupted case
                 raise _stopped(e, out.target, base.id if base else None, record.id) from None
@@ -143,6 +145,21 @@ def rollback_backup(repo: Repository, ref: str, out: RestoreTarget, base_ref: st
     result = RestoreResult(record, out.target, *counts, warnings=list(out.warnings))
     result.rollback = stats
     return result
+
+
+def _join_orphans() -> None:
+    """Wait for this rollback's pool threads that no pool will join.
+
+    A signal that lands while ThreadPoolExecutor starts a worker
+    (``Thread.start`` waits for it) raises in the main thread after the
+    thread runs but before the pool records it: shutdown() never joins that
+    worker, which may still be writing when the target is closed (a VDDK
+    disk then refuses to close under a running call).  The pool's shutdown
+    has queued its stop marker, so each such worker ends after its item."""
+    me = threading.current_thread()
+    for t in threading.enumerate():
+        if t is not me and t.name.startswith(("bv-rollback", "bv-compare")):
+            t.join()
 
 
 def mixed_notice(target: str, base_id: str | None, new_id: str) -> str:

@@ -28,6 +28,20 @@ STUB_SRC = os.path.join(REPO_ROOT, "tests", "vddk_stub", "vixDiskLibStub.c")
 PASSWORD = "S3cret-pa55word!"
 
 
+def _copy(src: str, dst: str) -> None:
+    """A sparse copy (the machine's disk is shared: holes stay holes)."""
+    subprocess.run(["cp", "--sparse=always", src, dst], check=True)
+
+
+@pytest.fixture(autouse=True)
+def _cleanup(tmp_path):
+    """Each test's images are removed when it ends (a run would otherwise keep gigabytes)."""
+    yield
+    for name in os.listdir(tmp_path):
+        path = os.path.join(tmp_path, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+
+
 def _base_image(path: str, r) -> None:
     """Three of every eight chunks hold data (random: each chunk distinct), the rest are holes."""
     with open(path, "wb") as f:
@@ -79,7 +93,8 @@ def points(tmp_path_factory):
             assert run_cli("restore", store, f"c{level}@{seq}", ref).returncode == 0
             refs[seq] = ref
         out[level] = dict(changed=changed, zeroed=zeroed, refs=refs)
-    return out
+    yield out
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _chunks_allocated(path: str) -> int:
@@ -118,7 +133,7 @@ def test_rollback_of_a_raw_file(points, tmp_path, level, mode, direction):
     p = points[level]
     new, old = (1, 2) if direction == "back" else (2, 1)
     target = str(tmp_path / "disk.img")
-    subprocess.run(["cp", "--sparse=always", p["refs"][old], target], check=True)
+    _copy(p["refs"][old], target)
     allocated = _chunks_allocated(target)
     assert allocated < N or level == 100                  # the holes of a sparse file are not read
     proc = run_cli("restore", points["store"], f"c{level}@{new}", target, *_options(mode, f"c{level}@{old}"),
@@ -138,7 +153,7 @@ def test_rollback_of_a_raw_file(points, tmp_path, level, mode, direction):
 
 def test_text_summary_names_what_was_written_and_skipped(points, tmp_path):
     target = str(tmp_path / "disk.img")
-    shutil.copyfile(points[1]["refs"][2], target)
+    _copy(points[1]["refs"][2], target)
     proc = run_cli("restore", points["store"], "c1@1", target, "--rollback-from", "c1@2")
     assert proc.returncode == 0 and proc.stdout == ""
     changed = len(points[1]["changed"])
@@ -209,11 +224,11 @@ def test_a_device_too_small_for_the_point_is_refused(points, tmp_path, loop):
     """c1@2 of a smaller disk on a device of its size: rolling it to c1@1's larger size is refused."""
     store, tmp = points["store"], points["tmp"]
     img = str(tmp_path / "small.img")
-    shutil.copyfile(points[1]["refs"][1], img)
+    _copy(points[1]["refs"][1], img)
     with open(img, "r+b") as f:
         f.truncate(SIZE - 4 * CS)
     assert run_cli("backup", store, img, "--disk", "shrunk-dev").returncode == 0
-    shutil.copyfile(points[1]["refs"][1], img)
+    _copy(points[1]["refs"][1], img)
     assert run_cli("backup", store, img, "--disk", "shrunk-dev").returncode == 0  # @2: the larger size
     with open(img, "r+b") as f:
         f.truncate(SIZE - 4 * CS)
@@ -245,7 +260,8 @@ def vddk(tmp_path_factory):
                VDDK_STUB_USER="backup", VDDK_STUB_PASSWORD=PASSWORD,
                BLOCKVAULT_VSPHERE_USER="backup", BLOCKVAULT_VSPHERE_PASSWORD=PASSWORD)
     url = f"vddk://vc.lab/vm-77?disk=[ds1] new/new.vmdk&library={tmp / 'vddk'}"
-    return dict(env=env, url=url, disk=str(disk), log=tmp / "vddk.log")
+    yield dict(env=env, url=url, disk=str(disk), log=tmp / "vddk.log")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.parametrize("level", [1, 10, 100])
@@ -275,7 +291,7 @@ def resized(points):
     """Disk g: g@1 of SMALL bytes, g@2 grown to SIZE with data in chunk N - 2 only."""
     store, tmp = points["store"], points["tmp"]
     img = str(tmp / "g.img")
-    shutil.copyfile(points[10]["refs"][1], img)
+    _copy(points[10]["refs"][1], img)
     with open(img, "r+b") as f:
         f.truncate(SMALL)
     assert run_cli("backup", store, img, "--disk", "g").returncode == 0
@@ -298,7 +314,7 @@ def test_a_file_grows_or_shrinks_to_the_points_size(points, resized, tmp_path, m
     the chunk with new data is written (the old partial chunk matches: its tail was zeros);
     shrinking cuts the file and writes nothing (the new partial chunk is the old one's head)."""
     target = str(tmp_path / "g.img")
-    shutil.copyfile(resized[old], target)
+    _copy(resized[old], target)
     proc = run_cli("restore", points["store"], f"g@{new}", target, *_options(mode, f"g@{old}"), "--json")
     assert proc.returncode == 0, proc.stderr
     assert same_file(target, resized[new])
@@ -345,7 +361,7 @@ def test_a_file_that_does_not_hold_the_base_is_refused_before_anything_is_writte
     assert same_file(target, points[10]["refs"][1])
 
     short = str(tmp_path / "short.img")
-    shutil.copyfile(points[10]["refs"][2], short)
+    _copy(points[10]["refs"][2], short)
     with open(short, "r+b") as f:
         f.truncate(SIZE - CS)
     proc = run_cli("restore", store, "c10@1", short, "--rollback-from", "c10@2")
@@ -358,7 +374,7 @@ def test_a_target_changed_since_its_point_is_caught_by_sampling_or_repaired_by_c
     would leave them; a sample of every data chunk finds them, and --rollback-compare repairs them."""
     store = points["store"]
     target = str(tmp_path / "ran.img")
-    shutil.copyfile(points[10]["refs"][2], target)
+    _copy(points[10]["refs"][2], target)
     shared = [i for i in range(N) if i % 8 < 3 and i not in points[10]["changed"]][:5]
     for i in shared:
         write_at(target, i * CS + 7, b"the VM wrote this")
@@ -379,7 +395,7 @@ def test_a_half_done_rollback_is_finished_by_running_it_again(points, tmp_path):
     sample accepts them (they match the point being restored), and the rest is written."""
     store, p = points["store"], points[10]
     target = str(tmp_path / "half.img")
-    shutil.copyfile(p["refs"][2], target)
+    _copy(p["refs"][2], target)
     with open(p["refs"][1], "rb") as ref:
         done = sorted(p["changed"])[::2]
         for i in done:
@@ -399,7 +415,7 @@ def test_a_rollback_stopped_by_a_read_error_says_the_target_is_a_mix(points, tmp
     from engine.repository import Repository
     store, p = points["store"], points[100]
     target = str(tmp_path / "mix.img")
-    shutil.copyfile(p["refs"][2], target)
+    _copy(p["refs"][2], target)
     with Repository.open(store) as repo, repo.store.read_txn() as txn:
         rec = repo.catalog.resolve(txn, "c100@1")
         m = repo.manifests.get(txn, rec.key, rec.id, rec)
@@ -420,7 +436,7 @@ def test_a_rollback_stopped_by_a_read_error_says_the_target_is_a_mix(points, tmp
 def test_bad_usage(points, tmp_path):
     store = points["store"]
     target = str(tmp_path / "t.img")
-    shutil.copyfile(points[1]["refs"][2], target)
+    _copy(points[1]["refs"][2], target)
     cases = [
         (["--rollback-from", "c1@2", "--rollback-compare"], 2, "not allowed with"),
         (["--rollback-from", "c10@2"], 2, "is a point of disk c10"),
@@ -441,7 +457,7 @@ def test_bad_usage(points, tmp_path):
     proc = run_cli("restore", store, "c1@1", missing, "--rollback-compare")
     assert proc.returncode == 1 and "does not exist" in proc.stderr and not os.path.exists(missing)
     vmdk = str(tmp_path / "t.vmdk")
-    shutil.copyfile(target, vmdk)
+    _copy(target, vmdk)
     proc = run_cli("restore", store, "c1@1", vmdk, "--rollback-from", "c1@2")
     assert proc.returncode == 1 and "restore it whole" in proc.stderr
 
