@@ -120,3 +120,11 @@ def count(text: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"{text}: give 0 or more")
     return n
+
+
+def sample_count(text: str) -> int:
+    """--verify-target: how many chunks of a rollback's target are read first (0 to 4096)."""
+    n = _number(text, int, "a whole number of chunks")
+    if not 0 <= n <= 4096:
+        raise argparse.ArgumentTypeError(f"{text} chunks: give 0 (no check) to 4096")
+    return n
