@@ -211,6 +211,7 @@ def report_failure(args, code: str, message: str, exit_code: int, detail: dict |
         doc = {"ok": False, "error": error}
         command = getattr(args, "command", None)
         if command:
-            doc["command"] = " ".join(filter(None, (command, getattr(args, "vsphere_command", None))))
+            doc["command"] = " ".join(filter(None, (command, getattr(args, "vsphere_command", None)
+                                                    or getattr(args, "files_command", None))))
         _dump(doc)
     return exit_code
