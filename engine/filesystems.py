@@ -2,7 +2,7 @@
 
 Nothing is mounted and no filesystem code is ours: TSK parses the partition
 table (MBR, GPT, BSD, Sun, Apple) and the filesystem (ext2/3/4, NTFS, FAT,
-exFAT, HFS+, APFS, ISO 9660, UFS, YAFFS2) from a file-like view of one
+exFAT, HFS+, APFS, ISO 9660, UFS) from a file-like view of one
 manifest (engine/pointview.py), so a listing reads only the chunks holding
 the metadata it walks.  TSK's reads go through ``ViewImage``, an
 ``Img_Info`` whose ``read`` is the view's ``pread``.
@@ -40,6 +40,11 @@ _VS_NAMES = {int(pytsk3.TSK_VS_TYPE_DOS): "mbr", int(pytsk3.TSK_VS_TYPE_GPT): "g
 _ALLOC = int(pytsk3.TSK_VS_PART_FLAG_ALLOC)
 _MODE_TYPE = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK, "fifo": stat.S_IFIFO,
               "char": stat.S_IFCHR, "block": stat.S_IFBLK, "socket": stat.S_IFSOCK}
+# What TSK shows for exFAT's allocation bitmap, up-case table and label entries, at the root.
+EXFAT_SYSTEM = (b"$ALLOC_BITMAP", b"$UPCASE_TABLE", b"$VOLUME_LABEL", b"$VOLUME_GUID", b"$TEXFAT", b"$ACT")
+NO_POSIX_MODES = ("fat12", "fat16", "fat32", "exfat", "ntfs")
+DETECT_ORDER = tuple(getattr(pytsk3, f"TSK_FS_TYPE_{t}") for t in (
+    "EXT_DETECT", "NTFS_DETECT", "EXFAT", "FAT_DETECT", "HFS_DETECT", "APFS_DETECT", "FFS_DETECT", "ISO9660_DETECT"))
 MAX_SYMLINK_HOPS = 40
 MAX_LINK = 64 << 10
 
@@ -196,10 +201,8 @@ class Disk:
             offset, what = p.start, f"partition {number} of {self.where}"
         else:
             offset, what = 0, self.where
-        try:
-            fs = pytsk3.FS_Info(self.image, offset=offset)
-        except OSError as e:
-            self.image.reraise()
+        fs, reason = self._detect(offset)
+        if fs is None:
             sig = _signature(self.view, offset)
             if sig and sig.startswith("encrypted:"):
                 kind = sig.split(":", 1)[1]
@@ -207,14 +210,32 @@ class Disk:
                     f"{what} is a {kind}-encrypted volume: its files cannot be read without unlocking it; "
                     f"restore the disk ('blockvault restore') and open it with "
                     f"{'cryptsetup' if kind == 'LUKS' else 'dislocker or cryptsetup --type bitlk'}",
-                    what=f"{kind} encrypted") from None
-            detail = f"it holds {sig}" if sig else f"The Sleuth Kit says: {_tsk_reason(e)}"
+                    what=f"{kind} encrypted")
+            detail = f"it holds {sig}" if sig else f"The Sleuth Kit: {reason}"
             raise NoFilesystemError(
                 f"{what} (offset {offset}) holds no filesystem The Sleuth Kit can read ({detail}); it reads "
-                "ext2/3/4, NTFS, FAT, exFAT, HFS+, APFS, ISO 9660, UFS and YAFFS2"
+                "ext2/3/4, NTFS, FAT, exFAT, HFS+, APFS, UFS and ISO 9660"
                 + ("" if number or not self.partitions else "; this disk has partitions: give --partition N"),
-                what=sig or "no filesystem") from None
+                what=sig or "no filesystem")
         return Filesystem(fs, self.image, what, number)
+
+
+    def _detect(self, offset: int):
+        """The first filesystem type that opens at ``offset``, and TSK's last complaint.
+
+        Each type is tried by itself rather than with TSK's DETECT, which
+        also probes for YAFFS2 (raw NAND dumps, never a disk): that probe
+        reads pages spread over the first tens of megabytes, 80 of the 81
+        chunks a listing of a 20 GiB ext4 disk read, and on a disk of noise
+        it reads on and on."""
+        reason = "no filesystem found"
+        for fstype in DETECT_ORDER:
+            try:
+                return pytsk3.FS_Info(self.image, offset=offset, type=fstype), None
+            except OSError as e:
+                self.image.reraise()
+                reason = _tsk_reason(e)
+        return None, reason
 
 
 def _tsk_reason(e: OSError) -> str:
@@ -262,6 +283,10 @@ class Filesystem:
         self.kind = _FS_NAMES.get(int(fs.info.ftype), f"type {int(fs.info.ftype)}")
         self._ntfs = self.kind == "ntfs"
         self._case_insensitive = self.kind in ("ntfs", "fat12", "fat16", "fat32", "exfat", "hfs", "apfs")
+        # FAT, exFAT and NTFS keep no POSIX permissions: TSK reports 0777 for everything,
+        # and restored files should not come out writable by everyone.
+        self.posix_modes = self.kind not in NO_POSIX_MODES
+        self.root: Entry | None = None
         self.root = self._entry_of(fs.open_meta(inode=fs.info.root_inum), "/")
 
     def _tsk(self, fn, *args, what: str, **kw):
@@ -283,7 +308,8 @@ class Filesystem:
             if not raw and 0 < meta.size <= MAX_LINK:
                 raw = self._tsk(f.read_random, 0, meta.size, what=f"the symbolic link {name!r}")
             link = decode_name(raw if isinstance(raw, bytes) else encode_name(raw))
-        return Entry(name, kind, int(meta.addr), int(meta.size), int(meta.mode) & 0o7777, int(meta.uid),
+        mode = int(meta.mode) & 0o7777 if self.posix_modes else (0o755 if kind == "dir" else 0o644)
+        return Entry(name, kind, int(meta.addr), int(meta.size), mode, int(meta.uid),
                      int(meta.gid), _ns(meta.mtime, meta.mtime_nano), _ns(meta.atime, meta.atime_nano), link)
 
     def children(self, directory: Entry, path: str = "") -> list[Entry]:
@@ -305,6 +331,8 @@ class Filesystem:
             if f.info.meta is None:
                 continue
             if self._ntfs and raw.startswith(b"$") and int(f.info.meta.addr) < 24:
+                continue
+            if self.kind == "exfat" and directory.addr == self.root.addr and raw in EXFAT_SYSTEM:
                 continue
             entry = self._entry_of(f, decode_name(raw))
             if entry.kind != "virtual":

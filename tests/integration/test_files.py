@@ -1,0 +1,251 @@
+"""File-level restore (``files partitions|ls|get``) on disks built by the real tools.
+
+Nothing is mounted: sfdisk/sgdisk write the partition tables, mkfs.ext4 -d,
+mkfs.vfat + mcopy and mkntfs + ntfscp fill the filesystems (tests/fsimages.py),
+the images are backed up with the real command, and what ``files get``
+writes is compared byte for byte (and mode and mtime) with the source tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import fsimages
+from fsimages import MiB
+from helpers import rng, run_cli
+
+CS = 64 << 10
+
+if fsimages.missing_tools():
+    pytest.skip(f"file-level tests need {', '.join(fsimages.missing_tools())} (tools/install.sh --test)",
+                allow_module_level=True)
+
+
+def bv(*args, expect: int = 0, timeout: float = 180) -> dict:
+    proc = run_cli(*map(str, args), "--json", timeout=timeout)
+    assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def backed_up(tmp_path, image: str, disk: str = "d") -> str:
+    store = tmp_path / "store"
+    if not store.exists():
+        bv("init", store, "--chunk-size", "64K")
+    bv("backup", store, image, "--disk", disk)
+    return str(store)
+
+
+def assert_restored(dest: str, files: dict[str, bytes], src: str, modes: bool = True) -> None:
+    """Every source file is in DEST with its bytes, mode and mtime."""
+    got, want = fsimages.tree_of(dest), fsimages.tree_of(src)
+    for rel, data in files.items():
+        assert got[rel][0] == "file" and got[rel][1] == data, rel
+    for rel, (kind, content, mode, mtime) in want.items():
+        assert rel in got, rel
+        assert got[rel][0] == kind and got[rel][1] == content, rel
+        assert got[rel][3] == mtime, (rel, got[rel][3], mtime)
+        if modes and mode is not None:
+            assert got[rel][2] == mode, (rel, oct(got[rel][2]), oct(mode))
+
+
+def test_ext4_in_an_mbr_table_is_listed_and_restored_byte_identical(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    files = fsimages.make_tree(str(src), rng(1))
+    disk = fsimages.mbr(str(tmp_path / "disk.img"), 128 * MiB, [(1, 96, "83"), (97, 16, "82")])
+    fsimages.place(disk, 1 * MiB, fsimages.ext4(str(tmp_path / "p1"), 96 * MiB, str(src)))
+    fsimages.place(disk, 97 * MiB, fsimages.swap(str(tmp_path / "p2"), 16 * MiB))
+    store = backed_up(tmp_path, disk)
+
+    parts = bv("files", "partitions", store, "d@1")
+    assert parts["table"] == "mbr" and parts["filesystem"] is None
+    assert [(p["number"], p["start"], p["length"], p["filesystem"], p["note"]) for p in parts["partitions"]] == \
+        [(1, 1 * MiB, 96 * MiB, "ext4", None), (2, 97 * MiB, 16 * MiB, None, "swap space")]
+
+    # Without --partition: the only partition holding a filesystem.
+    ls = bv("files", "ls", store, "d@latest", "/")
+    assert ls["partition"] == 1 and ls["filesystem"] == "ext4" and ls["type"] == "dir"
+    by_name = {e["name"]: e for e in ls["entries"]}
+    assert set(by_name) == set(os.listdir(src)) | {"lost+found"}
+    assert by_name["big.bin"]["size"] == len(files["big.bin"]) and by_name["big.bin"]["type"] == "file"
+    assert by_name["run.sh"]["mode"] == "0750" and by_name["link to small"]["link"] == "small.txt"
+    assert by_name["dir with spaces"]["type"] == "dir"
+    sub = bv("files", "ls", store, "d@1", "/dir with spaces", "--partition", "1")
+    assert [e["name"] for e in sub["entries"]] == ["nested", "ünïcödé file.txt"]
+
+    text = run_cli("files", "ls", str(store), "d@1", "/dir with spaces", "--long")
+    assert text.returncode == 0 and "ünïcödé file.txt" in text.stdout and text.stdout.startswith("drwx")
+    assert "files ls d@1: 2 entries in /dir with spaces; read" in text.stderr
+
+    dest = tmp_path / "out"
+    got = bv("files", "get", store, "d@1", "/", dest)
+    assert got["files"] == len(files) and got["symlinks"] == 1 and got["skipped"] == []
+    shutil_free = fsimages.tree_of(str(dest))
+    assert set(shutil_free) == set(fsimages.tree_of(str(src))) | {"lost+found"}
+    assert_restored(str(dest), files, str(src))
+    sparse = os.stat(dest / "sparse.img")
+    assert sparse.st_size == 8 * MiB and sparse.st_blocks * 512 <= 64 << 10  # the holes stay holes
+
+    # Single files and a directory, into an existing DEST; a clash is refused unless --force.
+    dest2 = tmp_path / "out2"
+    got = bv("files", "get", store, "d@1", "/big.bin", "/dir with spaces/nested", "/link to small", dest2)
+    assert sorted(os.listdir(dest2)) == ["big.bin", "link to small", "nested"]
+    assert (dest2 / "big.bin").read_bytes() == files["big.bin"]
+    assert (dest2 / "nested" / "deep.txt").read_bytes() == files["dir with spaces/nested/deep.txt"]
+    assert os.readlink(dest2 / "link to small") == "small.txt"
+    (dest2 / "big.bin").write_bytes(b"mine")
+    err = bv("files", "get", store, "d@1", "/big.bin", dest2, expect=2)
+    assert "already holds 'big.bin'" in err["error"]["message"]
+    assert (dest2 / "big.bin").read_bytes() == b"mine"
+    bv("files", "get", store, "d@1", "/big.bin", dest2, "--force")
+    assert (dest2 / "big.bin").read_bytes() == files["big.bin"]
+
+
+def test_gpt_with_fat32_ntfs_and_exfat(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    files = fsimages.make_tree(str(src), rng(2), symlinks=False)
+    disk = fsimages.gpt(str(tmp_path / "disk.img"), 240 * MiB,
+                        [(1, 80, "0700", "fat part"), (81, 80, "0700", "ntfs part"), (161, 64, "0700", "exfat")])
+    fsimages.place(disk, 1 * MiB, fsimages.fat32(str(tmp_path / "p1"), 80 * MiB, str(src)))
+    ntfs_files = {"big.bin": str(src / "big.bin"), "naïve café.txt": str(src / "dir with spaces/ünïcödé file.txt"),
+                  "sparse.img": str(src / "sparse.img")}
+    fsimages.place(disk, 81 * MiB, fsimages.ntfs(str(tmp_path / "p2"), 80 * MiB, ntfs_files))
+    fsimages.place(disk, 161 * MiB, fsimages.exfat(str(tmp_path / "p3"), 64 * MiB))
+    store = backed_up(tmp_path, disk)
+
+    parts = bv("files", "partitions", store, "d@1")
+    assert parts["table"] == "gpt"
+    assert [(p["number"], p["description"], p["filesystem"]) for p in parts["partitions"]] == \
+        [(1, "fat part", "fat32"), (2, "ntfs part", "ntfs"), (3, "exfat", "exfat")]
+    err = bv("files", "ls", store, "d@1", "/", expect=2)
+    assert "--partition" in err["error"]["message"] and err["error"]["code"] == "usage"
+
+    dest = tmp_path / "fat"
+    got = bv("files", "get", store, "d@1", "/", dest, "--partition", "1")
+    assert got["filesystem"] == "fat32" and got["files"] == len(files)
+    assert_restored(str(dest), files, str(src), modes=False)  # FAT keeps no modes...
+    assert os.stat(dest / "run.sh").st_mode & 0o777 == 0o644  # ...and none come out writable by all
+
+    ls = bv("files", "ls", store, "d@1", "/", "--partition", "2")
+    assert sorted(e["name"] for e in ls["entries"]) == sorted(ntfs_files)  # no $MFT, no $Bitmap
+    dest = tmp_path / "ntfs"
+    bv("files", "get", store, "d@1", *[f"/{n}" for n in ntfs_files], dest, "--partition", "2")
+    for name, local in ntfs_files.items():
+        with open(local, "rb") as f:
+            assert (dest / name).read_bytes() == f.read(), name
+    # Case-insensitive filesystems find a name however it is written.
+    bv("files", "get", store, "d@1", "/BIG.BIN", tmp_path / "ci", "--partition", "2")
+    assert (tmp_path / "ci" / "big.bin").read_bytes() == files["big.bin"]
+
+    ls = bv("files", "ls", store, "d@1", "/", "--partition", "3")
+    assert ls["filesystem"] == "exfat" and ls["entries"] == []
+
+
+def _changed_areas(old: str, new: str, path: str) -> str:
+    """A DiskChangeInfo of the 64 KiB blocks that differ: what CBT would say."""
+    areas = []
+    with open(old, "rb") as a, open(new, "rb") as b:
+        at = 0
+        while True:
+            x, y = a.read(CS), b.read(CS)
+            if not x and not y:
+                break
+            if x != y:
+                areas.append({"start": at, "length": CS})
+            at += CS
+    size = os.path.getsize(new)
+    with open(path, "w") as f:
+        json.dump({"startOffset": 0, "length": size, "changedArea": areas}, f)
+    return path
+
+
+def test_a_point_of_a_chain_reads_through_its_incremental_manifest(tmp_path):
+    """An incremental built on its base's manifest (a change list, as CBT gives):
+    each point gives its own files, the unchanged ones from segments it shares."""
+    src = tmp_path / "src"
+    src.mkdir()
+    files = fsimages.make_tree(str(src), rng(3))
+    img = fsimages.ext4(str(tmp_path / "disk.img"), 200 * MiB, str(src))  # 4 manifest segments
+    store = backed_up(tmp_path, img)
+    before = tmp_path / "before.img"
+    before.write_bytes(open(img, "rb").read())
+
+    new_small = b"changed after the full backup\n" * 10
+    (tmp_path / "new_small").write_bytes(new_small)
+    fsimages.run("debugfs", "-w", "-R", "rm /small.txt", img)
+    fsimages.run("debugfs", "-w", "-R", f"write {tmp_path / 'new_small'} /small.txt", img)
+    fsimages.run("debugfs", "-w", "-R", 'rm "/dir with spaces/nested/deep.txt"', img)
+    cbt = _changed_areas(str(before), img, str(tmp_path / "cbt.json"))
+    inc = bv("backup", store, img, "--disk", "d", "--mode", "incremental", "--changed-areas", cbt)
+    assert inc["base"] == "d@1" and inc["stats"]["changed_areas"] is True
+    assert inc["stats"]["chunks_read"] < 40
+
+    for point, small in (("d@1", files["small.txt"]), ("d@2", new_small)):
+        dest = tmp_path / point
+        bv("files", "get", store, point, "/small.txt", "/big.bin", "/sparse.img", dest)
+        assert (dest / "small.txt").read_bytes() == small, point
+        assert (dest / "big.bin").read_bytes() == files["big.bin"], point
+        assert (dest / "sparse.img").read_bytes() == files["sparse.img"], point
+    assert [e["name"] for e in bv("files", "ls", store, "d@1", "/dir with spaces/nested")["entries"]] == ["deep.txt"]
+    assert bv("files", "ls", store, "d@2", "/dir with spaces/nested")["entries"] == []
+    err = bv("files", "get", store, "d@2", "/dir with spaces/nested/deep.txt", tmp_path / "x", expect=1)
+    assert err["error"]["code"] == "not_found" and "deep.txt" in err["error"]["message"]
+
+
+def test_a_listing_of_a_20_gib_disk_reads_a_tiny_share_of_its_chunks(tmp_path):
+    src = tmp_path / "src"
+    (src / "data").mkdir(parents=True)
+    one = rng(4).bytes(1 * MiB)
+    (src / "data" / "one.bin").write_bytes(one)
+    (src / "hello.txt").write_bytes(b"hello\n")
+    img = fsimages.ext4(str(tmp_path / "disk.img"), 20 << 30, str(src))
+    store = backed_up(tmp_path, img)
+    ls = bv("files", "ls", store, "d@1", "/")
+    assert ls["chunks_total"] == (20 << 30) // CS
+    assert sorted(e["name"] for e in ls["entries"]) == ["data", "hello.txt", "lost+found"]
+    assert 0 < ls["chunks_read"] < ls["chunks_total"] // 1000  # under 0.1%
+    got = bv("files", "get", store, "d@1", "/data/one.bin", tmp_path / "out")
+    assert (tmp_path / "out" / "one.bin").read_bytes() == one
+    assert got["chunks_read"] <= 16 + 8  # the file's 16 chunks and a few of metadata
+
+
+def test_errors_name_what_is_wrong(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    disk = fsimages.mbr(str(tmp_path / "disk.img"), 64 * MiB, [(1, 30, "83"), (31, 16, "83"), (47, 16, "83")])
+    fsimages.place(disk, 1 * MiB, fsimages.ext4(str(tmp_path / "p1"), 30 * MiB, str(src)))
+    with open(disk, "r+b") as f:  # partition 2: noise; partition 3: a LUKS header
+        f.seek(31 * MiB)
+        f.write(rng(5).bytes(1 * MiB))
+        f.seek(47 * MiB)
+        f.write(b"LUKS\xba\xbe\x00\x02" + bytes(4088))
+    store = backed_up(tmp_path, disk)
+
+    err = bv("files", "ls", store, "d@1", "/", "--partition", "2", expect=1)
+    assert err["error"]["code"] == "no_filesystem" and "partition 2 of d@1" in err["error"]["message"]
+    err = bv("files", "ls", store, "d@1", "/", "--partition", "3", expect=1)
+    assert err["error"]["code"] == "encrypted" and "LUKS" in err["error"]["message"]
+    err = bv("files", "ls", store, "d@1", "/", "--partition", "9", expect=1)
+    assert err["error"]["code"] == "not_found" and "partitions are 1, 2, 3" in err["error"]["message"]
+    err = bv("files", "ls", store, "d@1", "/missing/f", "--partition", "1", expect=1)
+    assert err["error"]["code"] == "not_found" and "'/missing' does not exist" in err["error"]["message"]
+    assert err["command"] == "files ls"
+    err = bv("files", "ls", store, "d@1", "/f/g", "--partition", "1", expect=1)
+    assert "/f is not a directory" in err["error"]["message"]
+    err = bv("files", "ls", store, "nodisk@1", "/", expect=1)
+    assert err["error"]["code"] == "not_found"
+    # A PATH that does not exist: nothing written, not even DEST's other files.
+    err = bv("files", "get", store, "d@1", "/f", "/nope", tmp_path / "dest", "--partition", "1", expect=1)
+    assert not (tmp_path / "dest").exists()
+    parts = bv("files", "partitions", store, "d@1")
+    assert [(p["filesystem"], p["note"]) for p in parts["partitions"]] == \
+        [("ext4", None), (None, "no filesystem"), (None, "LUKS encrypted")]
+    plain = run_cli("files", "ls", store, "d@1", "/", "--partition", "3")
+    assert plain.returncode == 1 and plain.stdout == "" and "cryptsetup" in plain.stderr
+    assert "Traceback" not in plain.stderr
