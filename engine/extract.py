@@ -181,12 +181,12 @@ class Extractor:
             return
         try:
             handle = self.fs.open_file(entry)
-            offset = 0
-            while offset < entry.size:
-                data = self.fs.read(handle, entry, offset, min(READ_SIZE, entry.size - offset))
-                for start, end in nonzero_runs(data, HOLE_BLOCK):
-                    os.pwrite(fd, memoryview(data)[start:end], offset + start)
-                offset += len(data)
+            for offset, stop in self.fs.data_ranges(handle, entry):
+                while offset < stop:
+                    data = self.fs.read(handle, entry, offset, min(READ_SIZE, stop - offset))
+                    for start, end in nonzero_runs(data, HOLE_BLOCK):
+                        os.pwrite(fd, memoryview(data)[start:end], offset + start)
+                    offset += len(data)
             os.ftruncate(fd, entry.size)
             os.fchmod(fd, entry.mode & MODE_MASK)
             os.utime(fd, ns=(entry.atime_ns, entry.mtime_ns))

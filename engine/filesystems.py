@@ -43,6 +43,10 @@ _MODE_TYPE = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK
 # What TSK shows for exFAT's allocation bitmap, up-case table and label entries, at the root.
 EXFAT_SYSTEM = (b"$ALLOC_BITMAP", b"$UPCASE_TABLE", b"$VOLUME_LABEL", b"$VOLUME_GUID", b"$TEXFAT", b"$ACT")
 NO_POSIX_MODES = ("fat12", "fat16", "fat32", "exfat", "ntfs")
+_DATA_ATTRS = (int(pytsk3.TSK_FS_ATTR_TYPE_DEFAULT), int(pytsk3.TSK_FS_ATTR_TYPE_NTFS_DATA))
+_WHOLE_ATTR = int(pytsk3.TSK_FS_ATTR_RES) | int(pytsk3.TSK_FS_ATTR_COMP) | int(pytsk3.TSK_FS_ATTR_ENC)
+_NONRES = int(pytsk3.TSK_FS_ATTR_NONRES)
+_HOLE_RUN = int(pytsk3.TSK_FS_ATTR_RUN_FLAG_FILLER) | int(pytsk3.TSK_FS_ATTR_RUN_FLAG_SPARSE)
 DETECT_ORDER = tuple(getattr(pytsk3, f"TSK_FS_TYPE_{t}") for t in (
     "EXT_DETECT", "NTFS_DETECT", "EXFAT", "FAT_DETECT", "HFS_DETECT", "APFS_DETECT", "FFS_DETECT", "ISO9660_DETECT"))
 MAX_SYMLINK_HOPS = 40
@@ -211,7 +215,10 @@ class Disk:
                     f"restore the disk ('blockvault restore') and open it with "
                     f"{'cryptsetup' if kind == 'LUKS' else 'dislocker or cryptsetup --type bitlk'}",
                     what=f"{kind} encrypted")
-            detail = f"it holds {sig}" if sig else f"The Sleuth Kit: {reason}"
+            if reason is not None:
+                raise FilesystemDamaged(f"{what} (offset {offset}) holds a filesystem The Sleuth Kit cannot open: "
+                                        f"{reason}; its metadata is damaged", what="damaged filesystem")
+            detail = f"it holds {sig}" if sig else "no filesystem signature matched"
             raise NoFilesystemError(
                 f"{what} (offset {offset}) holds no filesystem The Sleuth Kit can read ({detail}); it reads "
                 "ext2/3/4, NTFS, FAT, exFAT, HFS+, APFS, UFS and ISO 9660"
@@ -221,21 +228,28 @@ class Disk:
 
 
     def _detect(self, offset: int):
-        """The first filesystem type that opens at ``offset``, and TSK's last complaint.
+        """The first filesystem type that opens at ``offset``; else None and, when a
+        type's signature matched but the rest did not open, TSK's complaint.
 
         Each type is tried by itself rather than with TSK's DETECT, which
         also probes for YAFFS2 (raw NAND dumps, never a disk): that probe
         reads pages spread over the first tens of megabytes, 80 of the 81
         chunks a listing of a 20 GiB ext4 disk read, and on a disk of noise
         it reads on and on."""
-        reason = "no filesystem found"
+        damage = None
         for fstype in DETECT_ORDER:
             try:
                 return pytsk3.FS_Info(self.image, offset=offset, type=fstype), None
             except OSError as e:
                 self.image.reraise()
                 reason = _tsk_reason(e)
-        return None, reason
+                if damage is None and not any(w in reason.lower() for w in _NOT_THIS_TYPE):
+                    damage = reason  # the type's signature matched, then its metadata did not
+        return None, damage
+
+
+# TSK's words for "this is not that filesystem" (as opposed to "it is, but damaged").
+_NOT_THIS_TYPE = ("magic", "invalid fs type", "not a", "cannot determine", "no valid", "is not")
 
 
 def _tsk_reason(e: OSError) -> str:
@@ -287,7 +301,7 @@ class Filesystem:
         # and restored files should not come out writable by everyone.
         self.posix_modes = self.kind not in NO_POSIX_MODES
         self.root: Entry | None = None
-        self.root = self._entry_of(fs.open_meta(inode=fs.info.root_inum), "/")
+        self.root = self._entry_of(self._tsk(fs.open_meta, what="the root directory", inode=fs.info.root_inum), "/")
 
     def _tsk(self, fn, *args, what: str, **kw):
         try:
@@ -387,6 +401,33 @@ class Filesystem:
 
     def open_file(self, entry: Entry):
         return self._tsk(self.fs.open_meta, what=f"file {entry.name!r}", inode=entry.addr)
+
+    def data_ranges(self, handle, entry: Entry) -> list[tuple[int, int]]:
+        """[start, end) byte ranges of a file that hold data: its holes (sparse
+        runs) are left out, so a sparse file, or one whose damaged size claims
+        a terabyte its blocks do not hold, costs what its blocks cost.  A
+        resident, compressed or encrypted stream is one range: TSK maps it."""
+        size = entry.size
+        if size <= 0:
+            return []
+        attrs = self._tsk(list, handle, what=f"the attributes of {entry.name!r}")
+        data = [a for a in attrs if int(a.info.type) in _DATA_ATTRS and not a.info.name]
+        data = data or [a for a in attrs if int(a.info.type) in _DATA_ATTRS]
+        if not data or int(data[0].info.flags) & _WHOLE_ATTR or not int(data[0].info.flags) & _NONRES:
+            return [(0, size)]
+        block = self.fs.info.block_size
+        ranges: list[list[int]] = []
+        for run in self._tsk(list, data[0], what=f"the block runs of {entry.name!r}"):
+            if int(run.flags) & _HOLE_RUN:
+                continue
+            start, end = run.offset * block, min(size, (run.offset + run.len) * block)
+            if start >= end:
+                continue
+            if ranges and ranges[-1][1] == start:
+                ranges[-1][1] = end
+            else:
+                ranges.append([start, end])
+        return [tuple(r) for r in sorted(ranges)]
 
     def read(self, handle, entry: Entry, offset: int, length: int) -> bytes:
         data = self._tsk(handle.read_random, offset, length, what=f"file {entry.name!r} at offset {offset}")

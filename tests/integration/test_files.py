@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -249,3 +252,121 @@ def test_errors_name_what_is_wrong(tmp_path):
     plain = run_cli("files", "ls", store, "d@1", "/", "--partition", "3")
     assert plain.returncode == 1 and plain.stdout == "" and "cryptsetup" in plain.stderr
     assert "Traceback" not in plain.stderr
+
+
+def _sandbox(tmp_path):
+    """DEST inside a directory that holds nothing else, and a directory beside it
+    that a link from the image points at: nothing may appear outside DEST."""
+    box = tmp_path / "box"
+    (box / "outside").mkdir(parents=True)
+    return box, box / "dest", box / "outside"
+
+
+def _everything_under(path) -> set[str]:
+    return {os.path.relpath(os.path.join(d, n), path) for d, dirs, names in os.walk(path) for n in dirs + names}
+
+
+def test_hostile_names_never_leave_dest(tmp_path):
+    """Names patched into the image's directory blocks after mkfs: slashes and
+    '..' (ESCAPE..), a directory that takes the name of a link to a place
+    outside DEST (QQlnk2QQ -> QQlnk1QQ), a directory entry pointing back at the
+    root (a loop)."""
+    box, dest, outside = _sandbox(tmp_path)
+    src = tmp_path / "src"
+    (src / "QQlnk2QQ").mkdir(parents=True)
+    (src / "QQlnk2QQ" / "pwned").write_bytes(b"through the link")
+    os.symlink(str(outside), src / "QQlnk1QQ")
+    (src / "ESCAPExxxxx").write_bytes(b"up and out")
+    absolute = str(tmp_path / "abs-pwn")  # an absolute name: os.open would ignore dir_fd
+    (src / ("S" * len(absolute))).write_bytes(b"a slash")
+    (src / "LOOPDIR").mkdir()
+    (src / "LOOPDIR" / "in-loop").write_bytes(b"once")
+    (src / "fine.txt").write_bytes(b"fine")
+    img = fsimages.ext4(str(tmp_path / "disk.img"), 32 * MiB, str(src), "-O", "^metadata_csum,^dir_index")
+    fsimages.patch(img, b"QQlnk2QQ", b"QQlnk1QQ")
+    fsimages.patch(img, b"ESCAPExxxxx", b"../../pwned")
+    fsimages.patch(img, b"S" * len(absolute), absolute.encode())
+    at = fsimages.patch(img, b"LOOPDIR\x00", b"LOOPDIR\x00")[0]
+    with open(img, "r+b") as f:  # the entry's inode number (8 bytes before its name) -> the root, 2
+        f.seek(at - 8)
+        f.write((2).to_bytes(4, "little"))
+    store = backed_up(tmp_path, img)
+
+    names = [e["name"] for e in bv("files", "ls", store, "d@1", "/")["entries"]]
+    assert sorted(names) == sorted(["QQlnk1QQ", "QQlnk1QQ", "../../pwned", absolute, "LOOPDIR", "fine.txt",
+                                    "lost+found"])
+    for force in ((), ("--force",)):
+        got = bv("files", "get", store, "d@1", "/", dest, *force, timeout=120)
+        assert (dest / "fine.txt").read_bytes() == b"fine"
+        reasons = {s["path"]: s["reason"] for s in got["skipped"]}
+        assert "not a plain file name" in reasons["/../../pwned"] and "not a plain file name" in reasons["/" + absolute]
+        assert "already written" in reasons["/LOOPDIR"]
+        assert _everything_under(outside) == set()
+        assert sorted(os.listdir(box)) == ["dest", "outside"]
+        assert not os.path.exists(absolute) and not (tmp_path / "pwned").exists()
+        for path in _everything_under(dest):  # nothing in DEST leads out of it but the image's own link
+            assert os.path.realpath(dest / path).startswith(str(dest) + os.sep) or path == "QQlnk1QQ", path
+
+
+def _inode_at(img: str, path: str) -> int:
+    """Byte offset of ``path``'s inode in an ext4 image (debugfs imap)."""
+    out = subprocess.run(["debugfs", "-R", f'imap "{path}"', img], capture_output=True, text=True, check=True).stdout
+    block = int(re.search(r"block (\d+)", out).group(1))
+    offset = int(re.search(r"offset (0x[0-9a-f]+)", out).group(1), 16)
+    bsize = int(re.search(r"Block size:\s+(\d+)", subprocess.run(
+        ["dumpe2fs", "-h", img], capture_output=True, text=True, check=True).stdout).group(1))
+    return block * bsize + offset
+
+
+def _first_block(img: str, path: str) -> int:
+    out = subprocess.run(["debugfs", "-R", f'blocks "{path}"', img], capture_output=True, text=True, check=True)
+    bsize = int(re.search(r"Block size:\s+(\d+)", subprocess.run(
+        ["dumpe2fs", "-h", img], capture_output=True, text=True, check=True).stdout).group(1))
+    return int(out.stdout.split()[0]) * bsize
+
+
+def test_corrupted_metadata_gives_a_clear_error_not_a_crash_or_a_hang(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    files = fsimages.make_tree(str(src), rng(6))
+    clean = fsimages.ext4(str(tmp_path / "clean.img"), 64 * MiB, str(src))
+    r = rng(7)
+    root, big = _inode_at(clean, "/"), _inode_at(clean, "/big.bin")
+    cases = {
+        "superblock": [(1024, bytes(1024))],                          # no ext4 magic left
+        "group descriptors": [(2048, r.bytes(2048))],                # the blocks after the superblock
+        "root inode": [(root + 40, r.bytes(60))],                    # its extent tree: noise
+        "directory block": [(_first_block(clean, "/dir with spaces"), r.bytes(1024))],
+        "huge size": [(big + 4, (0).to_bytes(4, "little")), (big + 108, (1 << 8).to_bytes(4, "little"))],
+        "everything": [(off, r.bytes(4096)) for off in range(0, 8 << 20, 12288)],
+    }
+    store = tmp_path / "store"
+    bv("init", store, "--chunk-size", "64K")
+    results = {}
+    for name, writes in cases.items():
+        img = str(tmp_path / f"{name}.img")
+        shutil.copyfile(clean, img)
+        with open(img, "r+b") as f:
+            for off, data in writes:
+                f.seek(off)
+                f.write(data)
+        disk = name.replace(" ", "-")
+        bv("backup", store, img, "--disk", disk)
+        for args in (("ls", "/"), ("ls", "/dir with spaces"), ("get", "/", tmp_path / f"out-{disk}")):
+            proc = run_cli("files", args[0], str(store), f"{disk}@1", *map(str, args[1:]), "--json", timeout=120)
+            assert "Traceback" not in proc.stderr, (name, args, proc.stderr)
+            doc = json.loads(proc.stdout)
+            assert proc.returncode in (0, 1), (name, args, proc.returncode, proc.stderr)
+            if proc.returncode:
+                assert doc["error"]["code"] in ("no_filesystem", "filesystem_damaged", "not_found"), doc
+                assert proc.stderr.startswith("blockvault: error: ") and disk in proc.stderr
+            results[name, args[0], str(args[1])[:1]] = doc.get("error", {}).get("code", "ok")
+    assert results["superblock", "ls", "/"] == "no_filesystem"
+    assert results["group descriptors", "ls", "/"] == "filesystem_damaged"
+    assert results["root inode", "ls", "/"] == "filesystem_damaged"
+    assert results["directory block", "ls", "/"] == "ok"  # the damage is below the root
+    assert results["huge size", "get", "/"] == "ok"        # a terabyte claimed: its blocks are read, no more
+    huge = tmp_path / "out-huge-size" / "big.bin"
+    assert os.path.getsize(huge) == 1 << 40 and os.stat(huge).st_blocks * 512 < 8 * MiB
+    with open(huge, "rb") as f:
+        assert f.read(len(files["big.bin"])) == files["big.bin"]
