@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import pytsk3
 
-from engine.errors import EncryptedVolumeError, FilesystemDamaged, NoFilesystemError, NotFoundError
+from engine.errors import EncryptedVolumeError, FilesystemDamaged, NoFilesystemError, NotFoundError, UsageError
 
 _META = {int(getattr(pytsk3, f"TSK_FS_META_TYPE_{k}")): v for k, v in (
     ("REG", "file"), ("DIR", "dir"), ("LNK", "symlink"), ("FIFO", "fifo"), ("CHR", "char"),
@@ -195,7 +195,6 @@ class Disk:
         if len(readable) == 1:
             return readable[0].number
         have = ", ".join(f"{p.number} ({p.filesystem or p.note or 'no filesystem'})" for p in self.partitions)
-        from engine.errors import UsageError
         raise UsageError(f"{self.where} has {len(self.partitions)} partitions, "
                          f"{len(readable)} with a filesystem: {have}; choose one with --partition N")
 

@@ -18,7 +18,7 @@ import time
 from engine import clilog
 from engine.cli.common import count, open_repo, seconds
 from engine.commandline import EXIT_OK, add_command, common_options, emit, print_table, printable
-from engine.errors import UsageError
+from engine.errors import FileLevelError, UsageError
 from engine.progress import human_bytes
 
 log = logging.getLogger("blockvault.files")
@@ -54,26 +54,33 @@ class _Session:
         from engine.pointview import PointView, reader_registration
         from engine.vsphere.vmcatalog import VmCatalog
         self.repo = open_repo(self.args)
+        self.registration = self.view = None
         try:
             vms = VmCatalog(self.repo.store)  # opens its database: before the read transaction
             with self.repo.store.read_txn() as txn:
                 self.record = resolve_point(self.repo, vms, txn, self.args.backup, self.args.disk)
                 manifest = self.repo.manifests.get(txn, self.record.key, self.record.id, self.record)
-            self.registration = reader_registration(self.repo, "files")
-            self.registration.__enter__()
+            registration = reader_registration(self.repo, "files")  # gc keeps the packs we read
+            registration.__enter__()
+            self.registration = registration
             self.view = PointView(self.repo, self.record, manifest)
             self.disk = Disk(self.view, self.record.id)
-        except BaseException:
-            self.repo.close()
+        except BaseException as e:
+            self._close(type(e), e, e.__traceback__)
             raise
         return self
 
-    def __exit__(self, *exc):
+    def _close(self, *exc):
         try:
-            self.view.close()
-            self.registration.__exit__(*exc)
+            if self.view is not None:
+                self.view.close()
+            if self.registration is not None:
+                self.registration.__exit__(*exc)
         finally:
             self.repo.close()
+
+    def __exit__(self, *exc):
+        self._close(*exc)
 
     def reads(self) -> dict:
         c = self.view.counters
@@ -164,14 +171,17 @@ def cmd_get(args) -> int:
     with _Session(args) as s:
         fs = s.filesystem()
         found = [(path, fs.lookup(path)) for path in args.paths]  # every PATH exists before anything is written
-        names: dict[str, str] = {}
+        names: dict[str, str] = {}  # what will be written straight into DEST, and from which PATH
         for path, entry in found:
-            if entry.addr == fs.root.addr and entry.kind == "dir":
-                continue
-            if plain_name(entry.name) and entry.name in names:
-                raise UsageError(f"{names[entry.name]} and {path} would both be written as "
-                                 f"{args.dest}/{entry.name}: get them one at a time, into different DESTs")
-            names[entry.name] = path
+            is_root = entry.addr == fs.root.addr and entry.kind == "dir"
+            for name in ([c.name for c in fs.children(entry, path)] if is_root else [entry.name]):
+                if not is_root and not plain_name(name):
+                    raise FileLevelError(f"{path}: the filesystem names it {name!r}, which is not a plain file "
+                                         "name: it cannot be written as a file of DEST")
+                if name in names and plain_name(name):
+                    raise UsageError(f"{names[name]} and {path} would both write {args.dest}/{name}: "
+                                     "get them one at a time, into different DESTs")
+                names[name] = path
         dest_fd = open_dest(args.dest)
         try:
             if not args.force:
