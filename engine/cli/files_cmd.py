@@ -178,7 +178,7 @@ def cmd_get(args) -> int:
                 if not is_root and not plain_name(name):
                     raise FileLevelError(f"{path}: the filesystem names it {name!r}, which is not a plain file "
                                          "name: it cannot be written as a file of DEST")
-                if name in names and plain_name(name):
+                if names.get(name, path) != path and plain_name(name):
                     raise UsageError(f"{names[name]} and {path} would both write {args.dest}/{name}: "
                                      "get them one at a time, into different DESTs")
                 names[name] = path
