@@ -100,6 +100,8 @@ def test_ext4_in_an_mbr_table_is_listed_and_restored_byte_identical(tmp_path):
     shutil_free = fsimages.tree_of(str(dest))
     assert set(shutil_free) == set(fsimages.tree_of(str(src))) | {"lost+found"}
     assert_restored(str(dest), files, str(src))
+    err = bv("files", "get", store, "d@1", "/", dest, expect=2)  # the root's names are already in DEST
+    assert "already holds" in err["error"]["message"] and "--force" in err["error"]["message"]
     sparse = os.stat(dest / "sparse.img")
     assert sparse.st_size == 8 * MiB and sparse.st_blocks * 512 <= 64 << 10  # the holes stay holes
 
