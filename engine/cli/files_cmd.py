@@ -56,13 +56,14 @@ class _Session:
         self.repo = open_repo(self.args)
         self.registration = self.view = None
         try:
+            # Registered as a reader before the manifest is read: a gc keeps every pack it names.
+            registration = reader_registration(self.repo, "files")
+            registration.__enter__()
+            self.registration = registration
             vms = VmCatalog(self.repo.store)  # opens its database: before the read transaction
             with self.repo.store.read_txn() as txn:
                 self.record = resolve_point(self.repo, vms, txn, self.args.backup, self.args.disk)
                 manifest = self.repo.manifests.get(txn, self.record.key, self.record.id, self.record)
-            registration = reader_registration(self.repo, "files")  # gc keeps the packs we read
-            registration.__enter__()
-            self.registration = registration
             self.view = PointView(self.repo, self.record, manifest)
             self.disk = Disk(self.view, self.record.id)
         except BaseException as e:
