@@ -11,8 +11,8 @@ import subprocess
 
 MiB = 1 << 20
 SECTOR = 512
-TOOLS = ("sfdisk", "sgdisk", "mkfs.ext4", "debugfs", "mkfs.vfat", "mcopy", "mkntfs", "ntfscp", "mkfs.exfat",
-         "mkswap")
+TOOLS = ("sfdisk", "sgdisk", "mkfs.ext4", "debugfs", "dumpe2fs", "mkfs.vfat", "mcopy", "mkntfs", "ntfscp",
+         "mkfs.exfat", "mkswap", "cryptsetup")
 # mtools and ntfscp convert names with the locale's charset: UTF-8 for the non-ASCII names.
 _ENV = {**os.environ, "LC_ALL": "C.UTF-8", "MTOOLS_SKIP_CHECK": "1"}
 T0 = 1_000_000_000  # 2001-09-09: whole, even seconds (FAT keeps 2-second times)
@@ -109,6 +109,18 @@ def swap(path: str, size: int) -> str:
     with open(path, "wb") as f:
         f.truncate(size)
     run("mkswap", path)
+    return path
+
+
+def luks(path: str, size: int) -> str:
+    """cryptsetup luksFormat on a file (no device mapper needed to write the header)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    key = path + ".key"
+    with open(key, "w") as f:
+        f.write("not the point of the test")
+    run("cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2",
+        "--pbkdf-force-iterations", "1000", "--key-file", key, path)
     return path
 
 

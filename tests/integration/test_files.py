@@ -235,11 +235,10 @@ def test_errors_name_what_is_wrong(tmp_path):
     (src / "f").write_bytes(b"x")
     disk = fsimages.mbr(str(tmp_path / "disk.img"), 64 * MiB, [(1, 30, "83"), (31, 16, "83"), (47, 16, "83")])
     fsimages.place(disk, 1 * MiB, fsimages.ext4(str(tmp_path / "p1"), 30 * MiB, str(src)))
-    with open(disk, "r+b") as f:  # partition 2: noise; partition 3: a LUKS header
+    with open(disk, "r+b") as f:  # partition 2: noise
         f.seek(31 * MiB)
         f.write(rng(5).bytes(1 * MiB))
-        f.seek(47 * MiB)
-        f.write(b"LUKS\xba\xbe\x00\x02" + bytes(4088))
+    fsimages.place(disk, 47 * MiB, fsimages.luks(str(tmp_path / "p3"), 16 * MiB))  # partition 3: LUKS2
     store = backed_up(tmp_path, disk)
 
     err = bv("files", "ls", store, "d@1", "/", "--partition", "2", expect=1)
