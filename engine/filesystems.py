@@ -51,6 +51,9 @@ DETECT_ORDER = tuple(getattr(pytsk3, f"TSK_FS_TYPE_{t}") for t in (
     "EXT_DETECT", "NTFS_DETECT", "EXFAT", "FAT_DETECT", "HFS_DETECT", "APFS_DETECT", "FFS_DETECT", "ISO9660_DETECT"))
 MAX_SYMLINK_HOPS = 40
 MAX_LINK = 64 << 10
+# What a TSK call raises: OSError with TSK's message, or RuntimeError wrapping an
+# exception of ViewImage.read (a damaged chunk), which ``reraise`` then raises itself.
+_TSK_ERRORS = (OSError, RuntimeError)
 
 
 def decode_name(raw: bytes) -> str:
@@ -137,7 +140,7 @@ class Disk:
         self.partitions: list[Partition] = []
         try:
             vs = pytsk3.Volume_Info(self.image)
-        except OSError:
+        except _TSK_ERRORS:
             self.image.reraise()
             return  # no partition table: the filesystem, if any, is the whole disk
         self.table = _VS_NAMES.get(int(vs.info.vstype), str(int(vs.info.vstype)))
@@ -239,7 +242,7 @@ class Disk:
         for fstype in DETECT_ORDER:
             try:
                 return pytsk3.FS_Info(self.image, offset=offset, type=fstype), None
-            except OSError as e:
+            except _TSK_ERRORS as e:
                 self.image.reraise()
                 reason = _tsk_reason(e)
                 if damage is None and not any(w in reason.lower() for w in _NOT_THIS_TYPE):
@@ -305,7 +308,7 @@ class Filesystem:
     def _tsk(self, fn, *args, what: str, **kw):
         try:
             return fn(*args, **kw)
-        except OSError as e:
+        except _TSK_ERRORS as e:
             self.image.reraise()
             raise FilesystemDamaged(f"{self.where} ({self.kind}): cannot read {what}: {_tsk_reason(e)}; "
                                     "the filesystem's metadata is damaged or not what it claims") from None

@@ -381,3 +381,22 @@ def test_corrupted_metadata_gives_a_clear_error_not_a_crash_or_a_hang(tmp_path):
     assert os.path.getsize(huge) == 1 << 40 and os.stat(huge).st_blocks * 512 < 8 * MiB
     with open(huge, "rb") as f:
         assert f.read(len(files["big.bin"])) == files["big.bin"]
+
+
+def test_a_damaged_chunk_is_the_store_s_integrity_error_not_a_filesystem_s(tmp_path):
+    """TSK only sees a failed read; the store's own error (which chunk, which
+    pack, run verify) is what the user gets."""
+    from helpers import chunk_packs
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 10000)
+    img = fsimages.ext4(str(tmp_path / "disk.img"), 16 * MiB, str(src))
+    store = backed_up(tmp_path, img)
+    for pack in chunk_packs(store):
+        size = os.path.getsize(pack)
+        with open(pack, "r+b") as f:
+            for at in range(512, size - 512, 2048):
+                f.seek(at)
+                f.write(b"\xff\x00\xff\x00")
+    err = bv("files", "ls", store, "d@1", "/", expect=1)
+    assert err["error"]["code"] == "integrity" and "chunk" in err["error"]["message"], err
