@@ -49,7 +49,7 @@ class _Session:
         self.started = time.monotonic()
 
     def __enter__(self):
-        from engine.filesystems import Disk
+        from engine.partitions import Disk
         from engine.pointref import resolve_point
         from engine.pointview import PointView, reader_registration
         from engine.vsphere.vmcatalog import VmCatalog
