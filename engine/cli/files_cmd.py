@@ -1,11 +1,10 @@
 """``files partitions|ls|get``: a point's files, read without restoring the disk or mounting it.
 
 The point is read through engine/pointview.py (the one read path), its
-partitions and filesystems by The Sleuth Kit (engine/partitions.py and
-engine/filesystems.py), and
-files are written under DEST by engine/extract.py.  Every command reports
-how many of the disk's chunks it read: a listing reads the few that hold
-the metadata it walks, not the disk.
+partitions and filesystems by The Sleuth Kit (engine/partitions.py,
+engine/filesystems.py), and files are written under DEST by
+engine/extract.py.  Every command reports how many of the disk's chunks it
+read: a listing reads the few that hold the metadata it walks, not the disk.
 """
 
 from __future__ import annotations
