@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -356,7 +355,9 @@ def test_corrupted_metadata_gives_a_clear_error_not_a_crash_or_a_hang(tmp_path):
     results = {}
     for name, writes in cases.items():
         img = str(tmp_path / f"{name}.img")
-        shutil.copyfile(clean, img)
+        with open(img, "wb") as f:  # a sparse copy: six of these stay small
+            f.truncate(os.path.getsize(clean))
+        fsimages.place(img, 0, clean)
         with open(img, "r+b") as f:
             for off, data in writes:
                 f.seek(off)
