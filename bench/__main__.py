@@ -5,6 +5,7 @@
         --chunk-sizes 64K,256K,1M,4M --peers restic,borg,borg-fixed,tar-zstd]
 
 Writes DIR/results.json, DIR/report.md and DIR/*.png (see bench/README.md).
+``python -m bench --files`` is another bench: file-level restore (bench/files.py).
 --quick runs tiny images for CI and checks correctness only: every restore
 identical, the JSON complete, every tool ran; it exits non-zero on any
 failure and never judges speed.  A full run applies the same checks.
@@ -229,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--rollback" in argv:  # the rollback bench (bench/rollback.py) takes the rest of the options
         from bench import rollback
         return rollback.main([a for a in argv if a != "--rollback"])
+    if "--files" in argv:  # file-level restore against a full restore: bench/files.py
+        from bench import files
+        return files.main([a for a in argv if a != "--files"])
     args = parse_args(argv)
     t0 = time.perf_counter()
     out = os.path.abspath(args.out)

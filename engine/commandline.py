@@ -143,6 +143,9 @@ def _code_table() -> list[tuple[type, str]]:
         (ve.CertificateError, "certificate"),
         (ve.ConnectionLost, "connection_lost"),
         (ve.VsphereError, "vsphere"),
+        (ee.EncryptedVolumeError, "encrypted"),
+        (ee.NoFilesystemError, "no_filesystem"),
+        (ee.FilesystemDamaged, "filesystem_damaged"),
         (ee.BadInputError, "bad_input"),
         (ee.NotFoundError, "not_found"),
         (ee.BackupError, "backup_failed"),
@@ -208,6 +211,7 @@ def report_failure(args, code: str, message: str, exit_code: int, detail: dict |
         doc = {"ok": False, "error": error}
         command = getattr(args, "command", None)
         if command:
-            doc["command"] = " ".join(filter(None, (command, getattr(args, "vsphere_command", None))))
+            doc["command"] = " ".join(filter(None, (command, getattr(args, "vsphere_command", None)
+                                                    or getattr(args, "files_command", None))))
         _dump(doc)
     return exit_code

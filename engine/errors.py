@@ -20,3 +20,25 @@ class UsageError(BadInputError):
     the wrong order.  Exit code 2, like argparse's own usage errors."""
 
     exit_code = 2
+
+
+class FileLevelError(BadInputError):
+    """What a point's disk holds cannot be read at file level as asked (engine/filesystems.py).
+
+    ``what`` says in a few words what the volume holds instead, for listings."""
+
+    def __init__(self, message: str, what: str | None = None):
+        super().__init__(message)
+        self.what = what
+
+
+class NoFilesystemError(FileLevelError):
+    """No filesystem The Sleuth Kit reads at that place of the disk."""
+
+
+class EncryptedVolumeError(FileLevelError):
+    """A LUKS or BitLocker volume: its files cannot be read without its key."""
+
+
+class FilesystemDamaged(FileLevelError):
+    """The filesystem's metadata is inconsistent: TSK could not follow it."""

@@ -2,7 +2,9 @@
 # Installs blockvault and what it needs on Debian 12 (as root), idempotently.
 #   tools/install.sh          runtime: Python packages and the C extension
 #   tools/install.sh --test   also the test tools: pytest, qemu-utils, the Go
-#                             toolchain and govmomi (vcsim), restic, borg, zstd
+#                             toolchain and govmomi (vcsim), restic, borg, zstd,
+#                             and sfdisk, sgdisk, mkfs.ext4, mkfs.vfat + mtools,
+#                             mkntfs + ntfscp, mkfs.exfat, cryptsetup for the file-level tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -13,6 +15,8 @@ want_test=0
 apt_packages=(gcc python3-dev zlib1g-dev)
 if [ "$want_test" = 1 ]; then
   apt_packages+=(qemu-utils strace golang-go golang-github-vmware-govmomi-dev restic borgbackup zstd clang)
+  # file-level restore tests: partition tables and filesystems made by the real tools
+  apt_packages+=(fdisk gdisk e2fsprogs dosfstools mtools ntfs-3g exfatprogs util-linux cryptsetup-bin)
 fi
 
 missing=()
