@@ -220,8 +220,10 @@ class ChainLocks:
             ...
     """
 
-    def __init__(self, store_path: str, chains, wait: float = 0.0, purpose: str = "write"):
+    def __init__(self, store_path: str, chains, wait: float = 0.0, purpose: str = "write",
+                 session: str | None = None):
         self.store_path, self.chains, self.wait, self.purpose = store_path, sorted(set(chains)), wait, purpose
+        self.session = session  # the holder's registration id, for whoever finds a chain busy
         self._held: list[ChainLock] = []
 
     def __enter__(self) -> "ChainLocks":
@@ -231,6 +233,8 @@ class ChainLocks:
                 lock = ChainLock(self.store_path, kind, name)
                 lock.acquire(max(self.wait, 0.0), deadline, self.purpose)
                 self._held.append(lock)
+                if self.session:
+                    lock.name_session(self.session, self.purpose)
         except BaseException:
             self.__exit__()
             raise

@@ -243,3 +243,60 @@ def test_verify_beside_a_running_backup_does_not_call_its_packs_left_overs(tmp_p
     left = {os.path.basename(p["path"])[:-5] for p in doc["unreferenced_packs"]}
     on_disk = {p.hex() for p in held.packs if os.path.exists(os.path.join(store, "packs", p.hex()[:2], p.hex() + ".pack"))}
     assert doc["ok"] is True and on_disk and left >= on_disk      # now they are left-overs of a killed backup
+
+
+def _ids(store: str) -> list[str]:
+    return sorted(b["id"] for b in json.loads(run_cli("list", store, "--json").stdout)["backups"])
+
+
+def test_forget_runs_beside_a_backup_of_another_disk_and_waits_for_one_of_its_own(tmp_path):
+    store = str(tmp_path / "store")
+    ChunkStore.init(store, chunk_size=CS, pack_target_size=1 << 20).close()
+    small = _image(tmp_path, "a.img", 1, 101)
+    for n in (1, 2, 3):
+        assert run_cli("backup", store, small, "--disk", "a").stdout.strip() == f"a@{n}"
+    big_a, big_b = _image(tmp_path, "a-big.img", 24, 102), _image(tmp_path, "b.img", 24, 103)
+    running = {"b": _cli("backup", store, big_b, "--disk", "b")}
+    try:
+        _registration(store, running["b"].pid, packs=1)
+        running["b"].send_signal(signal.SIGSTOP)
+        # Another disk's backup does not hold forget up.
+        proc = run_cli("forget", store, "--disk", "a", "--keep-last", "2")
+        assert proc.returncode == 0, proc.stderr
+        assert _ids(store) == ["a@2", "a@3"]
+        # A backup of a does: forget fails naming it, and changes nothing...
+        running["a"] = _cli("backup", store, big_a, "--disk", "a")
+        _registration(store, running["a"].pid, packs=1)
+        running["a"].send_signal(signal.SIGSTOP)
+        busy = run_cli("forget", store, "--disk", "a", "--keep-last", "1", "--json")
+        assert busy.returncode == 4, busy.stdout + busy.stderr
+        assert json.loads(busy.stdout)["error"]["holder"]["pid"] == running["a"].pid
+        assert _ids(store) == ["a@2", "a@3"]
+        # ...or, with --wait, removes its points once that backup has committed.
+        log = tmp_path / "forget.err"
+        with open(log, "w") as errf:
+            queued = subprocess.Popen([sys.executable, "-m", "engine.cli", "forget", store, "--disk", "a",
+                                       "--keep-last", "1", "--wait", "300"], cwd=REPO_ROOT, text=True,
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf)
+        deadline = time.monotonic() + 60
+        while "waiting" not in log.read_text():
+            assert time.monotonic() < deadline and queued.poll() is None, log.read_text()
+            time.sleep(0.05)
+        for name in ("a", "b"):
+            running[name].send_signal(signal.SIGCONT)
+        _finish(running["a"], "a@4")
+        _finish(running["b"], "b@1")
+        queued.communicate(timeout=300)
+        assert queued.returncode == 0, log.read_text()
+    finally:
+        for p in running.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+                p.wait()
+    assert _ids(store) == ["a@3", "a@4", "b@1"]      # it removed what it had decided: a@2
+    for bid, img in (("a@3", small), ("a@4", big_a), ("b@1", big_b)):
+        out = str(tmp_path / f"r-{bid}.img")
+        assert run_cli("restore", store, bid, out).returncode == 0 and same_file(out, img), bid
+    verify = run_cli("verify", store)
+    assert verify.returncode == 0 and "store OK" in verify.stdout, verify.stdout + verify.stderr
