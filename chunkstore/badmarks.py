@@ -11,9 +11,12 @@ at the new record and turns the mark into "healed".  Every point that names
 the digest heals with it, since manifests reference chunks by digest only.
 The next verify reports the healed chunks and drops their marks.
 
-Marks are written only under the store's writer lock (verify takes it
-briefly, without waiting), so a session's view of them cannot change while
-it runs.  Value layout: docs/FORMAT.md ("bad").
+Marks are written under the store lock, shared like any writer's (verify
+takes it briefly, without waiting), so a session that began before a mark
+may still use the bad copy; the next one stores it again.  A session heals
+a mark only while it still says bad: once another session healed it, a
+copy stored again is a duplicate like any other.  Value layout:
+docs/FORMAT.md ("bad").
 """
 
 from __future__ import annotations
@@ -60,6 +63,12 @@ def bad_digests(store) -> set[bytes]:
         return {d for d, m in all_marks(store, txn).items() if m.state == BAD}
 
 
+def still_bad(store, txn, digest: bytes) -> bool:
+    """Whether the index entry of a marked digest is still the bad copy."""
+    value = txn.get(digest, db=store.bad_db)
+    return value is not None and Mark.decode(value).state == BAD
+
+
 def heal(store, txn, digests) -> None:
     """In a session's commit: these marked digests were just stored again."""
     now = time.time()
@@ -79,13 +88,14 @@ class MarkResult:
 def update_marks(store, bad: dict[bytes, str], started: float) -> MarkResult:
     """After a verify that began at ``started`` and found ``bad`` (digest ->
     reason): mark those, report and drop the marks of chunks that are good
-    again.  Needs the writer lock; a busy store is reported, not waited for."""
+    again.  Takes the store lock shared, as any writer does (only a store held
+alone, by a rebuild, is reported busy and not waited for)."""
     result = MarkResult()
     lock = WriterLock(store.path)
     try:
         if store.read_only:  # a read-only mount, or an index we may not write (chunkstore/readonly.py)
             raise refuse_write(store.path)
-        lock.acquire(0.0, "verify (marking bad chunks)")
+        lock.acquire(0.0, "verify (marking bad chunks)", shared=True)
     except (StoreError, OSError) as e:
         with store.read_txn() as txn:
             result.healed = {d: m for d, m in all_marks(store, txn).items() if m.state == HEALED}

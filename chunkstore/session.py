@@ -1,4 +1,4 @@
-"""WriteSession: the one writer of a store, fed by many threads at once.
+"""WriteSession: one writer of a store (one backup), fed by many threads at once.
 
 Until ``commit`` nothing a session writes is visible: index entries wait in
 memory and pack bytes sit in files nothing references.  ``commit`` seals and
@@ -24,6 +24,12 @@ other or behind the disk:
 
 Only one thread writes a given pack, so its records reach the file in
 order and a crash leaves at most a torn tail.
+
+Several sessions (backups of other disks, other processes) run at once,
+each with its own packs; only their commits take turns, under
+``STORE/locks/commit.lock`` from the commit number to the LMDB commit, so
+the commits stay one chain for ``rebuild``.  A chunk two of them stored
+keeps the index entry committed first (``_put_chunks``).
 """
 
 from __future__ import annotations
@@ -39,9 +45,11 @@ import lmdb
 from chunkstore import badmarks
 from chunkstore.errors import StoreError
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry, PackInfo
-from chunkstore.lock import WriterLock
+from chunkstore.holds import Holds
+from chunkstore.lock import CommitLock
 from chunkstore.metadata import OP_DELETE, OP_PUT, iter_metadata_records
 from chunkstore.pack import RECORD_HEADER_SIZE, PackWriter, encode_record
+from chunkstore.registry import Registration
 
 if TYPE_CHECKING:
     from chunkstore.store import ChunkStore
@@ -74,19 +82,21 @@ def meta_number(txn, db, key: bytes) -> int:
 
 
 class WriteSession:
-    """The one writer of a store.  ``claim``, ``write`` and ``add`` are
+    """One writer of a store, beside others (each its own packs; chunkstore/holds.py
+    says what it holds).  ``claim``, ``write`` and ``add`` are
     thread-safe; ``commit`` and ``abort`` belong to the thread that opened it."""
 
-    def __init__(self, store: "ChunkStore", wait: float, purpose: str):
+    def __init__(self, store: "ChunkStore", wait: float, purpose: str, kind: str = "backup",
+                 chains: Iterable[tuple[str, str]] = ()):
         self.store = store
-        self._lock = WriterLock(store.path)
-        self._lock.acquire(wait, purpose)
+        self.purpose = purpose
+        self._holds = Holds(store, purpose)  # chain locks, the store lock (shared), a registration
+        self._holds.take(wait, kind, chains)
         try:
             # Marked by verify: stored again when met (chunkstore/badmarks.py).
-            # Marks change only under the lock this session holds.
             self._bad: set[bytes] = badmarks.bad_digests(store)
         except BaseException:
-            self._lock.release()
+            self._holds.release()
             raise
         self.pending: dict[bytes, IndexEntry] = {}
         self._claimed: set[bytes] = set()
@@ -101,6 +111,22 @@ class WriteSession:
         self.committed = False
         self.bytes_written = 0
         self.checkpoints = 0
+        self.duplicate_chunks = 0   # stored here, but another session indexed its copy first
+        self.duplicate_bytes = 0
+        # Duplicates whose copy here comes first in pack order (see _note_kept).
+        self._kept: dict[bytes, IndexEntry] = {}
+
+    def lock_chains(self, chains: Iterable[tuple[str, str]], wait: float) -> None:
+        """Add backup chains' locks once they are known (a VM's disks): chunkstore/holds.py."""
+        self._holds.lock_chains(chains, wait)
+
+    @property
+    def registration(self) -> "Registration | None":
+        return self._holds.registration
+
+    def _new_pack(self) -> PackWriter:
+        """A new pack, its id in the registration (durable) before its file exists."""
+        return PackWriter(self.store.path, self.store.config, before_create=self._holds.registration.add_pack)
 
     def __enter__(self) -> "WriteSession":
         return self
@@ -157,7 +183,7 @@ class WriteSession:
                     pack = None
                 if pack is None:
                     try:
-                        pack = PackWriter(self.store.path, self.store.config)
+                        pack = self._new_pack()
                     except BaseException as e:  # the other writers stop too
                         self._fail(e)
                         raise
@@ -253,25 +279,66 @@ class WriteSession:
             ids = {p.pack_id for p in synced}
             moved = {d: e for d, e in self.pending.items() if e.pack_id in ids}
         store = self.store
-        with store.env.begin(write=True) as txn:
-            for digest, entry in moved.items():
-                txn.put(digest, entry.encode(), db=store.chunks_db)
+        with CommitLock(store.path), store.env.begin(write=True) as txn:
+            self._put_chunks(txn, moved)
             for pack in synced:
                 txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True, pack.metadata).encode(), db=store.packs_db)
-            self._heal(txn, moved)
         with self._mutex:
             for digest in moved:
                 del self.pending[digest]
             self._packs = [p for p in self._packs if p.pack_id not in ids]
             self.checkpoints += 1
 
-    def _heal(self, txn, entries) -> None:
-        """Chunks marked bad that this session stored again: their index
-        entries (just put) replace the bad ones; the marks say so."""
-        if self._bad:
-            healed = [d for d in entries if d in self._bad]
+    def _put_chunks(self, txn, entries: dict[bytes, IndexEntry]) -> None:
+        """Index this session's chunks, keeping whatever another session indexed first.
+
+        Two sessions that met one new chunk at once both stored it; the index
+        keeps one copy, the first committed, and never switches a reader's
+        entry to another pack: the later copy is dead bytes in its pack
+        (counted in ``duplicate_*``) for gc.  A chunk still marked bad is the
+        exception: this session stored it again to replace the bad copy, and
+        its mark says healed (chunkstore/badmarks.py); once healed, the next
+        session's copy is a duplicate like any other."""
+        chunks_db = self.store.chunks_db
+        healed = []
+        for digest, entry in entries.items():
+            if txn.put(digest, entry.encode(), db=chunks_db, overwrite=False):
+                continue
+            if self._replaces(txn, digest):
+                txn.put(digest, entry.encode(), db=chunks_db)
+                healed.append(digest)
+            else:
+                self.duplicate_chunks += 1
+                self.duplicate_bytes += RECORD_HEADER_SIZE + entry.stored_len
+                self._note_kept(digest, entry, IndexEntry.decode(txn.get(digest, db=chunks_db)))
+        if healed:
             badmarks.heal(self.store, txn, healed)
             self._bad.difference_update(healed)
+
+    def _replaces(self, txn, digest: bytes) -> bool:
+        """Whether this session's copy of an indexed chunk replaces the indexed
+        one: only a copy still marked bad (not healed by another session)."""
+        return digest in self._bad and badmarks.still_bad(self.store, txn, digest)
+
+    def _note_kept(self, digest: bytes, mine: IndexEntry, kept: IndexEntry) -> None:
+        """Remember a duplicate that ``rebuild`` would index at this session's
+        copy: it takes the first good copy in pack order (pack id, offset),
+        while the index kept the first committed.  The commit's metadata then
+        says which copy the index kept, so a rebuild picks that one too."""
+        if (mine.pack_id, mine.offset) < (kept.pack_id, kept.offset):
+            self._kept[digest] = kept
+
+    def _kept_writes(self) -> list[tuple[int, bytes, bytes, bytes]]:
+        """Under the commit lock: the ``chunks`` records of this commit's duplicates
+        (none in the usual case).  Nothing indexes a chunk while the lock is
+        held, so what is indexed now is what the LMDB commit will keep."""
+        store = self.store
+        with store.read_txn() as txn:
+            for digest, entry in self.pending.items():
+                value = txn.get(digest, db=store.chunks_db)
+                if value is not None and not self._replaces(txn, digest):
+                    self._note_kept(digest, entry, IndexEntry.decode(value))
+        return [(OP_PUT, CHUNKS_DB, d, e.encode()) for d, e in sorted(self._kept.items())]
 
     # -- ending ----------------------------------------------------------------
 
@@ -312,16 +379,26 @@ class WriteSession:
         for pack in self._packs:
             if not pack.synced:  # not reached by the sealer: cannot happen unless it failed
                 raise StoreError(f"pack {pack.pack_id.hex()} was never synced; nothing committed")
-        number = 0
-        if writes:
-            number, follows = self._reserve_commit()
-            self._write_metadata(iter_metadata_records(writes, number, follows, time.time(), store.codec))
+        # From the number's reservation to the LMDB commit no other session
+        # commits, so ``follows`` names the commit just before this one and
+        # the commits form one chain, however sessions interleave.
+        with CommitLock(store.path):
+            number = 0
+            writes += self._kept_writes()
+            if writes:
+                number, follows = self._reserve_commit()
+                self._write_metadata(iter_metadata_records(writes, number, follows, time.time(), store.codec))
+            self._commit_index(extra, writes, number)
+        self.committed = True
+        self._holds.release()
+
+    def _commit_index(self, extra, writes: list, number: int) -> None:
+        """Step 5 of FORMAT.md "Commit order": one LMDB write transaction."""
+        store = self.store
         with store.env.begin(write=True) as txn:
-            for digest, entry in self.pending.items():
-                txn.put(digest, entry.encode(), db=store.chunks_db)
+            self._put_chunks(txn, self.pending)
             for pack in self._packs:
                 txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True, pack.metadata).encode(), db=store.packs_db)
-            self._heal(txn, self.pending)
             if extra is not None:
                 extra(txn)
             # A write leaves Python's memory as it enters the transaction's: a
@@ -336,8 +413,6 @@ class WriteSession:
                     txn.delete(key, db=store.db(name))
             if number:
                 txn.put(LAST_COMMIT, _U64.pack(number), db=store.meta_db)
-        self.committed = True
-        self._lock.release()
 
     def _reserve_commit(self) -> tuple[int, int]:
         """(this commit's number, the last committed one's), the number made
@@ -361,7 +436,7 @@ class WriteSession:
                     self._finish_metadata_pack(pack)
                     pack = None
                 if pack is None:
-                    pack = PackWriter(self.store.path, self.store.config)
+                    pack = self._new_pack()
                     pack.metadata = True
                     self._packs.append(pack)
                 pack.write_at(pack.reserve(len(rec)), [rec])
@@ -389,7 +464,7 @@ class WriteSession:
             pack.discard()
         self._packs.clear()
         self.pending.clear()
-        self._lock.release()
+        self._holds.release()
 
 
 class _Sealer:

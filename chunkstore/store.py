@@ -3,7 +3,9 @@
 Layout (docs/FORMAT.md has the bytes)::
 
     STORE/config.json      format version, chunk size, digest kind + seed, zstd level
-    STORE/lock             flock'ed by the one writer
+    STORE/lock             flock'ed shared by writers, exclusive by what runs alone
+    STORE/locks/           per-chain locks (a disk's, a VM's) and the commit lock
+    STORE/sessions/        the registry of running sessions (chunkstore/registry.py)
     STORE/index/           LMDB environment: the chunk index and, in databases
                            of their own, whatever the layer above keeps
     STORE/packs/XX/ID.pack pack files, XX = first byte of ID in hex
@@ -34,7 +36,9 @@ from chunkstore.errors import (ChunkNotFound, ConfigMismatchError, IndexDamagedE
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry
 from chunkstore.pack import (MAX_PAYLOAD, RECORD_HEADER_SIZE, check_payload, decode_record_header, iter_pack_paths,
                              pack_relpath, read_pack_header)
+from chunkstore.lock import LOCKS_DIR
 from chunkstore.readonly import EMPTY, ReadOnlyTxn, is_denied, open_read_only, refuse_write, store_is_writable
+from chunkstore.registry import SESSIONS_DIR
 from chunkstore.session import WriteSession
 
 INDEX_DIR = "index"
@@ -103,7 +107,7 @@ class ChunkStore:
         cfg = StoreConfig.load(path)
         # Before LMDB opens (and may truncate) index/lock.mdb, and before a
         # writer follows packs/XX anywhere: a store holds no links.
-        safefs.check_tree(path, STORE_FILES, (INDEX_DIR, PACKS_DIR), PACKS_DIR)
+        safefs.check_tree(path, STORE_FILES, (INDEX_DIR, PACKS_DIR, LOCKS_DIR, SESSIONS_DIR), PACKS_DIR)
         check_config(path, cfg)
         if not os.path.isdir(os.path.join(path, INDEX_DIR)):
             raise NotAStoreError(f"{path}: store index directory '{INDEX_DIR}' is missing; run "
@@ -241,11 +245,14 @@ class ChunkStore:
 
     # -- writing ---------------------------------------------------------------
 
-    def writer(self, wait: float = 0.0, purpose: str = "backup") -> WriteSession:
-        """The store's one write session (see chunkstore/session.py)."""
+    def writer(self, wait: float = 0.0, purpose: str = "backup", kind: str = "backup",
+               chains=()) -> WriteSession:
+        """A write session (see chunkstore/session.py), registered as ``kind``
+        and holding the locks of ``chains`` ((kind, name) pairs: a backup's
+        disk, a VM) besides the shared store lock."""
         if self.read_only:
             raise refuse_write(self.path)
-        return WriteSession(self, wait, purpose)
+        return WriteSession(self, wait, purpose, kind, chains)
 
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from chunkstore.lock import ChainLocks
 from engine import signals
 from engine.catalog import CATALOG_DB, NEXT_SEQ_DB, BackupRecord
 from engine.errors import BadInputError, NotFoundError, UsageError
@@ -145,38 +146,56 @@ def delete_points(repo, ids, kind: str | None = None, wait: float = 0.0, allow_r
         return removal
     own = session is None
     if own:
-        session = store.writer(wait=wait, purpose=f"delete of {', '.join(map(str, ids))[:200]}")
+        session = store.writer(wait=wait, purpose=f"delete of {', '.join(map(str, ids))[:200]}", kind="delete")
     try:
         with store.read_txn() as txn:
-            removal = plan_removal(points, txn, _resolve(points, txn, ids, kind), allow_remove_newest)
-            removal.freed_bytes = freed_bytes(repo, txn, removal.disk_backups)
-            writes = _writes(points, txn, removal)
-        if not removal.points:
-            return removal
-        if any(name == NEXT_SEQ_DB for name, _, _ in writes):
-            handle = store.db(NEXT_SEQ_DB)  # opened (created) before the write transaction
-            points.disks.next_db = handle
-            if points.vms is not None:
-                points.vms.next_db = handle
-        expected = {(p.catalog.db, p.record.key): p.record.to_json() for p in removal.points}
-        expected.update({(points.disks.db, r.key): r.to_json() for r in removal.disk_backups})
-
-        def release(txn):
-            # The writer lock makes a change in between a bug; a bug must not remove what was not checked.
-            for (db, key), value in expected.items():
-                now = txn.get(key, db=db)
-                if now is None or bytes(now) != value:
-                    raise BadInputError(f"a point changed while it was being removed ({key!r}); run the command again")
-            refs = getattr(repo, "references", None)
-            if refs is not None:
-                for rec in removal.disk_backups:
-                    refs.release_manifest(txn, repo.manifests.get(txn, rec.key, rec.id, rec))
-
-        with signals.deferred():  # interrupted after LMDB's commit, the abort would still report a failure
-            session.commit(release, metadata=writes)
+            targets = _resolve(points, txn, ids, kind)
+            chains = removal_chains(plan_removal(points, txn, targets, allow_remove_newest))
+        # The chains it changes are locked for this one transaction: a backup of one of them is
+        # waited for (--wait) or named (exit 4), and none starts until the removal is committed.
+        with ChainLocks(store.path, chains, wait, session.purpose,
+                        session.registration.id if session.registration else None):
+            return _remove(repo, points, session, targets, allow_remove_newest)
     finally:
         if own and not session.committed:
             session.abort()
+
+
+def removal_chains(removal: Removal) -> list[tuple[str, str]]:
+    """The backup chains (chunkstore/lock.py) a removal changes: each VM's and each disk's."""
+    return sorted({("vm", r.vm) for r in removal.vm_backups} | {("disk", r.disk) for r in removal.disk_backups})
+
+
+def _remove(repo, points: Points, session, targets: list[Point], allow_remove_newest: bool) -> Removal:
+    """Plan again, under the chains' locks, and commit."""
+    store = repo.store
+    with store.read_txn() as txn:
+        removal = plan_removal(points, txn, targets, allow_remove_newest)
+        removal.freed_bytes = freed_bytes(repo, txn, removal.disk_backups)
+        writes = _writes(points, txn, removal)
+    if not removal.points:
+        return removal
+    if any(name == NEXT_SEQ_DB for name, _, _ in writes):
+        handle = store.db(NEXT_SEQ_DB)  # opened (created) before the write transaction
+        points.disks.next_db = handle
+        if points.vms is not None:
+            points.vms.next_db = handle
+    expected = {(p.catalog.db, p.record.key): p.record.to_json() for p in removal.points}
+    expected.update({(points.disks.db, r.key): r.to_json() for r in removal.disk_backups})
+
+    def release(txn):
+        # The chain locks make a change in between a bug; a bug must not remove what was not checked.
+        for (db, key), value in expected.items():
+            now = txn.get(key, db=db)
+            if now is None or bytes(now) != value:
+                raise BadInputError(f"a point changed while it was being removed ({key!r}); run the command again")
+        refs = getattr(repo, "references", None)
+        if refs is not None:
+            for rec in removal.disk_backups:
+                refs.release_manifest(txn, repo.manifests.get(txn, rec.key, rec.id, rec))
+
+    with signals.deferred():  # interrupted after LMDB's commit, the abort would still report a failure
+        session.commit(release, metadata=writes)
     log.info("removed %s", ", ".join(removal.ids))
     return removal
 
@@ -259,7 +278,7 @@ def forget(repo, policy: Policy, tz, disk: str | None = None, vm: str | None = N
         decide([], policy, tz)  # raises the usage error
     points = Points(repo)
     store = repo.store
-    session = None if dry_run else store.writer(wait=wait, purpose="forget")
+    session = None if dry_run else store.writer(wait=wait, purpose="forget", kind="forget")
     try:
         bad: list = []
         with store.read_txn() as txn:
@@ -275,7 +294,8 @@ def forget(repo, policy: Policy, tz, disk: str | None = None, vm: str | None = N
             log.warning("%s; not considered (run 'blockvault verify')", b.reason)
         # The policy already kept (or was allowed to drop) each chain's newest.
         if removed:
-            removal = delete_points(repo, removed, allow_remove_newest=True, session=session, dry_run=dry_run)
+            removal = delete_points(repo, removed, wait=wait, allow_remove_newest=True, session=session,
+                                    dry_run=dry_run)
         else:
             removal = Removal(freed_bytes=0 if getattr(repo, "references", None) is not None else None)
         return ForgetResult(found, removal, dry_run)

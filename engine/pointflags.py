@@ -39,7 +39,7 @@ def update_point(repo, ref: str, kind: str | None = None, wait: float = 0.0, **c
     Runs as the store's writer: the record read is the record replaced."""
     points = Points(repo)
     store = repo.store
-    with store.writer(wait=wait, purpose=f"{' and '.join(changes)} of {ref}") as session:
+    with store.writer(wait=wait, purpose=f"{' and '.join(changes)} of {ref}", kind="flags") as session:
         with store.read_txn() as txn:
             point = points.resolve(txn, ref, kind)
             owner = points.owner(txn, point.record) if point.kind == DISK else None

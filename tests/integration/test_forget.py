@@ -260,17 +260,21 @@ def test_forget_refuses_an_empty_policy_and_a_missing_group(nights):
     assert store_fingerprint(store) == before
 
 
-def test_forget_and_delete_wait_for_the_writer_or_exit_4(nights):
+def test_forget_and_delete_wait_for_a_backup_of_the_chain_or_exit_4(nights):
     store, _, _ = nights
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time; from chunkstore import ChunkStore; s = ChunkStore.open(sys.argv[1]); "
-         "w = s.writer(purpose='nightly job'); print('held', flush=True); time.sleep(60); w.abort()", store],
+         "w = s.writer(purpose='nightly job', chains=[('disk', 'd')]); print('held', flush=True); "
+         "time.sleep(60); w.abort()", store],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         busy = run_cli("forget", store, "--all", "--keep-last", "1", "--json")
         assert busy.returncode == 4 and json.loads(busy.stdout)["error"]["code"] == "store_locked"
+        # (a backup of disk d is running: the chain forget would change is busy, and says by whom)
+        assert json.loads(busy.stdout)["error"]["holder"]["pid"] == holder.pid
+        assert "disk d is busy" in json.loads(busy.stdout)["error"]["message"]
         assert run_cli("delete", store, "d@1").returncode == 4
         # A dry run reads only: it works beside the writer.
         assert run_cli("forget", store, "--all", "--keep-last", "1", "--dry-run").returncode == 0
