@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import lmdb
 import numpy as np
@@ -128,3 +129,24 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
     """The real command, in a child process, as an administrator would run it."""
     return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL)
+
+
+def freeze(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGSTOP ``proc`` and return once every thread of it is stopped: the
+    signal is delivered asynchronously, and a test that fingerprints a store
+    right after sending it can catch a pack write still landing."""
+    import signal as _signal
+    proc.send_signal(_signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            states = []
+            for tid in os.listdir(f"/proc/{proc.pid}/task"):
+                with open(f"/proc/{proc.pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except FileNotFoundError:
+            return                       # it exited: nothing left to land
+        if states and all(s in "Tt" for s in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"pid {proc.pid} did not stop within {timeout} s")

@@ -15,7 +15,7 @@ import numpy as np
 from chunkstore import ChunkStore
 from chunkstore.pack import RECORD_MAGIC, iter_pack_paths, scan_pack
 from chunkstore.registry import PathRegistry
-from helpers import REPO_ROOT, make_sparse, rng, run_cli, same_file, snapshot, store_fingerprint, write_at
+from helpers import REPO_ROOT, freeze, make_sparse, rng, run_cli, same_file, snapshot, store_fingerprint, write_at
 
 CS = 64 << 10
 TEMPLATE = 2 << 20   # what every disk shares: clones of one template
@@ -68,9 +68,9 @@ def test_backups_of_four_disks_at_once_interleave_their_commits_and_rebuild_recr
     procs = {name: _cli("backup", store, images[name], "--disk", name) for name in ("a", "b")}
     try:
         a = _registration(store, procs["a"].pid, packs=2)
-        procs["a"].send_signal(signal.SIGSTOP)
+        freeze(procs["a"])
         b = _registration(store, procs["b"].pid, packs=2)
-        procs["b"].send_signal(signal.SIGSTOP)
+        freeze(procs["b"])
         procs.update({name: _cli("backup", store, images[name], "--disk", name) for name in ("c", "d")})
         for name in ("c", "d"):
             _finish(procs[name], f"{name}@1")
@@ -124,7 +124,7 @@ def test_two_backups_of_one_disk_the_second_fails_naming_the_first_or_waits(tmp_
     first = _cli("backup", store, img, "--disk", "d")
     try:
         holder = _registration(store, first.pid, packs=1)
-        first.send_signal(signal.SIGSTOP)
+        freeze(first)
         packs = sorted(iter_pack_paths(store))
         busy = run_cli("backup", store, img, "--disk", "d", "--json")
         assert busy.returncode == 4, busy.stdout + busy.stderr
@@ -203,7 +203,7 @@ def test_rebuild_runs_alone_it_names_a_running_backup_and_leaves_the_store_as_it
     running = _cli("backup", store, img, "--disk", "d")
     try:
         _registration(store, running.pid, packs=1)
-        running.send_signal(signal.SIGSTOP)
+        freeze(running)
         before = store_fingerprint(store)
         proc = run_cli("rebuild", store, "--json")
         assert proc.returncode == 4, proc.stdout + proc.stderr
@@ -230,7 +230,7 @@ def test_verify_beside_a_running_backup_does_not_call_its_packs_left_overs(tmp_p
     running = _cli("backup", store, img, "--disk", "d")
     try:
         held = _registration(store, running.pid, packs=2)
-        running.send_signal(signal.SIGSTOP)
+        freeze(running)
         proc = run_cli("verify", store, "--json")
         doc = json.loads(proc.stdout)
         assert proc.returncode == 0 and doc["ok"] is True, proc.stdout + proc.stderr
@@ -262,7 +262,7 @@ def test_forget_runs_beside_a_backup_of_another_disk_and_waits_for_one_of_its_ow
     running = {"b": _cli("backup", store, big_b, "--disk", "b")}
     try:
         _registration(store, running["b"].pid, packs=1)
-        running["b"].send_signal(signal.SIGSTOP)
+        freeze(running["b"])
         # Another disk's backup does not hold forget up.
         proc = run_cli("forget", store, "--disk", "a", "--keep-last", "2")
         assert proc.returncode == 0, proc.stderr
@@ -270,7 +270,7 @@ def test_forget_runs_beside_a_backup_of_another_disk_and_waits_for_one_of_its_ow
         # A backup of a does: forget fails naming it, and changes nothing...
         running["a"] = _cli("backup", store, big_a, "--disk", "a")
         _registration(store, running["a"].pid, packs=1)
-        running["a"].send_signal(signal.SIGSTOP)
+        freeze(running["a"])
         busy = run_cli("forget", store, "--disk", "a", "--keep-last", "1", "--json")
         assert busy.returncode == 4, busy.stdout + busy.stderr
         assert json.loads(busy.stdout)["error"]["holder"]["pid"] == running["a"].pid

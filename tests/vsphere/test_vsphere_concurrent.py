@@ -13,7 +13,7 @@ import sys
 import time
 
 from chunkstore.registry import PathRegistry
-from helpers import store_fingerprint
+from helpers import freeze, store_fingerprint
 from vsphere_helpers import (REPO_ROOT, MiB, bv, cli_env, create_vm, image, init_store, server_args, snapshot_names,
                              write)
 
@@ -45,7 +45,7 @@ def test_two_vms_back_up_at_once_and_one_vm_only_once(vcsim, tmp_path):
     first = _start("vsphere", "backup", store, *srv, "--vm", "web01", "--json")
     try:
         holder = _registered(store, first.pid)
-        first.send_signal(signal.SIGSTOP)
+        freeze(first)
         snapshots = snapshot_names(web)
         assert len(snapshots) == 1                       # the first backup's
         # Another VM is not held up by web01's backup.
