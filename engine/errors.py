@@ -20,3 +20,20 @@ class UsageError(BadInputError):
     the wrong order.  Exit code 2, like argparse's own usage errors."""
 
     exit_code = 2
+
+
+class ToolMissingError(BackupError):
+    """A program a command runs (nbdkit, its Python plugin, nbdfuse) is not
+    installed or cannot load blockvault; the message names the Debian package."""
+
+
+class ServeError(BackupError):
+    """An export or a mount could not be started, or stopped abnormally."""
+
+
+class BusyError(BackupError):
+    """What a command would take is in use: a socket a live server listens on,
+    a port, a directory that is already mounted.  Exit code 4, like a store
+    held by another writer."""
+
+    exit_code = 4

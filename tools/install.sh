@@ -13,6 +13,9 @@ want_test=0
 apt_packages=(gcc python3-dev zlib1g-dev)
 if [ "$want_test" = 1 ]; then
   apt_packages+=(qemu-utils strace golang-go golang-github-vmware-govmomi-dev restic borgbackup zstd clang)
+  # serve and mount (issue 11): nbdkit with its Python plugin, nbdinfo/nbdcopy/nbdfuse, fusermount3,
+  # and libnbd's Python binding for the tests
+  apt_packages+=(nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd fuse3)
 fi
 
 missing=()
