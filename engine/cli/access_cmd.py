@@ -13,12 +13,14 @@ import ipaddress
 import logging
 import os
 import shutil
+import signal
+import stat
 import tempfile
 
 from engine import argtypes, clilog
 from engine.cli.common import count, open_repo
 from engine.commandline import EXIT_OK, add_command, emit
-from engine.errors import UsageError
+from engine.errors import ServeError, UsageError
 from engine.progress import human_bytes
 
 log = logging.getLogger("blockvault.serve")
@@ -92,10 +94,15 @@ def cmd_serve(args) -> int:
                            "stop with Ctrl-C or SIGTERM")
             emit(args, doc, endpoint.uri)
             try:
-                server.wait()
+                rc = server.wait()
             except KeyboardInterrupt as e:  # the normal way to stop a server
-                stopped = getattr(e, "signum", None)
+                stopped = getattr(e, "signum", None) or signal.SIGINT
                 server.stop()
+            else:
+                if rc != 0:
+                    raise ServeError(f"nbdkit serving {record.id} " + (
+                        f"was killed by {_signame(-rc)}" if rc < 0 else f"exited with status {rc}")
+                        + "; the export is gone")
         else:
             log.info(f"serving {record.id} ({mode}) at {endpoint.uri} to: {args.run}")
             rc = server.wait()
@@ -111,7 +118,17 @@ def cmd_serve(args) -> int:
     finally:
         if server is not None:
             server.stop()
+            if endpoint.socket:  # nbdkit leaves the socket file of a -U PATH behind
+                _remove_socket(endpoint.socket)
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _remove_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _signame(signum) -> str:

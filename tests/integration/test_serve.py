@@ -1,0 +1,293 @@
+"""blockvault serve: a point as an NBD export, read by real clients (nbdcopy,
+qemu-img, nbdinfo, qemu-io) and compared with what `restore` writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import jsonshape
+from helpers import REPO_ROOT, make_sparse, rng, run_cli, same_file, store_fingerprint, text_bytes, write_at
+
+CS = 64 << 10
+TOOLS = ("nbdkit", "nbdinfo", "nbdcopy", "qemu-img", "qemu-io")
+pytestmark = pytest.mark.skipif(
+    any(subprocess.run(["sh", "-c", f"command -v {t}"], capture_output=True).returncode for t in TOOLS),
+    reason="needs nbdkit, nbdkit-plugin-python, libnbd-bin, qemu-utils (tools/install.sh --test)")
+SECTIONS, _ = jsonshape.parse()
+
+
+@pytest.fixture(scope="module")
+def point(tmp_path_factory):
+    """(store, {id: restored image}) for d@1 and its incremental d@2: a sparse
+    image of 70 MiB + 333 B (two segments) with text, random data, a chunk
+    stored once for two offsets, written zeros and a partial last chunk."""
+    d = tmp_path_factory.mktemp("serve")
+    store, img = str(d / "store"), str(d / "src.img")
+    r = rng(7)
+    size = (70 << 20) + 333
+    make_sparse(img, size)
+    for k in range(0, 200, 3):
+        write_at(img, k * CS + (k % 4) * 999, text_bytes(r, 25_000 + k * 41))
+    write_at(img, 20 << 20, r.bytes(2 << 20))
+    same = r.bytes(CS)
+    write_at(img, 500 * CS, same)
+    write_at(img, 700 * CS, same)
+    write_at(img, 40 << 20, bytes(CS))             # written zeros: a zero chunk all the same
+    write_at(img, (64 << 20) - 7, r.bytes(40))      # across the segment boundary
+    write_at(img, size - 333, r.bytes(333))
+    assert run_cli("init", store, "--chunk-size", "64K").returncode == 0
+    assert run_cli("backup", store, img, "--disk", "d").returncode == 0
+    write_at(img, 5 * CS + 3, r.bytes(2 * CS))
+    assert run_cli("backup", store, img, "--disk", "d", "--mode", "incremental").returncode == 0
+    restored = {}
+    for ref in ("d@1", "d@2"):
+        out = str(d / f"restored-{ref}.img")
+        proc = run_cli("restore", store, ref, out)
+        assert proc.returncode == 0, proc.stderr
+        restored[ref] = out
+    return store, restored
+
+
+def chunks_of(path: str):
+    with open(path, "rb") as f:
+        while True:
+            c = f.read(CS)
+            if not c:
+                return
+            yield c
+
+
+def zero_runs(path: str) -> list[tuple[int, int, bool]]:
+    """(offset, length, zero) runs of whole chunks, as the manifest has them."""
+    size = os.path.getsize(path)
+    out: list[list] = []
+    for i, c in enumerate(chunks_of(path)):
+        zero = not any(c)
+        if out and out[-1][2] == zero:
+            out[-1][1] += len(c)
+        else:
+            out.append([i * CS, len(c), zero])
+    assert sum(e[1] for e in out) == size
+    return [tuple(e) for e in out]
+
+
+def serve_json(*args, timeout: float = 300) -> tuple[dict, subprocess.CompletedProcess]:
+    proc = run_cli("serve", *args, "--json", timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    return json.loads(proc.stdout), proc
+
+
+def assert_shape(doc: dict, section: str) -> None:
+    problems = jsonshape.check(doc, section, SECTIONS)
+    assert not problems, "\n".join(problems)
+
+
+def test_nbdcopy_and_qemu_img_convert_give_the_restored_image(point, tmp_path):
+    store, restored = point
+    a, b = tmp_path / "nbdcopy.img", tmp_path / "qemu.img"
+    doc, proc = serve_json(store, "d@latest", "--run",
+                           f'nbdcopy "$uri" {a} && qemu-img convert -f raw -O raw "$uri" {b}')
+    assert_shape(doc, "serve")
+    assert doc["id"] == "d@2" and doc["run"]["exit_code"] == 0 and doc["writable"] is False
+    assert same_file(str(a), restored["d@2"])
+    # qemu-img writes whole 512-byte sectors: the disk's odd tail is padded with zeros
+    size = os.path.getsize(restored["d@2"])
+    assert os.path.getsize(b) == -(-size // 512) * 512
+    with open(b, "rb") as f, open(restored["d@2"], "rb") as t:
+        assert f.read(size) == t.read() and not any(f.read())
+    # Every distinct data chunk read exactly once for both clients: zero chunks
+    # never, the chunk at two offsets once, the second client from the cache.
+    distinct = {c for c in chunks_of(restored["d@2"]) if any(c)}
+    assert doc["stats"]["chunks_read"] == len(distinct)
+    assert doc["stats"]["cache_hits"] > 0
+
+
+def test_nbdinfo_map_is_the_manifests_zero_chunks(point):
+    store, restored = point
+    proc = run_cli("serve", store, "d@1", "--run", 'nbdinfo --map "$uri" && nbdinfo "$uri"')
+    assert proc.returncode == 0, proc.stderr
+    runs, info = [], {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].isdigit():
+            runs.append((int(parts[0]), int(parts[1]), int(parts[2])))
+        elif ":" in line:
+            key, _, value = line.strip().partition(": ")
+            info[key] = value
+    assert [(o, n, t == 3) for o, n, t in runs] == zero_runs(restored["d@1"])
+    assert {t for _, _, t in runs} == {0, 3}
+    assert info["block_size_preferred"] == str(CS)
+    assert info["can_multi_conn"] == "true" and info["is_read_only"] == "true"
+    assert info["export-size"].split()[0] == str(os.path.getsize(restored["d@1"]))
+
+
+def test_writable_writes_read_back_and_the_store_is_unchanged(point, tmp_path):
+    store, restored = point
+    before = store_fingerprint(store)
+    out = tmp_path / "after-writes.img"
+    script = ('qemu-io -f raw -c "write -P 0xab 0 65536" -c "write -P 0xcd 1000001 4095" "$uri" >&2 && '
+              f'nbdcopy "$uri" {out}')
+    doc, _ = serve_json(store, "d@2", "--writable", "--run", script)
+    assert doc["writable"] is True and doc["run"]["exit_code"] == 0
+    with open(restored["d@2"], "rb") as f:
+        expected = bytearray(f.read())
+    expected[0:65536] = b"\xab" * 65536
+    expected[1000001:1000001 + 4095] = b"\xcd" * 4095
+    with open(out, "rb") as f:
+        assert f.read() == bytes(expected)
+    assert store_fingerprint(store) == before
+    # and a new server sees the point as it was: the overlay died with the last one
+    again = tmp_path / "again.img"
+    serve_json(store, "d@2", "--run", f'nbdcopy "$uri" {again}')
+    assert same_file(str(again), restored["d@2"])
+
+
+def test_read_only_export_refuses_writes(point):
+    store, _ = point
+    before = store_fingerprint(store)
+    proc = run_cli("serve", store, "d@1", "--run", 'qemu-io -f raw -c "write -P 0xab 0 4096" "$uri"')
+    assert proc.returncode != 0
+    assert "read-only" in (proc.stdout + proc.stderr).lower() or "permission" in (proc.stdout + proc.stderr).lower()
+    assert store_fingerprint(store) == before
+
+
+def _start_server(*args) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", *args, "--json"], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line == "}\n":
+            return proc, json.loads("".join(lines))
+    proc.kill()
+    out, err = proc.communicate(timeout=30)
+    raise AssertionError(f"serve did not announce its export: {''.join(lines)}{out}{err}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _gone(pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_long_running_server_on_a_socket_stops_cleanly(point, tmp_path):
+    store, restored = point
+    sock = str(tmp_path / "d1.sock")
+    proc, doc = _start_server(store, "d@1", "--socket", sock)
+    try:
+        assert_shape(doc, "serve")
+        assert doc["socket"] == sock and doc["uri"] == f"nbd+unix:///?socket={sock}" and "run" not in doc
+        out = tmp_path / "copy.img"
+        subprocess.run(["nbdcopy", doc["uri"], str(out)], check=True, timeout=120)
+        assert same_file(str(out), restored["d@1"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in err and "chunks read" in err
+    assert _gone(doc["pid"]) and not os.path.exists(sock)
+
+
+def test_a_killed_server_leaves_nothing_that_blocks_the_next(point, tmp_path):
+    store, restored = point
+    sock = str(tmp_path / "k.sock")
+    proc, doc = _start_server(store, "d@1", "--socket", sock)
+    os.kill(doc["pid"], signal.SIGKILL)              # nbdkit dies: serve says so and cleans up
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "killed by SIGKILL" in err
+    assert not os.path.exists(sock)
+    proc, doc = _start_server(store, "d@1", "--socket", sock)
+    os.kill(proc.pid, signal.SIGKILL)                # blockvault serve dies: nbdkit follows it,
+    proc.communicate(timeout=60)                     # and nobody removes the socket file
+    assert _gone(doc["pid"]) and os.path.exists(sock)
+    out = tmp_path / "third.img"
+    doc, _ = serve_json(store, "d@1", "--socket", sock, "--run", f'nbdcopy "$uri" {out}')
+    assert same_file(str(out), restored["d@1"])
+
+
+def test_a_live_socket_is_busy_and_a_file_is_not_a_socket(point, tmp_path):
+    store, _ = point
+    sock = str(tmp_path / "live.sock")
+    proc, doc = _start_server(store, "d@1", "--socket", sock)
+    try:
+        busy = run_cli("serve", store, "d@1", "--socket", sock, "--json")
+        assert busy.returncode == 4 and json.loads(busy.stdout)["error"]["code"] == "busy"
+        assert "another server is listening" in busy.stderr
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"keep me")
+        bad = run_cli("serve", store, "d@1", "--socket", str(plain))
+        assert bad.returncode == 1 and "not a socket" in bad.stderr and plain.read_bytes() == b"keep me"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tcp_port_on_loopback_and_a_loud_listen(point):
+    store, restored = point
+    port = _free_port()
+    proc = run_cli("serve", store, "d@1", "--port", str(port), "--run", 'nbdinfo --size "$uri"', "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout[proc.stdout.index("{"):])       # the command's output comes first
+    assert doc["uri"] == f"nbd://127.0.0.1:{port}/" and doc["address"] == "127.0.0.1" and doc["port"] == port
+    assert proc.stdout.split("{")[0].strip() == str(os.path.getsize(restored["d@1"]))
+    assert "WARNING" not in proc.stderr
+    proc = run_cli("serve", store, "d@1", "--listen", "0.0.0.0", "--port", str(port), "--run", "true")
+    assert proc.returncode == 0 and "WARNING" in proc.stderr and "NETWORK" in proc.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        busy = run_cli("serve", store, "d@1", "--port", str(port), "--run", "true")
+    assert busy.returncode == 4 and f"port {port}" in busy.stderr
+
+
+def test_run_exits_with_the_commands_status(point):
+    store, _ = point
+    proc = run_cli("serve", store, "d@1", "--run", 'test -n "$uri" && exit 7')
+    assert proc.returncode == 7
+
+
+def test_bad_requests_are_clear_and_start_nothing(point, tmp_path):
+    store, _ = point
+    proc = run_cli("serve", store, "d@9", "--json")
+    assert proc.returncode == 1 and json.loads(proc.stdout)["error"]["code"] == "not_found"
+    assert "no backup d@9" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("serve", str(tmp_path / "nowhere"), "d@1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    proc = run_cli("serve", store, "d@1", "--socket", "x.sock", "--port", "5000")
+    assert proc.returncode == 2
+    # nbdkit missing: the Debian package is named (PATH without /usr/bin)
+    env = dict(os.environ, PATH=str(tmp_path))
+    proc = run_cli("serve", store, "d@1", "--json", env=env)
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 1 and doc["error"]["code"] == "tool_missing"
+    assert "nbdkit" in doc["error"]["message"] and "apt-get install nbdkit nbdkit-plugin-python" in proc.stderr
