@@ -54,7 +54,7 @@ def get_ready() -> None:
     from engine.repository import Repository
 
     repo = Repository.open(_params["store"])
-    registration = reader_registration(repo, "serve")
+    registration = reader_registration(repo, "serve", f"serve {_params['point']}")
     registration.__enter__()
     view = PointView.open(repo, _params["point"], cache_bytes=int(_params.get("cache", DEFAULT_CACHE_BYTES)))
     _state.update(repo=repo, view=view, registration=registration)

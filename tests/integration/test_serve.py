@@ -291,3 +291,18 @@ def test_bad_requests_are_clear_and_start_nothing(point, tmp_path):
     doc = json.loads(proc.stdout)
     assert proc.returncode == 1 and doc["error"]["code"] == "tool_missing"
     assert "nbdkit" in doc["error"]["message"] and "apt-get install nbdkit nbdkit-plugin-python" in proc.stderr
+
+
+def test_the_server_is_a_registered_reader_for_its_lifetime(point, tmp_path):
+    """With the registry (chunkstore/registry.py, issue 10) on the branch, a gc
+    sees a live "serve" reader while the export runs, and none after."""
+    registry = pytest.importorskip("chunkstore.registry")
+    store, _ = point
+    proc, doc = _start_server(store, "d@1", "--socket", str(tmp_path / "r.sock"))
+    try:
+        live = [e for e in registry.PathRegistry(store).live() if e.kind == "serve"]
+        assert len(live) == 1 and live[0].pid == doc["pid"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert not [e for e in registry.PathRegistry(store).live() if e.kind == "serve"]
