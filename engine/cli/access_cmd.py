@@ -183,8 +183,10 @@ def register(sub) -> None:
                     help="run CMD (a shell command, $uri set to the export) and stop when it ends, with its "
                          "exit status (nbdkit's captive mode)")
 
-    sp = add_command(sub, "mount", cmd_mount, "make a backup point the file DIR/disk.raw (nbdfuse), in the background",
-                     "blockvault mount /backup/store db01@latest /mnt/db01    # then: losetup -r -P -f /mnt/db01/disk.raw\n"
+    sp = add_command(sub, "mount", cmd_mount,
+                     "make a backup point the file DIR/disk.raw (nbdfuse), in the background",
+                     "blockvault mount /backup/store db01@latest /mnt/db01\n"
+                     "  losetup -r -P -f --show /mnt/db01/disk.raw             # then mount its partitions\n"
                      "  blockvault umount /mnt/db01")
     _point_args(sp)
     sp.add_argument("directory", metavar="DIR", help="an existing empty directory")

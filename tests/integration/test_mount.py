@@ -173,3 +173,48 @@ def test_bad_mounts_are_refused_and_change_nothing(point, tmp_path, mnt):
     assert mount_type(mnt) is None
     proc = run_cli("umount", "/")
     assert proc.returncode == 1 and "not mounted by 'blockvault mount'" in proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/loop-control")
+                    or subprocess.run(["sh", "-c", "command -v losetup mkfs.ext4"], capture_output=True).returncode,
+                    reason="needs root, loop devices, losetup and mkfs.ext4")
+def test_a_mounted_point_loop_mounts_and_a_busy_umount_is_refused(tmp_path, mnt):
+    """What mount is for: the file system inside a backed-up disk, loop-mounted by the user."""
+    src, fs_img, inside = (tmp_path / n for n in ("src", "fs.img", "inside"))
+    mnt = tmp_path / "mount point"
+    for d in (src, inside):
+        d.mkdir()
+    (src / "greeting.txt").write_text("hello from inside\n")
+    big = rng(3).bytes(3 << 20)
+    (src / "big.bin").write_bytes(big)
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(src), str(fs_img), "64M"], check=True, timeout=120)
+    store = str(tmp_path / "store")
+    assert run_cli("init", store, "--chunk-size", "64K").returncode == 0
+    assert run_cli("backup", store, str(fs_img), "--disk", "fs").returncode == 0
+    doc = mount_json("mount", store, "fs@1", str(mnt))
+    loop = subprocess.run(["losetup", "-r", "-f", "--show", doc["file"]], capture_output=True, text=True,
+                          timeout=60)
+    if loop.returncode != 0:
+        mount_json("umount", str(mnt))
+        pytest.skip(f"losetup cannot attach here: {loop.stderr.strip()}")
+    dev = loop.stdout.strip()
+    try:
+        subprocess.run(["mount", "-o", "ro,noload", dev, str(inside)], check=True, timeout=60)
+        try:
+            assert (inside / "greeting.txt").read_text() == "hello from inside\n"
+            assert (inside / "big.bin").read_bytes() == big
+        finally:
+            subprocess.run(["umount", str(inside)], check=True, timeout=60)
+        busy = run_cli("umount", str(mnt), "--json")           # the loop device still holds disk.raw
+        assert busy.returncode == 4 and json.loads(busy.stdout)["error"]["code"] == "busy"
+        assert mount_type(str(mnt)) is not None
+    finally:
+        subprocess.run(["losetup", "-d", dev], timeout=60)
+    deadline = time.monotonic() + 30
+    while True:                                  # the loop device lets go asynchronously
+        down = run_cli("umount", str(mnt))
+        if down.returncode != 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert down.returncode == 0, down.stderr
+    assert mount_type(str(mnt)) is None
