@@ -74,6 +74,7 @@ class Counters:
     bytes_read: int = 0        # record bytes read from packs
     segments_loaded: int = 0   # manifest segments loaded (and their index entries resolved)
     requests: int = 0          # pread calls
+    read_errors: int = 0       # chunk reads that failed (damage, I/O errors): the caller got the exception
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -243,6 +244,8 @@ class PointView:
             mine.data = data
         except BaseException as e:
             mine.error = e
+            with self._lock:
+                self.counters.read_errors += 1
             raise
         finally:
             with self._lock:

@@ -70,7 +70,9 @@ def _stats_line(stats: dict) -> str:
         return "no statistics (nbdkit did not exit cleanly)"
     return (f"{count(stats.get('requests', 0), 'read request')}, {count(stats.get('chunks_read', 0), 'chunk')} "
             f"read ({human_bytes(stats.get('bytes_read', 0))} from packs), "
-            f"{count(stats.get('cache_hits', 0), 'cache hit')}, {count(stats.get('zero_chunks', 0), 'zero chunk')}")
+            f"{count(stats.get('cache_hits', 0), 'cache hit')}, {count(stats.get('zero_chunks', 0), 'zero chunk')}"
+            + (f"; {stats['read_errors']} READ ERROR(S): the clients got EIO, run 'blockvault verify'"
+               if stats.get("read_errors") else ""))
 
 
 def cmd_serve(args) -> int:
@@ -83,7 +85,7 @@ def cmd_serve(args) -> int:
         endpoint = _endpoint(args, tmpdir)
         pidfile, stats = os.path.join(tmpdir, "nbdkit.pid"), os.path.join(tmpdir, "stats.json")
         argv = srv.nbdkit_argv(args.store, record.id, endpoint, args.writable, args.cache, stats, pidfile,
-                               args.run, verbose=args.verbose >= 2)
+                               args.run, verbose=args.verbose >= 2, parallel_requests=args.parallel_requests)
         mode = "writable through a copy-on-write overlay" if args.writable else "read-only"
         server = srv.Server(argv, pidfile, captive=args.run is not None)
         server.wait_ready()
@@ -182,6 +184,10 @@ def register(sub) -> None:
     sp.add_argument("--run", metavar="CMD",
                     help="run CMD (a shell command, $uri set to the export) and stop when it ends, with its "
                          "exit status (nbdkit's captive mode)")
+    sp.add_argument("--parallel-requests", action="store_true",
+                    help="serve the requests of one connection in parallel too (nbdkit's PARALLEL thread model; "
+                         "connections always are). Not with Debian 12's nbdkit 1.32: it aborts when a client "
+                         "disconnects with requests in flight")
 
     sp = add_command(sub, "mount", cmd_mount,
                      "make a backup point the file DIR/disk.raw (nbdfuse), in the background",

@@ -7,10 +7,19 @@ Parameters (``key=value`` after the plugin name, set by engine/nbd/server.py):
     point=ID      the backup point (db01@3, db01@latest, ...)
     cache=BYTES   the decoded-chunk cache (default 64 MiB)
     stats=PATH    write the PointView's counters there as JSON at exit
+    threads=parallel  THREAD_MODEL_PARALLEL (default: SERIALIZE_REQUESTS)
 
 Every connection reads the one PointView opened in ``get_ready``; the view
-is thread-safe, so the plugin asks for THREAD_MODEL_PARALLEL (pread, zstd
-and the digest check release the GIL).  The plugin has no ``pwrite``: nbdkit
+is thread-safe (its caches are locked; pread, zstd and the digest check
+release the GIL), and connections are served in parallel.  Requests *within*
+one connection are serialised by default: with THREAD_MODEL_PARALLEL,
+Debian's nbdkit 1.32.5 aborts (``raw_send_socket: Assertion `sock >= 0'
+failed``) when a client disconnects while replies are in flight, e.g. a
+killed qemu-img or an nbdcopy that got EIO, which would take the export
+away from every other client.  nbdcopy reads over several connections
+(multi-conn), so it loses nothing measurable here (bench/serve.py);
+``threads=parallel`` (``serve --parallel-requests``) is for a newer nbdkit.
+The plugin has no ``pwrite``: nbdkit
 then refuses writes itself, and ``--writable`` is nbdkit's cow filter in
 front, whose overlay takes every write.  Nothing a client sends can reach
 the store.
@@ -33,8 +42,8 @@ MAX_EXTENT_CHUNKS = 16 * 1024
 
 
 def config(key: str, value: str) -> None:
-    if key not in ("store", "point", "cache", "stats"):
-        raise RuntimeError(f"unknown parameter {key!r} (store=, point=, cache=, stats=)")
+    if key not in ("store", "point", "cache", "stats", "threads"):
+        raise RuntimeError(f"unknown parameter {key!r} (store=, point=, cache=, stats=, threads=)")
     _params[key] = value
 
 
@@ -45,7 +54,9 @@ def config_complete() -> None:
 
 
 def thread_model():
-    return nbdkit.THREAD_MODEL_PARALLEL
+    if _params.get("threads") == "parallel":
+        return nbdkit.THREAD_MODEL_PARALLEL
+    return nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS
 
 
 def get_ready() -> None:
@@ -113,7 +124,8 @@ def pread(view, buf, offset: int, flags: int) -> None:
     except Exception as e:
         # Damage is the store's (verify reports it); the client sees EIO.
         nbdkit.set_error(errno.EIO)
-        raise RuntimeError(f"blockvault: read of {len(buf)} bytes at {offset}: {e}") from None
+        raise RuntimeError(f"blockvault: read of {len(buf)} bytes at {offset} failed: {e}; the client gets EIO; "
+                           f"run 'blockvault verify {_params['store']}'") from None
     if n != len(buf):
         nbdkit.set_error(errno.EIO)
         raise RuntimeError(f"blockvault: read past the end of the disk ({offset}+{len(buf)} > {view.size})")

@@ -172,7 +172,7 @@ class Endpoint:
 
 def nbdkit_argv(store: str, point: str, endpoint: Endpoint, writable: bool, cache_bytes: int,
                 stats: str | None = None, pidfile: str | None = None, run: str | None = None,
-                verbose: bool = False) -> list[str]:
+                verbose: bool = False, parallel_requests: bool = False) -> list[str]:
     argv = [require_tool("nbdkit", "nbdkit")]
     if not endpoint.single:
         argv.append("--exit-with-parent")
@@ -187,6 +187,8 @@ def nbdkit_argv(store: str, point: str, endpoint: Endpoint, writable: bool, cach
     argv += ["python", PLUGIN, f"store={os.path.abspath(store)}", f"point={point}", f"cache={cache_bytes}"]
     if stats:
         argv.append(f"stats={stats}")
+    if parallel_requests:
+        argv.append("threads=parallel")
     return argv
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -306,3 +307,60 @@ def test_the_server_is_a_registered_reader_for_its_lifetime(point, tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     assert not [e for e in registry.PathRegistry(store).live() if e.kind == "serve"]
+
+
+def test_a_damaged_chunk_is_an_io_error_for_the_client_and_the_server_goes_on(point, tmp_path):
+    from helpers import chunk_packs
+    store = str(tmp_path / "damaged-store")
+    shutil.copytree(point[0], store)
+    pack = max(chunk_packs(store), key=os.path.getsize)
+    with open(pack, "r+b") as f:                       # one byte inside a record's payload
+        f.seek(os.path.getsize(pack) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    before = store_fingerprint(store)
+    out = tmp_path / "out.img"
+    proc = run_cli("serve", store, "d@1", "--json", "--run",
+                   f'timeout 60 nbdcopy "$uri" {out} >&2; echo "copy=$?" >&2; timeout 60 nbdinfo --size "$uri" >&2',
+                   timeout=180)
+    assert proc.returncode == 0, proc.stderr                     # the server answered after the error
+    doc = json.loads(proc.stdout)
+    assert "copy=0" not in proc.stderr and "Input/output error" in proc.stderr
+    assert "blockvault verify" in proc.stderr and "READ ERROR" in proc.stderr
+    assert doc["stats"]["read_errors"] >= 1
+    assert store_fingerprint(store) == before
+
+
+def test_clients_killed_mid_transfer_do_not_take_the_export_down(point, tmp_path):
+    """A VM or a copy killed while its reads are in flight leaves the server up
+    for everyone else (nbdkit 1.32 aborts on this with the PARALLEL model)."""
+    store, restored = point
+    sock = str(tmp_path / "kill.sock")
+    proc, doc = _start_server(store, "d@2", "--socket", sock, "--cache", "0")
+    try:
+        for k in range(6):
+            client = subprocess.Popen(["nbdcopy", "--request-size=65536", doc["uri"], "null:"],
+                                      stderr=subprocess.DEVNULL)
+            time.sleep(0.05 + 0.04 * k)
+            client.kill()
+            client.wait(timeout=30)
+        out = tmp_path / "after.img"
+        subprocess.run(["nbdcopy", doc["uri"], str(out)], check=True, timeout=120)
+        assert same_file(str(out), restored["d@2"])
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+
+
+def test_parallel_requests_serve_the_same_bytes(point, tmp_path):
+    """--parallel-requests: nbdkit's PARALLEL model, many requests of one
+    connection at once through the view's locked caches."""
+    store, restored = point
+    out = tmp_path / "parallel.img"
+    doc, _ = serve_json(store, "d@2", "--parallel-requests", "--cache", "256K", "--run",
+                        f'nbdcopy -C 1 --requests 32 --request-size=65536 "$uri" {out}')
+    assert same_file(str(out), restored["d@2"])
+    assert doc["stats"]["requests"] >= doc["stats"]["chunks_read"] > 0
