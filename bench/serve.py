@@ -1,7 +1,8 @@
 """The NBD export against restore: nbdcopy from `blockvault serve` to null: and
 to a file, and `blockvault restore` of the same point, MB/s in one run.
 
-    python -m bench.serve [--size 2G] [--allocated 512M] [--chunk-size 1M] [--rounds 3] [--json]
+    python -m bench.serve [--size 2G] [--allocated 512M] [--chunk-size 1M] [--rounds 3]
+                          [--parallel-requests] [--json]
 
 One sparse image (bench.core_backup's mix: a third text, a third random, a
 third written zeros, in 1 MiB runs), backed up in full once; then each round
@@ -48,9 +49,13 @@ def cli(*args: str, timeout: float = 3600) -> float:
     return wall
 
 
+SERVE_OPTIONS: list[str] = []  # --parallel-requests, when asked for
+
+
 def transfer(store: str, target: str, sock: str) -> float:
     """Wall seconds of nbdcopy from a server started for it (not counted)."""
-    server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", store, "bench@1", "--socket", sock],
+    server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", store, "bench@1", "--socket", sock,
+                               *SERVE_OPTIONS],
                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                               stdin=subprocess.DEVNULL)
     try:
@@ -85,8 +90,12 @@ def main() -> None:
     ap.add_argument("--chunk-size", default="1M")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", help="work folder (default: a new temporary one, removed at the end)")
+    ap.add_argument("--parallel-requests", action="store_true",
+                    help="serve with --parallel-requests (nbdkit's PARALLEL thread model)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.parallel_requests:
+        SERVE_OPTIONS.append("--parallel-requests")
     size, allocated = parse_size(args.size), parse_size(args.allocated)
     for tool in ("nbdkit", "nbdcopy"):
         if shutil.which(tool) is None:
@@ -110,8 +119,10 @@ def main() -> None:
         for _ in range(args.rounds):
             times["restore"].append(cli("restore", store, "bench@1", out, "--force"))
             check(out)
-            times["export_null"].append(cli("serve", store, "bench@1", "--run", 'nbdcopy "$uri" null:'))
-            times["export_file"].append(cli("serve", store, "bench@1", "--run", f'nbdcopy "$uri" {copy}'))
+            times["export_null"].append(cli("serve", store, "bench@1", *SERVE_OPTIONS,
+                                            "--run", 'nbdcopy "$uri" null:'))
+            times["export_file"].append(cli("serve", store, "bench@1", *SERVE_OPTIONS,
+                                            "--run", f'nbdcopy "$uri" {copy}'))
             check(copy)
             times["restore_transfer"].append(restore_in_process(store, out))
             check(out)
@@ -121,6 +132,7 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         result = {
             "size": size, "allocated": allocated, "chunk_size": parse_size(args.chunk_size), "rounds": args.rounds,
+            "parallel_requests": args.parallel_requests,
             **{f"{k}_s": [round(t, 3) for t in v] for k, v in times.items()},
             **{f"{k}_MBps": round(size / MiB / med[k], 1) for k in times},
             "export_null_over_restore": round(med["restore"] / med["export_null"], 3),
@@ -135,7 +147,8 @@ def main() -> None:
         print(json.dumps(result, indent=2))
     else:
         print(f"{size // MiB} MiB disk, {allocated // MiB} MiB allocated, {args.chunk_size} chunks, "
-              f"{args.rounds} rounds (median, logical MB/s = disk size / wall time of the whole command)")
+              f"{args.rounds} rounds, {'parallel' if args.parallel_requests else 'serialised'} requests per "
+              "connection (median, logical MB/s = disk size / wall time)")
         r = result
         print("  whole commands, start-up included:")
         print(f"    blockvault restore to a file       {r['restore_MBps']:9.1f} MB/s")
