@@ -364,3 +364,58 @@ def test_parallel_requests_serve_the_same_bytes(point, tmp_path):
                         f'nbdcopy -C 1 --requests 32 --request-size=65536 "$uri" {out}')
     assert same_file(str(out), restored["d@2"])
     assert doc["stats"]["requests"] >= doc["stats"]["chunks_read"] > 0
+
+
+BLOCK_STATUS = r'''
+import json, sys
+import nbd
+h = nbd.NBD()
+h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+h.connect_uri(sys.argv[1])
+out = {"size": h.get_size(), "one": [], "all": []}
+for offset in map(int, sys.argv[2:]):
+    got = []
+    h.block_status(min(1 << 30, out["size"] - offset), offset,
+                   lambda ctx, off, entries, err: got.append(list(entries)) or 0, nbd.CMD_FLAG_REQ_ONE)
+    out["one"].append([offset] + got[0][:2] + [len(got[0]) // 2])
+pos = 0
+while pos < out["size"]:
+    got = []
+    h.block_status(min(1 << 30, out["size"] - pos), pos,
+                   lambda ctx, off, entries, err: got.append(list(entries)) or 0)
+    for n, flags in zip(got[0][::2], got[0][1::2]):
+        out["all"].append([pos, n, flags])
+        pos += n
+h.shutdown()
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.skipif(subprocess.run(["/usr/bin/python3", "-c", "import nbd"], capture_output=True).returncode != 0,
+                    reason="needs Debian's python3-libnbd (tools/install.sh --test)")
+def test_block_status_through_libnbd_one_extent_and_all(point, tmp_path):
+    """libnbd's block_status (python3-libnbd, run by Debian's python3), the
+    way a client library sees the export: REQ_ONE at odd offsets gives one
+    extent starting there, of the right kind (nbdkit trims the plugin's reply
+    to one itself), and the map walked request by request is the manifest's
+    zero chunks."""
+    store, restored = point
+    script = tmp_path / "status.py"
+    script.write_text(BLOCK_STATUS)
+    runs = zero_runs(restored["d@2"])
+    probes = [0, CS + 7, runs[1][0], (64 << 20) - 1, runs[-1][0]]
+    proc = run_cli("serve", store, "d@2", "--run",
+                   f'/usr/bin/python3 {script} "$uri" {" ".join(map(str, probes))}', timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    merged: list[list] = []
+    for off, n, flags in doc["all"]:
+        if merged and merged[-1][2] == flags and merged[-1][0] + merged[-1][1] == off:
+            merged[-1][1] += n
+        else:
+            merged.append([off, n, flags])
+    assert [(o, n, f == 3) for o, n, f in merged] == runs
+    for (offset, length, flags, count), probe in zip(doc["one"], probes):
+        run = next(r for r in runs if r[0] <= probe < r[0] + r[1])
+        assert offset == probe and (flags == 3) == run[2] and count == 1
+        assert 0 < length <= run[0] + run[1] - probe
