@@ -56,7 +56,9 @@ def _endpoint(args, tmpdir: str):
     if args.socket:
         srv.prepare_socket(args.socket)
         return srv.Endpoint(socket=os.path.abspath(args.socket))
-    return srv.Endpoint(socket=os.path.join(tmpdir, "nbd.sock"))
+    path = os.path.join(tmpdir, "nbd.sock")
+    srv.prepare_socket(path)  # a TMPDIR too long for a socket is said here
+    return srv.Endpoint(socket=path)
 
 
 def _serve_doc(record, endpoint, writable: bool, pid: int) -> dict:

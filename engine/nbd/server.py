@@ -40,6 +40,7 @@ log = logging.getLogger("blockvault.serve")
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin_shim.py")
 DEFAULT_PORT = 10809
 READY_TIMEOUT = 60.0
+MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path holds 108 bytes with the final NUL
 INSTALL_HINT = "on Debian or Ubuntu: apt-get install nbdkit nbdkit-plugin-python libnbd-bin"
 
 
@@ -108,6 +109,9 @@ def prepare_socket(path: str) -> None:
     """Make ``path`` free for a new server: a socket left by a killed server
     (nothing answers on it) is removed; a live one, or any other file, is
     refused."""
+    if len(os.fsencode(os.path.abspath(path))) > MAX_SOCKET_PATH:
+        raise BadInputError(f"--socket {path}: the path is {len(os.fsencode(os.path.abspath(path)))} bytes long, "
+                            f"a Unix socket's may be {MAX_SOCKET_PATH} at most; give a shorter one")
     try:
         st = os.lstat(path)
     except FileNotFoundError:

@@ -20,7 +20,7 @@ from helpers import make_sparse, rng, run_cli, store_fingerprint, text_bytes, wr
 CS = 64 << 10
 TOOLS = ("nbdkit", "nbdfuse", "fusermount3")
 pytestmark = pytest.mark.skipif(
-    any(subprocess.run(["sh", "-c", f"command -v {t}"], capture_output=True).returncode for t in TOOLS)
+    any(subprocess.run(["sh", "-c", f"command -v {t}"], capture_output=True, timeout=30).returncode for t in TOOLS)
     or not os.path.exists("/dev/fuse"),
     reason="needs nbdkit, nbdkit-plugin-python, libnbd-bin, fuse3 and /dev/fuse (tools/install.sh --test)")
 SECTIONS, _ = jsonshape.parse()
@@ -176,7 +176,8 @@ def test_bad_mounts_are_refused_and_change_nothing(point, tmp_path, mnt):
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/loop-control")
-                    or subprocess.run(["sh", "-c", "command -v losetup mkfs.ext4"], capture_output=True).returncode,
+                    or subprocess.run(["sh", "-c", "command -v losetup mkfs.ext4"], capture_output=True,
+                                      timeout=30).returncode,
                     reason="needs root, loop devices, losetup and mkfs.ext4")
 def test_a_mounted_point_loop_mounts_and_a_busy_umount_is_refused(tmp_path, mnt):
     """What mount is for: the file system inside a backed-up disk, loop-mounted by the user."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -20,7 +21,7 @@ from helpers import REPO_ROOT, make_sparse, rng, run_cli, same_file, store_finge
 CS = 64 << 10
 TOOLS = ("nbdkit", "nbdinfo", "nbdcopy", "qemu-img", "qemu-io")
 pytestmark = pytest.mark.skipif(
-    any(subprocess.run(["sh", "-c", f"command -v {t}"], capture_output=True).returncode for t in TOOLS),
+    any(subprocess.run(["sh", "-c", f"command -v {t}"], capture_output=True, timeout=30).returncode for t in TOOLS),
     reason="needs nbdkit, nbdkit-plugin-python, libnbd-bin, qemu-utils (tools/install.sh --test)")
 SECTIONS, _ = jsonshape.parse()
 
@@ -161,20 +162,23 @@ def test_read_only_export_refuses_writes(point):
 
 
 def _start_server(*args) -> tuple[subprocess.Popen, dict]:
+    """A long-running `blockvault serve ... --json` and its announcement (read with a deadline)."""
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", *args, "--json"], cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-    lines = []
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    got = b""
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
+    while not got.endswith(b"\n}\n") and time.monotonic() < deadline:
+        if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
             break
-        lines.append(line)
-        if line == "}\n":
-            return proc, json.loads("".join(lines))
+        piece = os.read(proc.stdout.fileno(), 65536)
+        if not piece:
+            break
+        got += piece
+    if got.endswith(b"\n}\n"):
+        return proc, json.loads(got)
     proc.kill()
     out, err = proc.communicate(timeout=30)
-    raise AssertionError(f"serve did not announce its export: {''.join(lines)}{out}{err}")
+    raise AssertionError(f"serve did not announce its export: {got + out!r} {err!r}")
 
 
 def _alive(pid: int) -> bool:
@@ -207,6 +211,7 @@ def test_a_long_running_server_on_a_socket_stops_cleanly(point, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
+    err = err.decode()
     assert proc.returncode == 0, err
     assert "stopped by SIGTERM" in err and "chunks read" in err
     assert _gone(doc["pid"]) and not os.path.exists(sock)
@@ -218,7 +223,7 @@ def test_a_killed_server_leaves_nothing_that_blocks_the_next(point, tmp_path):
     proc, doc = _start_server(store, "d@1", "--socket", sock)
     os.kill(doc["pid"], signal.SIGKILL)              # nbdkit dies: serve says so and cleans up
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and "killed by SIGKILL" in err
+    assert proc.returncode == 1 and "killed by SIGKILL" in err.decode()
     assert not os.path.exists(sock)
     proc, doc = _start_server(store, "d@1", "--socket", sock)
     os.kill(proc.pid, signal.SIGKILL)                # blockvault serve dies: nbdkit follows it,
@@ -286,6 +291,10 @@ def test_bad_requests_are_clear_and_start_nothing(point, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     proc = run_cli("serve", store, "d@1", "--socket", "x.sock", "--port", "5000")
     assert proc.returncode == 2
+    long_dir = tmp_path / ("d" * 100)
+    long_dir.mkdir()
+    proc = run_cli("serve", store, "d@1", "--socket", str(long_dir / "s.sock"))
+    assert proc.returncode == 1 and "a Unix socket's may be 107" in proc.stderr
     # nbdkit missing: the Debian package is named (PATH without /usr/bin)
     env = dict(os.environ, PATH=str(tmp_path))
     proc = run_cli("serve", store, "d@1", "--json", env=env)
@@ -391,7 +400,8 @@ print(json.dumps(out))
 '''
 
 
-@pytest.mark.skipif(subprocess.run(["/usr/bin/python3", "-c", "import nbd"], capture_output=True).returncode != 0,
+@pytest.mark.skipif(subprocess.run(["/usr/bin/python3", "-c", "import nbd"], capture_output=True,
+                                   timeout=60).returncode != 0,
                     reason="needs Debian's python3-libnbd (tools/install.sh --test)")
 def test_block_status_through_libnbd_one_extent_and_all(point, tmp_path):
     """libnbd's block_status (python3-libnbd, run by Debian's python3), the
