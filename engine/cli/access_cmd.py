@@ -81,7 +81,8 @@ def cmd_serve(args) -> int:
     from engine.nbd import server as srv
     record, _ = _resolve(args)
     srv.check_nbdkit()
-    tmpdir = tempfile.mkdtemp(prefix="blockvault-serve-")
+    srv.reap_stale_tempdirs()
+    tmpdir = tempfile.mkdtemp(prefix=srv.TEMP_PREFIX)
     server = None
     try:
         endpoint = _endpoint(args, tmpdir)

@@ -29,6 +29,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -231,6 +232,46 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+TEMP_PREFIX = "blockvault-serve-"
+
+
+def reap_stale_tempdirs(max_age: float = 2 * READY_TIMEOUT) -> None:
+    """Remove the temporary directories (pid file, stats, default socket) of
+    servers that were killed (SIGKILL leaves them): this user's, whose nbdkit
+    is gone, or that never got a pid file and are older than any start-up."""
+    base = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(base) if n.startswith(TEMP_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            try:
+                with open(os.path.join(path, "nbdkit.pid")) as f:
+                    pid = int(f.read().strip() or 0)
+            except FileNotFoundError:
+                pid = None
+            if pid is None and time.time() - st.st_mtime < max_age:
+                continue  # a server starting now
+            if pid and _process_alive(pid):
+                continue
+        except (OSError, ValueError):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def read_stats(path: str) -> dict:

@@ -3,6 +3,7 @@ qemu-img, nbdinfo, qemu-io) and compared with what `restore` writes."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import select
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -229,9 +231,21 @@ def test_a_killed_server_leaves_nothing_that_blocks_the_next(point, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)                # blockvault serve dies: nbdkit follows it,
     proc.communicate(timeout=60)                     # and nobody removes the socket file
     assert _gone(doc["pid"]) and os.path.exists(sock)
+    left = [d for d in glob.glob(os.path.join(tempfile.gettempdir(), "blockvault-serve-*"))
+            if _read(os.path.join(d, "nbdkit.pid")) == str(doc["pid"])]
+    assert len(left) == 1                            # nor its temporary directory
     out = tmp_path / "third.img"
     doc, _ = serve_json(store, "d@1", "--socket", sock, "--run", f'nbdcopy "$uri" {out}')
     assert same_file(str(out), restored["d@1"])
+    assert not os.path.exists(left[0])               # the next server removed both
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def test_a_live_socket_is_busy_and_a_file_is_not_a_socket(point, tmp_path):
