@@ -11,7 +11,7 @@ What a mount was made from is kept in a small state file per directory
 (under $XDG_RUNTIME_DIR, else the temporary directory, private to the
 user), since the kernel lists a FUSE mount only as ``fuse /dev/fuse``.
 A server that was killed leaves a mount whose every access fails with
-ENOTCONN; ``mount`` and ``umount`` both recognise that and detach it, so
+ENOTCONN (or ECONNABORTED); ``mount`` and ``umount`` both recognise that and detach it, so
 it never blocks the next mount.
 """
 
@@ -74,11 +74,16 @@ def mount_type(directory: str) -> str | None:
     return found
 
 
+# What a FUSE mount whose daemon died answers: ENOTCONN once the kernel has
+# torn the connection down, ECONNABORTED while it is still doing so.
+STALE_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
 def _is_stale(directory: str) -> bool:
     try:
         os.stat(directory)
     except OSError as e:
-        return e.errno == errno.ENOTCONN
+        return e.errno in STALE_ERRNOS
     return False
 
 
