@@ -267,9 +267,17 @@ def test_a_live_socket_is_busy_and_a_file_is_not_a_socket(point, tmp_path):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the ephemeral range (32768+), so that no outgoing
+    connection of another process takes it between the test's steps."""
+    import random
+    for port in random.sample(range(20000, 30000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in 20000-30000")
 
 
 def test_tcp_port_on_loopback_and_a_loud_listen(point):
