@@ -128,3 +128,18 @@ def sample_count(text: str) -> int:
     if not 0 <= n <= 4096:
         raise argparse.ArgumentTypeError(f"{text} chunks: give 0 (no check) to 4096")
     return n
+
+
+def cache_size(text: str) -> int:
+    """A decoded-chunk cache size for serve and mount: 0 (none) up to 64G."""
+    n = _size(text)
+    if not 0 <= n <= 64 << 30:
+        raise argparse.ArgumentTypeError(f"{text}: give a cache size from 0 to 64G (e.g. 256M)")
+    return n
+
+
+def port(text: str) -> int:
+    n = _number(text, int, "a TCP port number")
+    if not 1 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"port {n} is outside 1..65535")
+    return n

@@ -42,3 +42,18 @@ class EncryptedVolumeError(FileLevelError):
 
 class FilesystemDamaged(FileLevelError):
     """The filesystem's metadata is inconsistent: TSK could not follow it."""
+class ToolMissingError(BackupError):
+    """A program a command runs (nbdkit, its Python plugin, nbdfuse) is not
+    installed or cannot load blockvault; the message names the Debian package."""
+
+
+class ServeError(BackupError):
+    """An export or a mount could not be started, or stopped abnormally."""
+
+
+class BusyError(BackupError):
+    """What a command would take is in use: a socket a live server listens on,
+    a port, a directory that is already mounted.  Exit code 4, like a store
+    held by another writer."""
+
+    exit_code = 4

@@ -46,20 +46,21 @@ DEFAULT_CACHE_BYTES = 64 << 20
 DEFAULT_SEGMENTS = 64
 
 
-def reader_registration(repo: Repository, kind: str):
-    """The store's registration of a long reader (kind "serve", "mount",
-    "files", ...), held while the view is open so that a gc never removes a
-    pack this reader may still read.
+def reader_registration(repo: Repository, kind: str, command: str = ""):
+    """The store's registration of a long reader (kind "serve", "files", ...),
+    to hold while the view is open so that a gc never removes a pack this
+    reader may still read.  Take it before opening the view: the manifest
+    is then read under it.
 
-    HOOK: the registry (chunkstore/registry.py, issue 10) is not on this
-    branch yet.  Until it is, this is a no-op context; when it lands, return
-    the registry's reader context here and every view-based reader holds it."""
+    HOOK: the registry (chunkstore/registry.py, branch conc, issue 10) is not
+    on main yet; until it is, this is a no-op context.  Once it lands this
+    returns ``Registry(store).register(kind, command)`` (a context manager
+    whose flock dies with the process) without a change here."""
     try:
-        from chunkstore import registry  # type: ignore[attr-defined]
+        from chunkstore.registry import Registry
     except ImportError:
         return contextlib.nullcontext()
-    register = getattr(registry, "reader", None)
-    return register(repo.store, kind) if register else contextlib.nullcontext()
+    return Registry(repo.store).register(kind, command or kind)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Counters:
     bytes_read: int = 0        # record bytes read from packs
     segments_loaded: int = 0   # manifest segments loaded (and their index entries resolved)
     requests: int = 0          # pread calls
+    read_errors: int = 0       # chunk reads that failed (damage, I/O errors): the caller got the exception
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -242,6 +244,8 @@ class PointView:
             mine.data = data
         except BaseException as e:
             mine.error = e
+            with self._lock:
+                self.counters.read_errors += 1
             raise
         finally:
             with self._lock:

@@ -17,6 +17,9 @@ if [ "$want_test" = 1 ]; then
   apt_packages+=(qemu-utils strace golang-go golang-github-vmware-govmomi-dev restic borgbackup zstd clang)
   # file-level restore tests: partition tables and filesystems made by the real tools
   apt_packages+=(fdisk gdisk e2fsprogs dosfstools mtools ntfs-3g exfatprogs util-linux cryptsetup-bin)
+  # serve and mount (issue 11): nbdkit with its Python plugin, nbdinfo/nbdcopy/nbdfuse, fusermount3,
+  # and libnbd's Python binding for the tests
+  apt_packages+=(nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd fuse3)
 fi
 
 missing=()
