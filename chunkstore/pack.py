@@ -184,8 +184,10 @@ class PackWriter:
     lost bytes.
     """
 
-    def __init__(self, store_path: str, config):
+    def __init__(self, store_path: str, config, announce=None):
         self.pack_id = os.urandom(16)
+        if announce is not None:  # the session's registration names the pack before it exists
+            announce(self.pack_id)
         self.relpath = pack_relpath(self.pack_id)
         self.path = os.path.join(store_path, self.relpath)
         directory = os.path.dirname(self.path)

@@ -40,8 +40,10 @@ from chunkstore import badmarks
 from chunkstore.errors import StoreError
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry, PackInfo
 from chunkstore.lock import WriterLock
+from chunkstore.registry import Registry
 from chunkstore.metadata import OP_DELETE, OP_PUT, iter_metadata_records
 from chunkstore.pack import RECORD_HEADER_SIZE, PackWriter, encode_record
+from chunkstore.refs import REFS_DBS
 
 if TYPE_CHECKING:
     from chunkstore.store import ChunkStore
@@ -64,7 +66,7 @@ MetadataWrite = tuple[bytes, bytes, "bytes | None"]
 # then died keeps its number: the next commit gets a new one).
 LAST_COMMIT = b"commit.last"
 RESERVED_COMMIT = b"commit.reserved"
-OWN_DBS = (CHUNKS_DB, PACKS_DB, META_DB, b"bad")  # b"bad": chunkstore/badmarks.py
+OWN_DBS = (CHUNKS_DB, PACKS_DB, META_DB, b"bad", *REFS_DBS)  # chunkstore/badmarks.py, chunkstore/refs.py
 _U64 = struct.Struct("<Q")
 
 
@@ -77,15 +79,22 @@ class WriteSession:
     """The one writer of a store.  ``claim``, ``write`` and ``add`` are
     thread-safe; ``commit`` and ``abort`` belong to the thread that opened it."""
 
-    def __init__(self, store: "ChunkStore", wait: float, purpose: str):
+    def __init__(self, store: "ChunkStore", wait: float, purpose: str, kind: str = "backup"):
         self.store = store
         self._lock = WriterLock(store.path)
         self._lock.acquire(wait, purpose)
+        self._registered = None
         try:
+            store.upgrade_format()  # a format-2 store: its first writer adds the counts (under the lock)
+            # Registered for its whole life (chunkstore/registry.py): gc keeps
+            # what this session may still use, and reclaims its packs if it dies.
+            self._registered = Registry(store).register(kind, purpose)
+            self.registration = self._registered.__enter__()
             # Marked by verify: stored again when met (chunkstore/badmarks.py).
             # Marks change only under the lock this session holds.
             self._bad: set[bytes] = badmarks.bad_digests(store)
         except BaseException:
+            self._unregister()
             self._lock.release()
             raise
         self.pending: dict[bytes, IndexEntry] = {}
@@ -117,11 +126,13 @@ class WriteSession:
         another caller's claim.  They become the caller's: nobody else is told
         to write them."""
         out = []
-        chunks_db = self.store.chunks_db
+        chunks_db, dead_db = self.store.chunks_db, self.store.refs.dead_db
         with self._mutex, self.store.read_txn() as txn:
             pending, claimed, bad = self.pending, self._claimed, self._bad
             for d in digests:
-                if d in pending or d in claimed or (txn.get(d, db=chunks_db) is not None and d not in bad):
+                # A dead chunk counts as absent: gc may remove it before this session commits.
+                if d in pending or d in claimed or (txn.get(d, db=chunks_db) is not None and d not in bad
+                                                    and txn.get(d, db=dead_db) is None):
                     continue
                 claimed.add(d)
                 out.append(d)
@@ -157,7 +168,7 @@ class WriteSession:
                     pack = None
                 if pack is None:
                     try:
-                        pack = PackWriter(self.store.path, self.store.config)
+                        pack = PackWriter(self.store.path, self.store.config, self.registration.add_pack)
                     except BaseException as e:  # the other writers stop too
                         self._fail(e)
                         raise
@@ -254,8 +265,7 @@ class WriteSession:
             moved = {d: e for d, e in self.pending.items() if e.pack_id in ids}
         store = self.store
         with store.env.begin(write=True) as txn:
-            for digest, entry in moved.items():
-                txn.put(digest, entry.encode(), db=store.chunks_db)
+            self._put_entries(txn, moved)
             for pack in synced:
                 txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True, pack.metadata).encode(), db=store.packs_db)
             self._heal(txn, moved)
@@ -264,6 +274,12 @@ class WriteSession:
                 del self.pending[digest]
             self._packs = [p for p in self._packs if p.pack_id not in ids]
             self.checkpoints += 1
+
+    def _put_entries(self, txn, entries: dict) -> None:
+        """Index the session's chunks (chunkstore/refs.py: which copy the index keeps)."""
+        refs, bad = self.store.refs, self._bad
+        for digest, entry in entries.items():
+            refs.put_entry(txn, digest, entry, digest in bad)
 
     def _heal(self, txn, entries) -> None:
         """Chunks marked bad that this session stored again: their index
@@ -285,7 +301,8 @@ class WriteSession:
             self._sealer.stop()
 
     def commit(self, extra: Callable[[lmdb.Transaction], None] | None = None,
-               metadata: Sequence[MetadataWrite] = ()) -> None:
+               metadata: Sequence[MetadataWrite] = (),
+               after: Callable[[lmdb.Transaction], None] | None = None) -> None:
         """Make this session's chunks, plus whatever ``extra`` and ``metadata`` write, visible at once.
 
         ``metadata`` is the layer above's writes, as (database, key, value):
@@ -317,8 +334,7 @@ class WriteSession:
             number, follows = self._reserve_commit()
             self._write_metadata(iter_metadata_records(writes, number, follows, time.time(), store.codec))
         with store.env.begin(write=True) as txn:
-            for digest, entry in self.pending.items():
-                txn.put(digest, entry.encode(), db=store.chunks_db)
+            self._put_entries(txn, self.pending)
             for pack in self._packs:
                 txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True, pack.metadata).encode(), db=store.packs_db)
             self._heal(txn, self.pending)
@@ -334,10 +350,18 @@ class WriteSession:
                     txn.put(key, value, db=store.db(name))
                 else:
                     txn.delete(key, db=store.db(name))
+            if after is not None:
+                after(txn)
             if number:
                 txn.put(LAST_COMMIT, _U64.pack(number), db=store.meta_db)
         self.committed = True
+        self._unregister()
         self._lock.release()
+
+    def _unregister(self) -> None:
+        if self._registered is not None:
+            registered, self._registered = self._registered, None
+            registered.__exit__(None, None, None)
 
     def _reserve_commit(self) -> tuple[int, int]:
         """(this commit's number, the last committed one's), the number made
@@ -361,7 +385,7 @@ class WriteSession:
                     self._finish_metadata_pack(pack)
                     pack = None
                 if pack is None:
-                    pack = PackWriter(self.store.path, self.store.config)
+                    pack = PackWriter(self.store.path, self.store.config, self.registration.add_pack)
                     pack.metadata = True
                     self._packs.append(pack)
                 pack.write_at(pack.reserve(len(rec)), [rec])
@@ -389,6 +413,7 @@ class WriteSession:
             pack.discard()
         self._packs.clear()
         self.pending.clear()
+        self._unregister()
         self._lock.release()
 
 
