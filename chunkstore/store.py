@@ -260,11 +260,12 @@ class ChunkStore:
             "store %s upgraded from format version %d to %d (%s); blockvault releases before it can no longer "
             "write it", self.path, old, FORMAT_VERSION, summary)
 
-    def writer(self, wait: float = 0.0, purpose: str = "backup") -> WriteSession:
-        """The store's one write session (see chunkstore/session.py)."""
+    def writer(self, wait: float = 0.0, purpose: str = "backup", kind: str = "backup") -> WriteSession:
+        """The store's one write session (see chunkstore/session.py); ``kind``
+        names it in the registry (chunkstore/registry.py)."""
         if self.read_only:
             raise refuse_write(self.path)
-        return WriteSession(self, wait, purpose)
+        return WriteSession(self, wait, purpose, kind)
 
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

@@ -107,6 +107,8 @@ def verify_chunks(store: ChunkStore, workers: int = 2,
     missing: set[bytes] = set()
     with store.read_txn() as txn:
         known_packs = {bytes(k) for k, _ in txn.cursor(db=store.packs_db)}
+        # Replaced by gc and waiting for their last reader (chunkstore/gc.py): not left-overs.
+        doomed = {bytes(k) for k, _ in txn.cursor(db=store.refs.doomed_db)}
         total = _indexed_bytes(store, txn) if on_total else 0
     if on_total:
         on_total(total)
@@ -130,7 +132,7 @@ def verify_chunks(store: ChunkStore, workers: int = 2,
             pid = bytes.fromhex(name)
         except ValueError:
             continue
-        if pid not in known_packs:
+        if pid not in known_packs and pid not in doomed:
             report.unreferenced_packs.append(path)
     report.metadata_lost = metadata_lost(store, report.unreferenced_packs)
     return report
