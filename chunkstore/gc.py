@@ -39,11 +39,12 @@ from typing import Callable
 from chunkstore.config import fsync_dir
 from chunkstore.errors import IntegrityError
 from chunkstore.index import IndexEntry, PackInfo
-from chunkstore.pack import RECORD_HEADER_SIZE, RECORD_MAGIC, PackWriter, check_payload, decode_record_header, scan_pack
+from chunkstore.pack import PACK_HEADER, RECORD_HEADER_SIZE, RECORD_MAGIC, PackWriter, check_payload, decode_record_header, scan_pack
 from chunkstore.refs import pack_u64, record_bytes, record_size, u64
 from chunkstore.registry import Registry
 
 DEFAULT_MAX_UNUSED = 0.05
+PACK_FRAME = PACK_HEADER.size + RECORD_HEADER_SIZE  # a pack's header and trailer
 
 
 @dataclass
@@ -237,9 +238,10 @@ def _fill_plan_report(store, plan: _Plan, report: GcReport) -> None:
         info = plan.infos[pid]
         report.repacked.append(PackAction(pid.hex(), info.size, plan.dead[pid], record_bytes(info) - plan.dead[pid]))
         report.chunks_removed += len(plan.removable[pid])
-    freed = sum(a.dead for a in report.deleted + report.repacked)
-    report.stored_after = report.stored_before - freed
-    report.dead_after = report.dead_before - freed
+    # a repacked pack becomes one new pack of its live records (header and trailer: 192 bytes)
+    report.stored_after = (report.stored_before - sum(a.size for a in report.deleted)
+                           - sum(a.size - a.live - PACK_FRAME for a in report.repacked))
+    report.dead_after = report.dead_before - sum(a.dead for a in report.deleted + report.repacked)
 
 
 # -- 3. delete ----------------------------------------------------------------
