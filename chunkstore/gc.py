@@ -332,8 +332,13 @@ def _repack(store, plan: _Plan, pid: bytes, me, report: GcReport, on_progress) -
             w.discard()
         report.skipped.append(f"{pid.hex()}: {e}")
         return
+    except OSError as e:  # ENOSPC, EIO: the new packs go, the store stays as it was
+        for w in writers:
+            w.discard()
+        raise OSError(e.errno, f"{e.strerror} while gc copied the live records of pack {pid.hex()} into a new "
+                               "pack; gc changed nothing of that pack (the new pack was removed)", e.filename) from e
     except BaseException:
-        for w in writers:  # ENOSPC, EIO, interrupted: the new packs go, the store stays as it was
+        for w in writers:  # interrupted: likewise
             w.discard()
         raise
     with store.env.begin(write=True) as txn:
