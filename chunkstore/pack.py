@@ -184,10 +184,8 @@ class PackWriter:
     lost bytes.
     """
 
-    def __init__(self, store_path: str, config, announce=None):
+    def __init__(self, store_path: str, config, before_create=None):
         self.pack_id = os.urandom(16)
-        if announce is not None:  # the session's registration names the pack before it exists
-            announce(self.pack_id)
         self.relpath = pack_relpath(self.pack_id)
         self.path = os.path.join(store_path, self.relpath)
         directory = os.path.dirname(self.path)
@@ -196,6 +194,8 @@ class PackWriter:
         safefs.make_dir(os.path.dirname(directory), "store directory")
         safefs.make_dir(directory, "store directory")
         self._dir = directory
+        if before_create is not None:  # the session's registration (chunkstore/registry.py)
+            before_create(self.pack_id)
         self._fd = safefs.create_file(self.path, "pack file")
         header = encode_pack_header(config, self.pack_id)
         try:

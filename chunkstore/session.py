@@ -37,13 +37,14 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import lmdb
 
 from chunkstore import badmarks
+from chunkstore.config import FORMAT_VERSION
 from chunkstore.errors import StoreError
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry, PackInfo
-from chunkstore.lock import WriterLock
-from chunkstore.registry import Registry
+from chunkstore.lock import ChainLock, CommitLock, StoreLock
 from chunkstore.metadata import OP_DELETE, OP_PUT, iter_metadata_records
 from chunkstore.pack import RECORD_HEADER_SIZE, PackWriter, encode_record
 from chunkstore.refs import REFS_DBS
+from chunkstore.registry import Registration, Registry
 
 if TYPE_CHECKING:
     from chunkstore.store import ChunkStore
@@ -79,23 +80,30 @@ class WriteSession:
     """The one writer of a store.  ``claim``, ``write`` and ``add`` are
     thread-safe; ``commit`` and ``abort`` belong to the thread that opened it."""
 
-    def __init__(self, store: "ChunkStore", wait: float, purpose: str, kind: str = "backup"):
+    def __init__(self, store: "ChunkStore", wait: float, purpose: str, kind: str = "backup",
+                 chains: Iterable[tuple[str, str]] = ()):
         self.store = store
-        self._lock = WriterLock(store.path)
-        self._lock.acquire(wait, purpose)
-        self._registered = None
+        self.purpose = purpose
+        self._chains: list[ChainLock] = []
+        self._lock = StoreLock(store.path)
+        self._registration: Registration | None = None
         try:
-            store.upgrade_format()  # a format-2 store: its first writer adds the counts (under the lock)
-            # Registered for its whole life (chunkstore/registry.py): gc keeps
-            # what this session may still use, and reclaims its packs if it dies.
-            self._registered = Registry(store).register(kind, purpose)
-            self.registration = self._registered.__enter__()
+            # Chains first (the long wait, if any), then the store lock
+            # (shared: other writers run beside this one), then the
+            # registration, which says who holds all of them.
+            self.lock_chains(chains, wait)
+            if store.config.version < FORMAT_VERSION:  # a format-2 store's first writer upgrades it, alone
+                self._lock.acquire(wait, f"format upgrade ({purpose})", shared=False, deadline=self._deadline)
+                store.upgrade_format()
+                self._lock.release()
+            self._lock.acquire(wait, purpose, shared=True, deadline=self._deadline)
+            self._registration = Registry(store).register(kind, purpose)
+            for chain in self._chains:
+                chain.name_session(self._registration.id, purpose)
             # Marked by verify: stored again when met (chunkstore/badmarks.py).
-            # Marks change only under the lock this session holds.
             self._bad: set[bytes] = badmarks.bad_digests(store)
         except BaseException:
-            self._unregister()
-            self._lock.release()
+            self._release()
             raise
         self.pending: dict[bytes, IndexEntry] = {}
         self._claimed: set[bytes] = set()
@@ -110,6 +118,42 @@ class WriteSession:
         self.committed = False
         self.bytes_written = 0
         self.checkpoints = 0
+        self.duplicate_chunks = 0   # stored here, but another session indexed its copy first
+        self.duplicate_bytes = 0
+
+    def lock_chains(self, chains: Iterable[tuple[str, str]], wait: float) -> None:
+        """Take the locks of backup chains, (kind, name) with kind "disk" or
+        "vm": a second backup of one of them waits up to ``wait`` seconds or
+        fails (exit 4) naming this session.  Locks are taken in name order,
+        so two sessions never wait for each other; a session may add chains
+        once it knows them (a VM's disks)."""
+        self._deadline = time.monotonic() + max(wait, 0.0)
+        for kind, name in sorted(set(chains)):
+            if any((c.kind, c.name) == (kind, name) for c in self._chains):
+                continue
+            chain = ChainLock(self.store.path, kind, name)
+            chain.acquire(max(wait, 0.0), self._deadline, self.purpose)
+            self._chains.append(chain)
+            if self._registration is not None:
+                chain.name_session(self._registration.id, self.purpose)
+
+    @property
+    def registration(self) -> "Registration | None":
+        return self._registration
+
+    def _new_pack(self) -> PackWriter:
+        """A new pack, its id in the registration (durable) before its file exists."""
+        return PackWriter(self.store.path, self.store.config, before_create=self._registration.add_pack)
+
+    def _release(self) -> None:
+        """End the registration, then drop the locks (the reverse of taking them)."""
+        if self._registration is not None:
+            self._registration.close()
+            self._registration = None
+        self._lock.release()
+        for chain in reversed(self._chains):
+            chain.release()
+        self._chains.clear()
 
     def __enter__(self) -> "WriteSession":
         return self
@@ -168,7 +212,7 @@ class WriteSession:
                     pack = None
                 if pack is None:
                     try:
-                        pack = PackWriter(self.store.path, self.store.config, self.registration.add_pack)
+                        pack = self._new_pack()
                     except BaseException as e:  # the other writers stop too
                         self._fail(e)
                         raise
@@ -264,28 +308,46 @@ class WriteSession:
             ids = {p.pack_id for p in synced}
             moved = {d: e for d, e in self.pending.items() if e.pack_id in ids}
         store = self.store
-        with store.env.begin(write=True) as txn:
-            self._put_entries(txn, moved)
+        with CommitLock(store.path), store.env.begin(write=True) as txn:
+            self._put_chunks(txn, moved)
             for pack in synced:
                 txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True, pack.metadata).encode(), db=store.packs_db)
-            self._heal(txn, moved)
         with self._mutex:
             for digest in moved:
                 del self.pending[digest]
             self._packs = [p for p in self._packs if p.pack_id not in ids]
             self.checkpoints += 1
 
-    def _put_entries(self, txn, entries: dict) -> None:
-        """Index the session's chunks (chunkstore/refs.py: which copy the index keeps)."""
-        refs, bad = self.store.refs, self._bad
-        for digest, entry in entries.items():
-            refs.put_entry(txn, digest, entry, digest in bad)
+    def _put_chunks(self, txn, entries: dict[bytes, IndexEntry]) -> None:
+        """Index this session's chunks, keeping whatever another session indexed first.
 
-    def _heal(self, txn, entries) -> None:
-        """Chunks marked bad that this session stored again: their index
-        entries (just put) replace the bad ones; the marks say so."""
-        if self._bad:
-            healed = [d for d in entries if d in self._bad]
+        Two sessions that met one new chunk at once both stored it; the index
+        keeps one copy, the first committed, and never switches a reader's
+        entry to another pack: the later copy is dead bytes in its pack
+        (counted in ``duplicate_*``) for gc.  A chunk still marked bad is the
+        exception: this session stored it again to replace the bad copy, and
+        its mark says healed (chunkstore/badmarks.py); once healed, the next
+        session's copy is a duplicate like any other."""
+        chunks_db, refs = self.store.chunks_db, self.store.refs
+        healed = []
+        for digest, entry in entries.items():
+            if txn.put(digest, entry.encode(), db=chunks_db, overwrite=False):
+                continue
+            old = IndexEntry.decode(txn.get(digest, db=chunks_db))
+            if refs.dead_stamp(txn, digest) is not None:
+                # Dead (claim stored it again: gc may take the old copy): this copy
+                # replaces it; the old record is dead bytes already (chunkstore/refs.py).
+                txn.delete(digest, db=refs.dead_db)
+                txn.put(digest, entry.encode(), db=chunks_db)
+            elif digest in self._bad and badmarks.still_bad(self.store, txn, digest):  # not healed by another
+                txn.put(digest, entry.encode(), db=chunks_db)
+                refs.garbage(txn, old)
+                healed.append(digest)
+            else:
+                self.duplicate_chunks += 1
+                self.duplicate_bytes += RECORD_HEADER_SIZE + entry.stored_len
+                refs.garbage(txn, entry)
+        if healed:
             badmarks.heal(self.store, txn, healed)
             self._bad.difference_update(healed)
 
@@ -311,7 +373,10 @@ class WriteSession:
         in the same LMDB transaction as the chunks, so the packs alone can
         recreate those databases (chunkstore/rebuild.py).
         ``extra`` may check or write more, but what it writes is not in the
-        packs.  A ``metadata`` list is taken over (emptied).
+        packs; ``after`` runs once the metadata writes are in the
+        transaction (the reference counts of what they added, which the
+        rebuild recomputes rather than replays).  A ``metadata`` list is
+        taken over (emptied).
         """
         if self.committed:
             raise StoreError("write session committed twice")
@@ -329,15 +394,25 @@ class WriteSession:
         for pack in self._packs:
             if not pack.synced:  # not reached by the sealer: cannot happen unless it failed
                 raise StoreError(f"pack {pack.pack_id.hex()} was never synced; nothing committed")
-        number = 0
-        if writes:
-            number, follows = self._reserve_commit()
-            self._write_metadata(iter_metadata_records(writes, number, follows, time.time(), store.codec))
+        # From the number's reservation to the LMDB commit no other session
+        # commits, so ``follows`` names the commit just before this one and
+        # the commits form one chain, however sessions interleave.
+        with CommitLock(store.path):
+            number = 0
+            if writes:
+                number, follows = self._reserve_commit()
+                self._write_metadata(iter_metadata_records(writes, number, follows, time.time(), store.codec))
+            self._commit_index(extra, writes, number, after)
+        self.committed = True
+        self._release()
+
+    def _commit_index(self, extra, writes: list, number: int, after=None) -> None:
+        """Step 5 of FORMAT.md "Commit order": one LMDB write transaction."""
+        store = self.store
         with store.env.begin(write=True) as txn:
-            self._put_entries(txn, self.pending)
+            self._put_chunks(txn, self.pending)
             for pack in self._packs:
                 txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True, pack.metadata).encode(), db=store.packs_db)
-            self._heal(txn, self.pending)
             if extra is not None:
                 extra(txn)
             # A write leaves Python's memory as it enters the transaction's: a
@@ -354,14 +429,6 @@ class WriteSession:
                 after(txn)
             if number:
                 txn.put(LAST_COMMIT, _U64.pack(number), db=store.meta_db)
-        self.committed = True
-        self._unregister()
-        self._lock.release()
-
-    def _unregister(self) -> None:
-        if self._registered is not None:
-            registered, self._registered = self._registered, None
-            registered.__exit__(None, None, None)
 
     def _reserve_commit(self) -> tuple[int, int]:
         """(this commit's number, the last committed one's), the number made
@@ -385,7 +452,7 @@ class WriteSession:
                     self._finish_metadata_pack(pack)
                     pack = None
                 if pack is None:
-                    pack = PackWriter(self.store.path, self.store.config, self.registration.add_pack)
+                    pack = self._new_pack()
                     pack.metadata = True
                     self._packs.append(pack)
                 pack.write_at(pack.reserve(len(rec)), [rec])
@@ -413,8 +480,7 @@ class WriteSession:
             pack.discard()
         self._packs.clear()
         self.pending.clear()
-        self._unregister()
-        self._lock.release()
+        self._release()
 
 
 class _Sealer:

@@ -3,7 +3,9 @@
 Layout (docs/FORMAT.md has the bytes)::
 
     STORE/config.json      format version, chunk size, digest kind + seed, zstd level
-    STORE/lock             flock'ed by the one writer
+    STORE/lock             flock'ed shared by writers, exclusive by what runs alone
+    STORE/locks/           per-chain locks (a disk's, a VM's) and the commit lock
+    STORE/sessions/        the registry of running sessions (chunkstore/registry.py)
     STORE/index/           LMDB environment: the chunk index and, in databases
                            of their own, whatever the layer above keeps
     STORE/packs/XX/ID.pack pack files, XX = first byte of ID in hex
@@ -248,6 +250,10 @@ class ChunkStore:
         Readers never upgrade."""
         if self.config.version >= FORMAT_VERSION:
             return
+        current = StoreConfig.load(self.path)  # another writer may have upgraded it while we waited
+        if current.version >= FORMAT_VERSION:
+            self.config = current
+            return
         if self.upgrader is None:
             raise FormatVersionError(f"{self.path} has store format version {self.config.version}; only blockvault's "
                                      "engine can upgrade it (run any blockvault backup or gc on it)")
@@ -260,12 +266,14 @@ class ChunkStore:
             "store %s upgraded from format version %d to %d (%s); blockvault releases before it can no longer "
             "write it", self.path, old, FORMAT_VERSION, summary)
 
-    def writer(self, wait: float = 0.0, purpose: str = "backup", kind: str = "backup") -> WriteSession:
-        """The store's one write session (see chunkstore/session.py); ``kind``
-        names it in the registry (chunkstore/registry.py)."""
+    def writer(self, wait: float = 0.0, purpose: str = "backup", kind: str = "backup",
+               chains=()) -> WriteSession:
+        """A write session (see chunkstore/session.py), registered as ``kind``
+        and holding the locks of ``chains`` ((kind, name) pairs: a backup's
+        disk, a VM) besides the shared store lock."""
         if self.read_only:
             raise refuse_write(self.path)
-        return WriteSession(self, wait, purpose, kind)
+        return WriteSession(self, wait, purpose, kind, chains)
 
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

@@ -76,9 +76,8 @@ def restore_backup(repo: Repository, ref: str, target: str | RestoreTarget, forc
     out = target if isinstance(target, RestoreTarget) else make_target(target, force)
     out.check()
     workers = (workers or default_workers()) * 2  # I/O-bound share: keep reads in flight
-    # Registered before its read transaction begins (chunkstore/registry.py): gc
-    # unlinks no pack this restore may still read until it ends.
-    with Registry(store).register("restore", f"restore {ref}"), store.read_txn() as txn:
+    # Registered before its snapshot is taken: gc unlinks no pack it may read (chunkstore/registry.py).
+    with Registry(store).register("restore", f"restore of {ref}"), store.read_txn() as txn:
         record = repo.catalog.resolve(txn, ref)
         manifest = repo.manifests.get(txn, record.key, record.id, record)
         if on_start:
