@@ -20,6 +20,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+from chunkstore.errors import StoreError
 from chunkstore.index import IndexEntry, PackInfo
 from chunkstore.refs import distinct_digests, mark_counted, pack_u64, record_bytes, record_size, u64
 from engine.manifest import MANIFESTS_DB, SEGMENTS_DB, Manifest
@@ -51,15 +52,19 @@ class References:
     def add_manifests(self, txn, manifests: list[Manifest]) -> None:
         """A commit's new manifests (their segments already written in ``txn``)."""
         appeared = []
+        segments_db = self.repo.manifests.segments_db
         for m in manifests:
             for s in set(m.segments):
                 n = self.count(txn, s)
                 txn.put(s, pack_u64(n + 1), db=self.segrefs_db)
                 if n == 0:
+                    if txn.get(s, db=segments_db) is None:
+                        # It existed when the commit was prepared, so it was not written again; a
+                        # forget of another chain removed it since.  Committing would lose it.
+                        raise StoreError(f"manifest segment {s.hex()} was removed by a forget or delete that ran "
+                                         "while this backup committed; nothing was committed: run the backup again")
                     appeared.append(s)
-        segments_db = self.repo.manifests.segments_db
-        self.chunks.add_segments(txn, (bytes(txn.get(s, db=segments_db)) for s in appeared
-                                       if txn.get(s, db=segments_db) is not None))
+        self.chunks.add_segments(txn, (bytes(txn.get(s, db=segments_db)) for s in appeared))
 
     def release_manifest(self, txn, manifest: Manifest) -> int:
         """A manifest leaves the store (in ``txn``, a write transaction): its
