@@ -157,15 +157,25 @@ def test_sigkill_at_random_points_of_gc(tmp_path):
     assert run_cli("gc", store, "--max-unused", "0").returncode == 0
     duration = max(time.monotonic() - t0, 0.5)
 
+    b = str(tmp_path / "b.img")
+    make_sparse(b, 96 * CS)
     chooser = random.Random(403)
-    killed = 0
-    for _ in range(MAX_ROUNDS):
+    killed = beside = 0
+    for i in range(MAX_ROUNDS):
         if killed >= KILLS:
             break
         new_point()
-        oldest = min(points, key=lambda b: int(b.split("@")[1]))
+        oldest = min(points, key=lambda p: int(p.split("@")[1]) if p.startswith("a@") else 1 << 30)
         delete_point(store, oldest)
         os.unlink(points.pop(oldest))
+        backup = None
+        if i % 2:  # half of the runs: a backup of another disk at the same time, sharing some chunks
+            with open(a, "rb") as f:
+                write_at(b, 0, f.read(16 * CS))
+            write_at(b, 32 * CS, r.bytes(32 * CS))
+            b_image = snapshot(b, str(tmp_path / f"b{i}"))
+            backup = subprocess.Popen([sys.executable, "-m", "engine.cli", "backup", store, b, "--disk", "b"],
+                                      cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "gc", store, "--max-unused", "0"],
                                 cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(chooser.uniform(0.2, duration))  # python's start alone takes about 0.2 s
@@ -174,7 +184,13 @@ def test_sigkill_at_random_points_of_gc(tmp_path):
             killed += 1
         _, err = proc.communicate()
         assert proc.returncode in (0, -signal.SIGKILL), err
+        if backup is not None:
+            out, err = backup.communicate(timeout=300)
+            assert backup.returncode == 0, err
+            points[out.strip()] = b_image
+            beside += 1
         _check(store, points, tmp_path)
+    assert beside >= KILLS // 2
     assert killed >= KILLS
     final = json.loads(run_cli("gc", store, "--json").stdout)
     assert final["dead_bytes_after"] <= final["max_unused_bytes"]
