@@ -349,9 +349,11 @@ def _repack(store, plan: _Plan, pid: bytes, me, report: GcReport, on_progress) -
         for d, old, new in copies:
             if txn.get(d, db=store.chunks_db) == old.encode():
                 txn.put(d, new.encode(), db=store.chunks_db)
-                if txn.get(d, db=refs.dead_db) is not None:  # died since it was read: dead bytes where it is now
+                if txn.get(d, db=refs.dead_db) is not None:
+                    # Died since it was read: dead bytes where it is now; its death counted the old record.
                     refs.garbage(txn, new)
-                switched += record_size(old)
+                else:
+                    switched += record_size(old)
             else:  # moved meanwhile (stored again): this copy is garbage
                 refs.garbage(txn, new)
         if _still_dead(txn, refs, store, drop.items()):
