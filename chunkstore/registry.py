@@ -30,6 +30,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import struct
 import time
@@ -46,6 +47,9 @@ SUFFIX = ".reg"
 TEMP_PREFIX = ".new-"
 GEN_KEY = b"gen"  # meta: the lifecycle generation (u64 LE, absent = 0), counted by gc/forget
 _U64 = struct.Struct("<Q")
+_ID = re.compile(r"[0-9a-f]{32}")
+# Kinds that only read: they hold gc back, but the store lock does not wait for them.
+READER_KINDS = frozenset({"restore", "verify", "serve", "files", "read"})
 
 
 def read_gen(store: "ChunkStore") -> int:
@@ -115,37 +119,11 @@ class Registration:
         self.close()
 
 
-class Registry:
-    def __init__(self, store: "ChunkStore"):
-        self.store = store
-        self.dir = os.path.join(store.path, SESSIONS_DIR)
+class PathRegistry:
+    """The registrations of the store at ``store_path``, read only (no store opened)."""
 
-    def register(self, kind: str, command: str) -> Registration:
-        """Register this process's ``kind`` of work for as long as the result is open."""
-        if self.store.read_only:  # nothing can be written, so nothing can be removed under it either
-            return Registration(os.urandom(16).hex(), read_gen(self.store))
-        safefs.make_dir(self.dir, "store directory")
-        reg_id = os.urandom(16).hex()
-        temp = os.path.join(self.dir, TEMP_PREFIX + reg_id)
-        final = os.path.join(self.dir, reg_id + SUFFIX)
-        fd = safefs.create_file(temp, "session registration", flags=os.O_RDWR | os.O_APPEND)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            start_gen = read_gen(self.store)
-            head = {"kind": kind, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                    "start_gen": start_gen, "command": command}
-            os.write(fd, json.dumps(head, separators=(",", ":")).encode() + b"\n")
-            os.fsync(fd)
-            os.rename(temp, final)
-            _fsync_dir(self.dir)
-        except BaseException:
-            try:
-                os.unlink(temp)
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-            raise
-        return Registration(reg_id, start_gen, fd, final)
+    def __init__(self, store_path: str):
+        self.dir = os.path.join(store_path, SESSIONS_DIR)
 
     def entries(self) -> list[Entry]:
         """Every published registration, live or dead (a dead one stays until reaped)."""
@@ -166,6 +144,8 @@ class Registry:
         return [e for e in self.entries() if e.live]
 
     def get(self, reg_id: str) -> Entry | None:
+        if not _ID.fullmatch(reg_id):  # ids come from lock notes: never a path
+            return None
         return self._read(os.path.join(self.dir, reg_id + SUFFIX), reg_id)
 
     def oldest_live_gen(self) -> int | None:
@@ -223,6 +203,42 @@ class Registry:
         return Entry(reg_id, str(head.get("kind", "?")), _int(head.get("pid")), str(head.get("host", "?")),
                      _float(head.get("started")), _int(head.get("start_gen")), str(head.get("command", "")),
                      packs, live, path)
+
+
+
+class Registry(PathRegistry):
+    """The registry of an open store: ``register`` reads its ``meta`` gen and read-only flag."""
+
+    def __init__(self, store: "ChunkStore"):
+        super().__init__(store.path)
+        self.store = store
+
+    def register(self, kind: str, command: str) -> Registration:
+        """Register this process's ``kind`` of work for as long as the result is open."""
+        if self.store.read_only:  # nothing can be written, so nothing can be removed under it either
+            return Registration(os.urandom(16).hex(), read_gen(self.store))
+        safefs.make_dir(self.dir, "store directory")
+        reg_id = os.urandom(16).hex()
+        temp = os.path.join(self.dir, TEMP_PREFIX + reg_id)
+        final = os.path.join(self.dir, reg_id + SUFFIX)
+        fd = safefs.create_file(temp, "session registration", flags=os.O_RDWR | os.O_APPEND)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            start_gen = read_gen(self.store)
+            head = {"kind": kind, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                    "start_gen": start_gen, "command": command}
+            os.write(fd, json.dumps(head, separators=(",", ":")).encode() + b"\n")
+            os.fsync(fd)
+            os.rename(temp, final)
+            _fsync_dir(self.dir)
+        except BaseException:
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+            raise
+        return Registration(reg_id, start_gen, fd, final)
 
 
 def _read_all(fd: int) -> bytes:
