@@ -60,6 +60,12 @@ def bad_digests(store) -> set[bytes]:
         return {d for d, m in all_marks(store, txn).items() if m.state == BAD}
 
 
+def still_bad(store, txn, digest: bytes) -> bool:
+    """Whether the index entry of a marked digest is still the bad copy."""
+    value = txn.get(digest, db=store.bad_db)
+    return value is not None and Mark.decode(value).state == BAD
+
+
 def heal(store, txn, digests) -> None:
     """In a session's commit: these marked digests were just stored again."""
     now = time.time()
@@ -79,13 +85,14 @@ class MarkResult:
 def update_marks(store, bad: dict[bytes, str], started: float) -> MarkResult:
     """After a verify that began at ``started`` and found ``bad`` (digest ->
     reason): mark those, report and drop the marks of chunks that are good
-    again.  Needs the writer lock; a busy store is reported, not waited for."""
+    again.  Takes the store lock shared, as any writer does (only a store held
+alone, by a rebuild, is reported busy and not waited for)."""
     result = MarkResult()
     lock = WriterLock(store.path)
     try:
         if store.read_only:  # a read-only mount, or an index we may not write (chunkstore/readonly.py)
             raise refuse_write(store.path)
-        lock.acquire(0.0, "verify (marking bad chunks)")
+        lock.acquire(0.0, "verify (marking bad chunks)", shared=True)
     except (StoreError, OSError) as e:
         with store.read_txn() as txn:
             result.healed = {d: m for d, m in all_marks(store, txn).items() if m.state == HEALED}

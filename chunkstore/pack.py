@@ -184,7 +184,7 @@ class PackWriter:
     lost bytes.
     """
 
-    def __init__(self, store_path: str, config):
+    def __init__(self, store_path: str, config, before_create=None):
         self.pack_id = os.urandom(16)
         self.relpath = pack_relpath(self.pack_id)
         self.path = os.path.join(store_path, self.relpath)
@@ -194,6 +194,8 @@ class PackWriter:
         safefs.make_dir(os.path.dirname(directory), "store directory")
         safefs.make_dir(directory, "store directory")
         self._dir = directory
+        if before_create is not None:  # the session's registration (chunkstore/registry.py)
+            before_create(self.pack_id)
         self._fd = safefs.create_file(self.path, "pack file")
         header = encode_pack_header(config, self.pack_id)
         try:

@@ -39,9 +39,10 @@ import lmdb
 from chunkstore import badmarks
 from chunkstore.errors import StoreError
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry, PackInfo
-from chunkstore.lock import WriterLock
+from chunkstore.lock import ChainLock, CommitLock, StoreLock
 from chunkstore.metadata import OP_DELETE, OP_PUT, iter_metadata_records
 from chunkstore.pack import RECORD_HEADER_SIZE, PackWriter, encode_record
+from chunkstore.registry import Registration, Registry
 
 if TYPE_CHECKING:
     from chunkstore.store import ChunkStore
@@ -77,16 +78,26 @@ class WriteSession:
     """The one writer of a store.  ``claim``, ``write`` and ``add`` are
     thread-safe; ``commit`` and ``abort`` belong to the thread that opened it."""
 
-    def __init__(self, store: "ChunkStore", wait: float, purpose: str):
+    def __init__(self, store: "ChunkStore", wait: float, purpose: str, kind: str = "backup",
+                 chains: Iterable[tuple[str, str]] = ()):
         self.store = store
-        self._lock = WriterLock(store.path)
-        self._lock.acquire(wait, purpose)
+        self.purpose = purpose
+        self._chains: list[ChainLock] = []
+        self._lock = StoreLock(store.path)
+        self._registration: Registration | None = None
         try:
+            # Chains first (the long wait, if any), then the store lock
+            # (shared: other writers run beside this one), then the
+            # registration, which says who holds all of them.
+            self.lock_chains(chains, wait)
+            self._lock.acquire(wait, purpose, shared=True, deadline=self._deadline)
+            self._registration = Registry(store).register(kind, purpose)
+            for chain in self._chains:
+                chain.name_session(self._registration.id, purpose)
             # Marked by verify: stored again when met (chunkstore/badmarks.py).
-            # Marks change only under the lock this session holds.
             self._bad: set[bytes] = badmarks.bad_digests(store)
         except BaseException:
-            self._lock.release()
+            self._release()
             raise
         self.pending: dict[bytes, IndexEntry] = {}
         self._claimed: set[bytes] = set()
@@ -101,6 +112,42 @@ class WriteSession:
         self.committed = False
         self.bytes_written = 0
         self.checkpoints = 0
+        self.duplicate_chunks = 0   # stored here, but another session indexed its copy first
+        self.duplicate_bytes = 0
+
+    def lock_chains(self, chains: Iterable[tuple[str, str]], wait: float) -> None:
+        """Take the locks of backup chains, (kind, name) with kind "disk" or
+        "vm": a second backup of one of them waits up to ``wait`` seconds or
+        fails (exit 4) naming this session.  Locks are taken in name order,
+        so two sessions never wait for each other; a session may add chains
+        once it knows them (a VM's disks)."""
+        self._deadline = time.monotonic() + max(wait, 0.0)
+        for kind, name in sorted(set(chains)):
+            if any((c.kind, c.name) == (kind, name) for c in self._chains):
+                continue
+            chain = ChainLock(self.store.path, kind, name)
+            chain.acquire(max(wait, 0.0), self._deadline, self.purpose)
+            self._chains.append(chain)
+            if self._registration is not None:
+                chain.name_session(self._registration.id, self.purpose)
+
+    @property
+    def registration(self) -> "Registration | None":
+        return self._registration
+
+    def _new_pack(self) -> PackWriter:
+        """A new pack, its id in the registration (durable) before its file exists."""
+        return PackWriter(self.store.path, self.store.config, before_create=self._registration.add_pack)
+
+    def _release(self) -> None:
+        """End the registration, then drop the locks (the reverse of taking them)."""
+        if self._registration is not None:
+            self._registration.close()
+            self._registration = None
+        self._lock.release()
+        for chain in reversed(self._chains):
+            chain.release()
+        self._chains.clear()
 
     def __enter__(self) -> "WriteSession":
         return self
@@ -157,7 +204,7 @@ class WriteSession:
                     pack = None
                 if pack is None:
                     try:
-                        pack = PackWriter(self.store.path, self.store.config)
+                        pack = self._new_pack()
                     except BaseException as e:  # the other writers stop too
                         self._fail(e)
                         raise
@@ -253,23 +300,38 @@ class WriteSession:
             ids = {p.pack_id for p in synced}
             moved = {d: e for d, e in self.pending.items() if e.pack_id in ids}
         store = self.store
-        with store.env.begin(write=True) as txn:
-            for digest, entry in moved.items():
-                txn.put(digest, entry.encode(), db=store.chunks_db)
+        with CommitLock(store.path), store.env.begin(write=True) as txn:
+            self._put_chunks(txn, moved)
             for pack in synced:
                 txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True, pack.metadata).encode(), db=store.packs_db)
-            self._heal(txn, moved)
         with self._mutex:
             for digest in moved:
                 del self.pending[digest]
             self._packs = [p for p in self._packs if p.pack_id not in ids]
             self.checkpoints += 1
 
-    def _heal(self, txn, entries) -> None:
-        """Chunks marked bad that this session stored again: their index
-        entries (just put) replace the bad ones; the marks say so."""
-        if self._bad:
-            healed = [d for d in entries if d in self._bad]
+    def _put_chunks(self, txn, entries: dict[bytes, IndexEntry]) -> None:
+        """Index this session's chunks, keeping whatever another session indexed first.
+
+        Two sessions that met one new chunk at once both stored it; the index
+        keeps one copy, the first committed, and never switches a reader's
+        entry to another pack: the later copy is dead bytes in its pack
+        (counted in ``duplicate_*``) for gc.  A chunk still marked bad is the
+        exception: this session stored it again to replace the bad copy, and
+        its mark says healed (chunkstore/badmarks.py); once healed, the next
+        session's copy is a duplicate like any other."""
+        chunks_db = self.store.chunks_db
+        healed = []
+        for digest, entry in entries.items():
+            if txn.put(digest, entry.encode(), db=chunks_db, overwrite=False):
+                continue
+            if digest in self._bad and badmarks.still_bad(self.store, txn, digest):  # not healed by another
+                txn.put(digest, entry.encode(), db=chunks_db)
+                healed.append(digest)
+            else:
+                self.duplicate_chunks += 1
+                self.duplicate_bytes += RECORD_HEADER_SIZE + entry.stored_len
+        if healed:
             badmarks.heal(self.store, txn, healed)
             self._bad.difference_update(healed)
 
@@ -312,16 +374,25 @@ class WriteSession:
         for pack in self._packs:
             if not pack.synced:  # not reached by the sealer: cannot happen unless it failed
                 raise StoreError(f"pack {pack.pack_id.hex()} was never synced; nothing committed")
-        number = 0
-        if writes:
-            number, follows = self._reserve_commit()
-            self._write_metadata(iter_metadata_records(writes, number, follows, time.time(), store.codec))
+        # From the number's reservation to the LMDB commit no other session
+        # commits, so ``follows`` names the commit just before this one and
+        # the commits form one chain, however sessions interleave.
+        with CommitLock(store.path):
+            number = 0
+            if writes:
+                number, follows = self._reserve_commit()
+                self._write_metadata(iter_metadata_records(writes, number, follows, time.time(), store.codec))
+            self._commit_index(extra, writes, number)
+        self.committed = True
+        self._release()
+
+    def _commit_index(self, extra, writes: list, number: int) -> None:
+        """Step 5 of FORMAT.md "Commit order": one LMDB write transaction."""
+        store = self.store
         with store.env.begin(write=True) as txn:
-            for digest, entry in self.pending.items():
-                txn.put(digest, entry.encode(), db=store.chunks_db)
+            self._put_chunks(txn, self.pending)
             for pack in self._packs:
                 txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True, pack.metadata).encode(), db=store.packs_db)
-            self._heal(txn, self.pending)
             if extra is not None:
                 extra(txn)
             # A write leaves Python's memory as it enters the transaction's: a
@@ -336,8 +407,6 @@ class WriteSession:
                     txn.delete(key, db=store.db(name))
             if number:
                 txn.put(LAST_COMMIT, _U64.pack(number), db=store.meta_db)
-        self.committed = True
-        self._lock.release()
 
     def _reserve_commit(self) -> tuple[int, int]:
         """(this commit's number, the last committed one's), the number made
@@ -361,7 +430,7 @@ class WriteSession:
                     self._finish_metadata_pack(pack)
                     pack = None
                 if pack is None:
-                    pack = PackWriter(self.store.path, self.store.config)
+                    pack = self._new_pack()
                     pack.metadata = True
                     self._packs.append(pack)
                 pack.write_at(pack.reserve(len(rec)), [rec])
@@ -389,7 +458,7 @@ class WriteSession:
             pack.discard()
         self._packs.clear()
         self.pending.clear()
-        self._lock.release()
+        self._release()
 
 
 class _Sealer:

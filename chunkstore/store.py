@@ -3,7 +3,9 @@
 Layout (docs/FORMAT.md has the bytes)::
 
     STORE/config.json      format version, chunk size, digest kind + seed, zstd level
-    STORE/lock             flock'ed by the one writer
+    STORE/lock             flock'ed shared by writers, exclusive by what runs alone
+    STORE/locks/           per-chain locks (a disk's, a VM's) and the commit lock
+    STORE/sessions/        the registry of running sessions (chunkstore/registry.py)
     STORE/index/           LMDB environment: the chunk index and, in databases
                            of their own, whatever the layer above keeps
     STORE/packs/XX/ID.pack pack files, XX = first byte of ID in hex
@@ -229,11 +231,14 @@ class ChunkStore:
 
     # -- writing ---------------------------------------------------------------
 
-    def writer(self, wait: float = 0.0, purpose: str = "backup") -> WriteSession:
-        """The store's one write session (see chunkstore/session.py)."""
+    def writer(self, wait: float = 0.0, purpose: str = "backup", kind: str = "backup",
+               chains=()) -> WriteSession:
+        """A write session (see chunkstore/session.py), registered as ``kind``
+        and holding the locks of ``chains`` ((kind, name) pairs: a backup's
+        disk, a VM) besides the shared store lock."""
         if self.read_only:
             raise refuse_write(self.path)
-        return WriteSession(self, wait, purpose)
+        return WriteSession(self, wait, purpose, kind, chains)
 
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

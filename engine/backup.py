@@ -181,7 +181,7 @@ def commit_backups(repo: Repository, session, prepared: list[PreparedBackup], mo
     pairs = [(repo.catalog, p.record) for p in prepared] + list(more)
     writes += [numbered.write(record) for numbered, record in more]
 
-    def check(txn):  # the writer lock makes a clash a bug, but a bug must not overwrite a backup
+    def check(txn):  # the chain locks make a clash a bug, but a bug must not overwrite a backup
         for numbered, record in pairs:
             numbered.check_new(txn, record)
 
@@ -202,7 +202,7 @@ def backup_image(repo: Repository, source: str, disk_name: str, mode: str = "ful
     with opened_source(source, credentials_file, allow_external_extents) as disk:
         changed = load_changed_areas(changed_areas_path, disk.size) if changed_areas_path else None
         workers = workers or default_workers()
-        with repo.store.writer(wait=wait, purpose=f"backup of {disk_name}") as session, \
+        with repo.store.writer(wait=wait, purpose=f"backup of {disk_name}", chains=[("disk", disk_name)]) as session, \
                 ThreadPoolExecutor(workers, thread_name_prefix="bv-backup") as pool:
             identity = source_identity(disk)
             prepared = backup_disk(repo, session, pool, workers, disk, disk_name, mode, changed,

@@ -22,6 +22,7 @@ import native
 
 from chunkstore import IndexEntry
 from chunkstore.pack import RECORD_HEADER_SIZE
+from chunkstore.registry import Registry
 from engine.catalog import BackupRecord
 from engine.manifest import Manifest, segment_array
 from engine.pipeline import default_workers
@@ -75,7 +76,8 @@ def restore_backup(repo: Repository, ref: str, target: str | RestoreTarget, forc
     out = target if isinstance(target, RestoreTarget) else make_target(target, force)
     out.check()
     workers = (workers or default_workers()) * 2  # I/O-bound share: keep reads in flight
-    with store.read_txn() as txn:
+    # Registered before its snapshot is taken: gc unlinks no pack it may read (chunkstore/registry.py).
+    with Registry(store).register("restore", f"restore of {ref}"), store.read_txn() as txn:
         record = repo.catalog.resolve(txn, ref)
         manifest = repo.manifests.get(txn, record.key, record.id, record)
         if on_start:

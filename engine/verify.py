@@ -23,6 +23,7 @@ import numpy as np
 from chunkstore import badmarks
 from chunkstore.errors import IntegrityError
 from chunkstore.pack import pack_relpath
+from chunkstore.registry import Registry
 from chunkstore.verify import ChunkVerifyReport, verify_chunks
 from engine.manifest import count_nonzero, segment_array
 from engine.repository import Repository
@@ -97,10 +98,11 @@ def verify_repository(repo: Repository, workers: int = 2,
     (under the writer lock, if free) so the next backup stores them again."""
     store = repo.store
     started = time.time()
-    report = VerifyReport(verify_chunks(store, workers, on_total, on_progress), store_path=store.path)
-    with store.read_txn() as txn:
-        marked = set(badmarks.all_marks(store, txn))
-    _check_manifests(repo, report, set(report.chunks.corrupt) | marked)
+    with Registry(store).register("verify", "verify"):  # gc unlinks nothing it is reading
+        report = VerifyReport(verify_chunks(store, workers, on_total, on_progress), store_path=store.path)
+        with store.read_txn() as txn:
+            marked = set(badmarks.all_marks(store, txn))
+        _check_manifests(repo, report, set(report.chunks.corrupt) | marked)
     if mark:
         report.marks = badmarks.update_marks(store, report.bad(), started)
     return report

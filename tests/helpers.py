@@ -75,13 +75,14 @@ def allocated_ranges(path: str) -> list[tuple[int, int]]:
 
 
 def store_fingerprint(store: str) -> dict:
-    """Everything a store holds that matters: files (but the lock) and every LMDB record."""
+    """Everything a store holds that matters: files (but the locks: STORE/lock, STORE/locks/) and
+    every LMDB record."""
     fp = {}
     for root, _, files in os.walk(store):
         for name in files:
             path = os.path.join(root, name)
             rel = os.path.relpath(path, store)
-            if rel in ("lock",) or rel.startswith("index" + os.sep):
+            if rel in ("lock",) or rel.startswith(("index" + os.sep, "locks" + os.sep)):
                 continue
             with open(path, "rb") as f:
                 fp[rel] = hashlib.sha256(f.read()).hexdigest()

@@ -150,7 +150,10 @@ def backup_vm(repo: Repository, conn: Connection, vm, options: BackupOptions | N
         vm_name = vm.name
     name = vm_backup_name(vm_name)
     started = time.time()
-    with store.writer(wait=options.wait, purpose=f"vSphere backup of VM {vm_name}") as session:
+    # The VM's chain lock now, its disks' once the snapshot names them (_read):
+    # backups of other VMs and disks run beside this one (chunkstore/lock.py).
+    with store.writer(wait=options.wait, purpose=f"vSphere backup of VM {vm_name}",
+                      chains=[("vm", name)]) as session:
         with store.read_txn() as txn:
             prev, prev_full = vms.latest(txn, name), vms.latest(txn, name, kind="full")
             seq = vms.next_seq(txn, name)
@@ -222,6 +225,7 @@ def _read(run: VmRun, warnings: list[str], on_plan, on_progress):
             log.warning(warnings[-1])
             continue
         jobs.append(DiskJob(run, device, disk_backup_name(vm_backup_name(run.vm_name), device.key)))
+    run.session.lock_chains([("disk", job.disk_name) for job in jobs], run.options.wait)
     plan_total, lock = [0], threading.Lock()
 
     def planned(n: int) -> None:

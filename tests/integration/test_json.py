@@ -222,7 +222,8 @@ def test_a_busy_store_names_its_holder(tmp_path, image):
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time; from chunkstore import ChunkStore; s = ChunkStore.open(sys.argv[1]); "
-         "w = s.writer(purpose='nightly job'); print('held', flush=True); time.sleep(60)", store],
+         "w = s.writer(purpose='nightly job', chains=[('disk', 'd')]); print('held', flush=True); "
+         "time.sleep(60)", store],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

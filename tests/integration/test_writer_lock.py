@@ -11,6 +11,7 @@ import sys
 import time
 
 from chunkstore import ChunkStore
+from chunkstore.registry import PathRegistry
 from helpers import REPO_ROOT, make_sparse, rng, run_cli, same_file, snapshot, write_at
 
 CS = 64 << 10
@@ -71,7 +72,7 @@ def test_a_copy_under_the_writer_lock_is_consistent_while_backups_run(tmp_path):
 
     running = _cli("backup", store, big, "--disk", "big")
     deadline = time.monotonic() + 60
-    while os.path.getsize(os.path.join(store, "lock")) == 0:   # the holder's note: it has the lock
+    while not PathRegistry(store).live():   # its registration: it holds the store lock (shared)
         assert time.monotonic() < deadline and running.poll() is None, running.communicate()
         time.sleep(0.01)
     # Held mid-backup while the copy and the next backup line up behind it, so
