@@ -114,6 +114,8 @@ class WriteSession:
         self.checkpoints = 0
         self.duplicate_chunks = 0   # stored here, but another session indexed its copy first
         self.duplicate_bytes = 0
+        # Duplicates whose copy here comes first in pack order (see _note_kept).
+        self._kept: dict[bytes, IndexEntry] = {}
 
     def lock_chains(self, chains: Iterable[tuple[str, str]], wait: float) -> None:
         """Take the locks of backup chains, (kind, name) with kind "disk" or
@@ -331,9 +333,30 @@ class WriteSession:
             else:
                 self.duplicate_chunks += 1
                 self.duplicate_bytes += RECORD_HEADER_SIZE + entry.stored_len
+                self._note_kept(digest, entry, IndexEntry.decode(txn.get(digest, db=chunks_db)))
         if healed:
             badmarks.heal(self.store, txn, healed)
             self._bad.difference_update(healed)
+
+    def _note_kept(self, digest: bytes, mine: IndexEntry, kept: IndexEntry) -> None:
+        """Remember a duplicate that ``rebuild`` would index at this session's
+        copy: it takes the first good copy in pack order (pack id, offset),
+        while the index kept the first committed.  The commit's metadata then
+        says which copy the index kept, so a rebuild picks that one too."""
+        if (mine.pack_id, mine.offset) < (kept.pack_id, kept.offset):
+            self._kept[digest] = kept
+
+    def _kept_writes(self) -> list[tuple[int, bytes, bytes, bytes]]:
+        """Under the commit lock: the ``chunks`` records of this commit's duplicates
+        (none in the usual case).  Nothing indexes a chunk while the lock is
+        held, so what is indexed now is what the LMDB commit will keep."""
+        store = self.store
+        with store.read_txn() as txn:
+            for digest, entry in self.pending.items():
+                value = txn.get(digest, db=store.chunks_db)
+                if value is not None and not (digest in self._bad and badmarks.still_bad(store, txn, digest)):
+                    self._note_kept(digest, entry, IndexEntry.decode(value))
+        return [(OP_PUT, CHUNKS_DB, d, e.encode()) for d, e in sorted(self._kept.items())]
 
     # -- ending ----------------------------------------------------------------
 
@@ -379,6 +402,7 @@ class WriteSession:
         # the commits form one chain, however sessions interleave.
         with CommitLock(store.path):
             number = 0
+            writes += self._kept_writes()
             if writes:
                 number, follows = self._reserve_commit()
                 self._write_metadata(iter_metadata_records(writes, number, follows, time.time(), store.codec))
