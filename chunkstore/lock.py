@@ -208,6 +208,36 @@ class ChainLock(_FileLock):
                 f"({who})", holder)
 
 
+class ChainLocks:
+    """The locks of several chains for a short while (forget, delete: one
+    transaction), taken in name order like a session's, released on exit::
+
+        with ChainLocks(store.path, [("disk", "web01")], wait, "forget"):
+            ...
+    """
+
+    def __init__(self, store_path: str, chains, wait: float = 0.0, purpose: str = "write"):
+        self.store_path, self.chains, self.wait, self.purpose = store_path, sorted(set(chains)), wait, purpose
+        self._held: list[ChainLock] = []
+
+    def __enter__(self) -> "ChainLocks":
+        deadline = time.monotonic() + max(self.wait, 0.0)
+        try:
+            for kind, name in self.chains:
+                lock = ChainLock(self.store_path, kind, name)
+                lock.acquire(max(self.wait, 0.0), deadline, self.purpose)
+                self._held.append(lock)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for lock in reversed(self._held):
+            lock.release()
+        self._held.clear()
+
+
 class CommitLock(_FileLock):
     """``STORE/locks/commit.lock``: one commit at a time, from number to LMDB commit."""
 
