@@ -76,8 +76,8 @@ class _FileLock:
         """The lock file, opened for writing: on a read-only store, a clear refusal."""
         try:
             directory = os.path.dirname(self.path)
-            if directory != self.store_path.rstrip(os.sep) and not os.path.isdir(directory):
-                safefs.make_dir(directory, "store directory")
+            if os.path.abspath(directory) != os.path.abspath(self.store_path):
+                safefs.make_dir(directory, "store directory")  # STORE/locks: made, or refused if a link
             fd = safefs.open_file(self.path, os.O_RDWR | os.O_CREAT, f"{self.what} file")
         except OSError as e:
             if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):

@@ -69,3 +69,18 @@ def test_a_chain_lock_file_name_is_the_hex_of_the_name_and_a_planted_link_is_ref
         with ChainLocks(store, [("disk", "d")], 0, "backup"):
             pass
     assert victim.read_text() == "keep me"
+
+
+def test_a_locks_or_sessions_directory_that_is_a_link_is_refused(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for sub in ("locks", "sessions"):
+        store = str(tmp_path / f"s-{sub}")
+        opened = ChunkStore.init(store, chunk_size=64 << 10)
+        os.symlink(elsewhere, os.path.join(store, sub))
+        with pytest.raises(UnsafePathError):
+            ChunkStore.open(store)
+        with pytest.raises(UnsafePathError):   # and a writer of a store opened before the link appeared
+            opened.writer(chains=[("disk", "d")])
+        opened.close()
+    assert os.listdir(elsewhere) == []
