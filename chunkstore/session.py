@@ -327,7 +327,7 @@ class WriteSession:
         for digest, entry in entries.items():
             if txn.put(digest, entry.encode(), db=chunks_db, overwrite=False):
                 continue
-            if digest in self._bad and badmarks.still_bad(self.store, txn, digest):  # not healed by another
+            if self._replaces(txn, digest):
                 txn.put(digest, entry.encode(), db=chunks_db)
                 healed.append(digest)
             else:
@@ -337,6 +337,11 @@ class WriteSession:
         if healed:
             badmarks.heal(self.store, txn, healed)
             self._bad.difference_update(healed)
+
+    def _replaces(self, txn, digest: bytes) -> bool:
+        """Whether this session's copy of an indexed chunk replaces the indexed
+        one: only a copy still marked bad (not healed by another session)."""
+        return digest in self._bad and badmarks.still_bad(self.store, txn, digest)
 
     def _note_kept(self, digest: bytes, mine: IndexEntry, kept: IndexEntry) -> None:
         """Remember a duplicate that ``rebuild`` would index at this session's
@@ -354,7 +359,7 @@ class WriteSession:
         with store.read_txn() as txn:
             for digest, entry in self.pending.items():
                 value = txn.get(digest, db=store.chunks_db)
-                if value is not None and not (digest in self._bad and badmarks.still_bad(store, txn, digest)):
+                if value is not None and not self._replaces(txn, digest):
                     self._note_kept(digest, entry, IndexEntry.decode(value))
         return [(OP_PUT, CHUNKS_DB, d, e.encode()) for d, e in sorted(self._kept.items())]
 
