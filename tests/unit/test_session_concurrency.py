@@ -92,3 +92,31 @@ def test_a_chunk_two_sessions_stored_keeps_the_first_committed_entry_also_after_
     with store.read_txn() as txn:
         assert store.lookup(txn, shared[0]) == kept and isinstance(kept, IndexEntry)
     store.close()
+
+
+def test_a_duplicate_met_by_a_checkpoint_is_recorded_by_the_final_commit(tmp_path, monkeypatch):
+    import time
+    monkeypatch.setattr(session_mod, "CHECKPOINT_ENTRIES", 1)
+    store = _store(tmp_path)
+    shared = _chunk(store, rng(4).bytes(CS))
+    s1, s2 = store.writer(purpose="one"), store.writer(purpose="two")
+    for s in (s1, s2):
+        s.write([shared])
+    early, late = sorted((s1, s2), key=lambda s: s.pending[shared[0]].pack_id, reverse=True)
+    kept = early.pending[shared[0]]
+    early.commit(metadata=[(DB, b"early", b"e")])
+    r = rng(5)
+    for _ in range(40):          # fills the pack holding the shared chunk: sealed, then checkpointed
+        late.write([_chunk(store, r.bytes(CS))])
+    deadline = time.monotonic() + 30
+    while shared[0] in late.pending:
+        assert time.monotonic() < deadline, "no checkpoint took the shared chunk"
+        time.sleep(0.01)
+    assert late.checkpoints >= 1 and late.duplicate_chunks == 1
+    late.commit(metadata=[(DB, b"late", b"l")])
+    with store.read_txn() as txn:
+        assert store.lookup(txn, shared[0]) == kept
+    rebuild_index(store)
+    with store.read_txn() as txn:
+        assert store.lookup(txn, shared[0]) == kept
+    store.close()
