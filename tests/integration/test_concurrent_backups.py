@@ -216,3 +216,30 @@ def test_rebuild_runs_alone_it_names_a_running_backup_and_leaves_the_store_as_it
             running.kill()
             running.wait()
     assert run_cli("rebuild", store).returncode == 0
+
+
+def test_verify_beside_a_running_backup_does_not_call_its_packs_left_overs(tmp_path):
+    store = str(tmp_path / "store")
+    ChunkStore.init(store, chunk_size=CS, pack_target_size=1 << 20).close()
+    first = _image(tmp_path, "a.img", 4, 99)
+    assert run_cli("backup", store, first, "--disk", "a").returncode == 0
+    img = _image(tmp_path, "d.img", 24, 100)
+    running = _cli("backup", store, img, "--disk", "d")
+    try:
+        held = _registration(store, running.pid, packs=2)
+        running.send_signal(signal.SIGSTOP)
+        proc = run_cli("verify", store, "--json")
+        doc = json.loads(proc.stdout)
+        assert proc.returncode == 0 and doc["ok"] is True, proc.stdout + proc.stderr
+        assert doc["unreferenced_packs"] == []                 # they are being written
+        running.send_signal(signal.SIGKILL)
+        running.wait()
+    finally:
+        if running.poll() is None:
+            running.send_signal(signal.SIGCONT)
+            running.kill()
+            running.wait()
+    doc = json.loads(run_cli("verify", store, "--json").stdout)
+    left = {os.path.basename(p["path"])[:-5] for p in doc["unreferenced_packs"]}
+    on_disk = {p.hex() for p in held.packs if os.path.exists(os.path.join(store, "packs", p.hex()[:2], p.hex() + ".pack"))}
+    assert doc["ok"] is True and on_disk and left >= on_disk      # now they are left-overs of a killed backup
