@@ -1,4 +1,4 @@
-"""WriteSession: the one writer of a store, fed by many threads at once.
+"""WriteSession: one writer of a store (one backup), fed by many threads at once.
 
 Until ``commit`` nothing a session writes is visible: index entries wait in
 memory and pack bytes sit in files nothing references.  ``commit`` seals and
@@ -24,6 +24,12 @@ other or behind the disk:
 
 Only one thread writes a given pack, so its records reach the file in
 order and a crash leaves at most a torn tail.
+
+Several sessions (backups of other disks, other processes) run at once,
+each with its own packs; only their commits take turns, under
+``STORE/locks/commit.lock`` from the commit number to the LMDB commit, so
+the commits stay one chain for ``rebuild``.  A chunk two of them stored
+keeps the index entry committed first (``_put_chunks``).
 """
 
 from __future__ import annotations
@@ -39,10 +45,11 @@ import lmdb
 from chunkstore import badmarks
 from chunkstore.errors import StoreError
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry, PackInfo
-from chunkstore.lock import ChainLock, CommitLock, StoreLock
+from chunkstore.holds import Holds
+from chunkstore.lock import CommitLock
 from chunkstore.metadata import OP_DELETE, OP_PUT, iter_metadata_records
 from chunkstore.pack import RECORD_HEADER_SIZE, PackWriter, encode_record
-from chunkstore.registry import Registration, Registry
+from chunkstore.registry import Registration
 
 if TYPE_CHECKING:
     from chunkstore.store import ChunkStore
@@ -75,29 +82,21 @@ def meta_number(txn, db, key: bytes) -> int:
 
 
 class WriteSession:
-    """The one writer of a store.  ``claim``, ``write`` and ``add`` are
+    """One writer of a store, beside others (each its own packs; chunkstore/holds.py
+    says what it holds).  ``claim``, ``write`` and ``add`` are
     thread-safe; ``commit`` and ``abort`` belong to the thread that opened it."""
 
     def __init__(self, store: "ChunkStore", wait: float, purpose: str, kind: str = "backup",
                  chains: Iterable[tuple[str, str]] = ()):
         self.store = store
         self.purpose = purpose
-        self._chains: list[ChainLock] = []
-        self._lock = StoreLock(store.path)
-        self._registration: Registration | None = None
+        self._holds = Holds(store, purpose)  # chain locks, the store lock (shared), a registration
+        self._holds.take(wait, kind, chains)
         try:
-            # Chains first (the long wait, if any), then the store lock
-            # (shared: other writers run beside this one), then the
-            # registration, which says who holds all of them.
-            self.lock_chains(chains, wait)
-            self._lock.acquire(wait, purpose, shared=True, deadline=self._deadline)
-            self._registration = Registry(store).register(kind, purpose)
-            for chain in self._chains:
-                chain.name_session(self._registration.id, purpose)
             # Marked by verify: stored again when met (chunkstore/badmarks.py).
             self._bad: set[bytes] = badmarks.bad_digests(store)
         except BaseException:
-            self._release()
+            self._holds.release()
             raise
         self.pending: dict[bytes, IndexEntry] = {}
         self._claimed: set[bytes] = set()
@@ -118,38 +117,16 @@ class WriteSession:
         self._kept: dict[bytes, IndexEntry] = {}
 
     def lock_chains(self, chains: Iterable[tuple[str, str]], wait: float) -> None:
-        """Take the locks of backup chains, (kind, name) with kind "disk" or
-        "vm": a second backup of one of them waits up to ``wait`` seconds or
-        fails (exit 4) naming this session.  Locks are taken in name order,
-        so two sessions never wait for each other; a session may add chains
-        once it knows them (a VM's disks)."""
-        self._deadline = time.monotonic() + max(wait, 0.0)
-        for kind, name in sorted(set(chains)):
-            if any((c.kind, c.name) == (kind, name) for c in self._chains):
-                continue
-            chain = ChainLock(self.store.path, kind, name)
-            chain.acquire(max(wait, 0.0), self._deadline, self.purpose)
-            self._chains.append(chain)
-            if self._registration is not None:
-                chain.name_session(self._registration.id, self.purpose)
+        """Add backup chains' locks once they are known (a VM's disks): chunkstore/holds.py."""
+        self._holds.lock_chains(chains, wait)
 
     @property
     def registration(self) -> "Registration | None":
-        return self._registration
+        return self._holds.registration
 
     def _new_pack(self) -> PackWriter:
         """A new pack, its id in the registration (durable) before its file exists."""
-        return PackWriter(self.store.path, self.store.config, before_create=self._registration.add_pack)
-
-    def _release(self) -> None:
-        """End the registration, then drop the locks (the reverse of taking them)."""
-        if self._registration is not None:
-            self._registration.close()
-            self._registration = None
-        self._lock.release()
-        for chain in reversed(self._chains):
-            chain.release()
-        self._chains.clear()
+        return PackWriter(self.store.path, self.store.config, before_create=self._holds.registration.add_pack)
 
     def __enter__(self) -> "WriteSession":
         return self
@@ -413,7 +390,7 @@ class WriteSession:
                 self._write_metadata(iter_metadata_records(writes, number, follows, time.time(), store.codec))
             self._commit_index(extra, writes, number)
         self.committed = True
-        self._release()
+        self._holds.release()
 
     def _commit_index(self, extra, writes: list, number: int) -> None:
         """Step 5 of FORMAT.md "Commit order": one LMDB write transaction."""
@@ -487,7 +464,7 @@ class WriteSession:
             pack.discard()
         self._packs.clear()
         self.pending.clear()
-        self._release()
+        self._holds.release()
 
 
 class _Sealer:
