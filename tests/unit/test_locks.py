@@ -84,3 +84,19 @@ def test_a_locks_or_sessions_directory_that_is_a_link_is_refused(tmp_path):
             opened.writer(chains=[("disk", "d")])
         opened.close()
     assert os.listdir(elsewhere) == []
+
+
+def test_a_killed_rebuild_s_note_does_not_hide_the_running_writers(tmp_path):
+    store = str(tmp_path / "s")
+    ChunkStore.init(store, chunk_size=64 << 10).close()
+    with open(os.path.join(store, "lock"), "w") as f:   # what a rebuild killed mid-way leaves in the file
+        f.write('{"pid": 1, "host": "gone", "since": 0, "purpose": "rebuild"}')
+    proc, reg_id = _holder(store, "d")
+    try:
+        with pytest.raises(StoreLockedError) as caught:
+            StoreLock(store).acquire(0, "rebuild")
+        assert caught.value.holder["session"] == reg_id and "backup of d by pid" in str(caught.value)
+        assert "rebuild by pid 1" not in str(caught.value)
+    finally:
+        proc.kill()
+        proc.wait()
