@@ -11,9 +11,12 @@ at the new record and turns the mark into "healed".  Every point that names
 the digest heals with it, since manifests reference chunks by digest only.
 The next verify reports the healed chunks and drops their marks.
 
-Marks are written only under the store's writer lock (verify takes it
-briefly, without waiting), so a session's view of them cannot change while
-it runs.  Value layout: docs/FORMAT.md ("bad").
+Marks are written under the store lock, shared like any writer's (verify
+takes it briefly, without waiting), so a session that began before a mark
+may still use the bad copy; the next one stores it again.  A session heals
+a mark only while it still says bad: once another session healed it, a
+copy stored again is a duplicate like any other.  Value layout:
+docs/FORMAT.md ("bad").
 """
 
 from __future__ import annotations

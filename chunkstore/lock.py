@@ -76,8 +76,8 @@ class _FileLock:
         """The lock file, opened for writing: on a read-only store, a clear refusal."""
         try:
             directory = os.path.dirname(self.path)
-            if directory != self.store_path.rstrip(os.sep) and not os.path.isdir(directory):
-                safefs.make_dir(directory, "store directory")
+            if os.path.abspath(directory) != os.path.abspath(self.store_path):
+                safefs.make_dir(directory, "store directory")  # STORE/locks: made, or refused if a link
             fd = safefs.open_file(self.path, os.O_RDWR | os.O_CREAT, f"{self.what} file")
         except OSError as e:
             if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
@@ -140,11 +140,13 @@ class StoreLock(_FileLock):
     def __init__(self, store_path: str):
         super().__init__(store_path, os.path.join(store_path, LOCK_FILE), "store lock")
         self.shared = False
+        self._asking_shared = False
 
     def acquire(self, wait: float = 0.0, purpose: str = "write", shared: bool = False,
                 deadline: float | None = None) -> None:
         wait = max(wait, 0.0)
         deadline = time.monotonic() + wait if deadline is None else deadline
+        self._asking_shared = shared
         self._take(fcntl.LOCK_SH if shared else fcntl.LOCK_EX, deadline, wait, self._busy)
         self.shared = shared
         if not shared:
@@ -156,16 +158,18 @@ class StoreLock(_FileLock):
         super().release()
 
     def _busy(self, fd: int) -> tuple[str, dict]:
+        """Who holds it.  Asking for it shared, only an exclusive holder can be in
+        the way, and it wrote its note; asking for it alone, the registered
+        writers come first (a note there may be a killed rebuild's, left behind)."""
         note = read_note(fd)
-        if note:  # an exclusive holder writes its note (a shared one never does)
-            return (f"store {self.store_path} is busy: {note.get('purpose', 'a writer')} holds it alone "
-                    f"({describe_holder(note)})", note)
-        writers = _live_writers(self.store_path)
+        writers = [] if self._asking_shared else _live_writers(self.store_path)
         if writers:
             shown = "; ".join(e.describe() for e in writers[:3]) + ("; ..." if len(writers) > 3 else "")
             count = f"{len(writers)} writer{'' if len(writers) == 1 else 's'}"
             return (f"store {self.store_path} is busy: {count} hold{'s' if len(writers) == 1 else ''} it "
                     f"({shown})", holder_of(writers[0]))
+        if note:
+            return f"store {self.store_path} is busy: another writer holds it alone ({describe_holder(note)})", note
         return f"store {self.store_path} is busy: another writer holds it (holder unknown)", {}
 
 
@@ -206,6 +210,36 @@ class ChainLock(_FileLock):
         what = "VM" if self.kind == "vm" else "disk"
         return (f"{what} {self.name} is busy in store {self.store_path}: another backup of it is running "
                 f"({who})", holder)
+
+
+class ChainLocks:
+    """The locks of several chains for a short while (forget, delete: one
+    transaction), taken in name order like a session's, released on exit::
+
+        with ChainLocks(store.path, [("disk", "web01")], wait, "forget"):
+            ...
+    """
+
+    def __init__(self, store_path: str, chains, wait: float = 0.0, purpose: str = "write"):
+        self.store_path, self.chains, self.wait, self.purpose = store_path, sorted(set(chains)), wait, purpose
+        self._held: list[ChainLock] = []
+
+    def __enter__(self) -> "ChainLocks":
+        deadline = time.monotonic() + max(self.wait, 0.0)
+        try:
+            for kind, name in self.chains:
+                lock = ChainLock(self.store_path, kind, name)
+                lock.acquire(max(self.wait, 0.0), deadline, self.purpose)
+                self._held.append(lock)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for lock in reversed(self._held):
+            lock.release()
+        self._held.clear()
 
 
 class CommitLock(_FileLock):

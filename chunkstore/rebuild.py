@@ -20,13 +20,14 @@ aside and a new one is written.  Runs as the store's writer.
 from __future__ import annotations
 
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 
 from chunkstore.codec import Codec
 from chunkstore.config import StoreConfig, fsync_dir
 from chunkstore.errors import IntegrityError
-from chunkstore.index import IndexEntry, PackInfo
+from chunkstore.index import CHUNKS_DB, IndexEntry, PackInfo
 from chunkstore.lock import WriterLock
 from chunkstore.metadata import OP_PUT, decode_metadata, metadata_part
 from chunkstore.pack import (METADATA_MAGIC, RECORD_HEADER_SIZE, RECORD_MAGIC, check_payload, decode_record_header,
@@ -129,11 +130,11 @@ def rebuild_index(store: ChunkStore, wait: float = 0.0, derive=None) -> RebuildR
 
 
 def _rebuild(store: ChunkStore, report: RebuildReport, finish=None) -> None:
-    entries, packs, commits = _scan(store.path, store.config, report)
+    entries, packs, commits, copies = _scan(store.path, store.config, report)
     chain = _chain(commits, report)
     if not report.complete:
         _keep_previous(store, report)
-    _replace(store, entries, packs, chain, commits, report, finish)
+    _replace(store, entries, packs, chain, commits, report, copies, finish)
 
 
 def _keep_previous(store: ChunkStore, report: RebuildReport) -> None:
@@ -157,6 +158,7 @@ def _scan(path: str, cfg: StoreConfig, report: RebuildReport):
     entries: dict[bytes, IndexEntry] = {}
     packs: dict[bytes, PackInfo] = {}
     commits: dict[int, _Commit] = {}
+    copies: dict[bytes, list] = {}   # digest -> the IndexEntry of each of its other good records
     lost: list[tuple[str, bytes | None]] = []
     codec = Codec(cfg.compression_level)
     dlen = 32 if cfg.digest == "sha256" else 16
@@ -188,6 +190,8 @@ def _scan(path: str, cfg: StoreConfig, report: RebuildReport):
             elif h.magic == RECORD_MAGIC and len(h.digest) == dlen:
                 if h.digest in entries:
                     report.duplicates += 1
+                    copies.setdefault(h.digest, []).append(
+                        IndexEntry(scan.pack_id, rec.offset, h.stored_len, h.raw_len, h.codec))
                     continue
                 entries[h.digest] = IndexEntry(scan.pack_id, rec.offset, h.stored_len, h.raw_len, h.codec)
         if metadata:
@@ -195,7 +199,7 @@ def _scan(path: str, cfg: StoreConfig, report: RebuildReport):
     report.chunks = len(entries)
     for text, digest in lost:
         (report.superseded if digest in entries else report.lost).append(text)
-    return entries, packs, commits
+    return entries, packs, commits, copies
 
 
 def _read_metadata(pack_path: str, records, codec: Codec, commits: dict, report: RebuildReport) -> None:
@@ -241,7 +245,7 @@ def _chain(commits: dict[int, _Commit], report: RebuildReport) -> list[int]:
 
 
 def _replace(store: ChunkStore, entries, packs, chain: list[int], commits: dict, report: RebuildReport,
-             finish=None) -> None:
+             copies: dict, finish=None) -> None:
     """One transaction: every database emptied and refilled."""
     env = store.env
     handles: dict[bytes, object] = {}
@@ -271,6 +275,9 @@ def _replace(store: ChunkStore, entries, packs, chain: list[int], commits: dict,
                 report.left_out.append(f"commit {n}: {e}")
                 continue
             for op, name, key, value in writes:
+                if name == CHUNKS_DB and op == OP_PUT:
+                    _keep_copy(txn, store, key, value, entries, copies)
+                    continue
                 if name in OWN_DBS:
                     report.left_out.append(f"commit {n}: writes chunkstore's database {name.decode()!r}; ignored")
                     continue
@@ -287,3 +294,16 @@ def _replace(store: ChunkStore, entries, packs, chain: list[int], commits: dict,
             report.derived = finish(txn, gen_floor)
         for name in sorted(touched):
             report.records[name.decode()] = txn.stat(db(txn, name))["entries"]
+
+
+def _keep_copy(txn, store: ChunkStore, digest: bytes, value: bytes, entries: dict, copies: dict) -> None:
+    """A commit's record of which copy of a chunk two sessions both stored the
+    index kept (chunkstore/session.py, ``_note_kept``): honoured when that
+    copy is a good record the scan found; otherwise (its pack reclaimed
+    since) the first good copy stays."""
+    try:
+        kept = IndexEntry.decode(value)
+    except struct.error:
+        return
+    if digest in entries and kept in copies.get(digest, ()):
+        txn.put(digest, kept.encode(), db=store.chunks_db)

@@ -26,6 +26,7 @@ a live registration (still being written: hands off) or in a dead one
 
 from __future__ import annotations
 
+import datetime
 import errno
 import fcntl
 import json
@@ -76,7 +77,10 @@ class Entry:
 
     def describe(self) -> str:
         """"backup of d by pid 12 on host since 2026-..." for messages naming a holder."""
-        since = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)) if self.started else "?"
+        try:
+            since = datetime.datetime.fromtimestamp(self.started).astimezone().isoformat(timespec="seconds")
+        except (ValueError, OverflowError, OSError):
+            since = "?"
         return f"{self.command or self.kind} by pid {self.pid} on {self.host} since {since}"
 
 

@@ -1,4 +1,4 @@
-"""WriteSession: the one writer of a store, fed by many threads at once.
+"""WriteSession: one writer of a store (one backup), fed by many threads at once.
 
 Until ``commit`` nothing a session writes is visible: index entries wait in
 memory and pack bytes sit in files nothing references.  ``commit`` seals and
@@ -24,6 +24,12 @@ other or behind the disk:
 
 Only one thread writes a given pack, so its records reach the file in
 order and a crash leaves at most a torn tail.
+
+Several sessions (backups of other disks, other processes) run at once,
+each with its own packs; only their commits take turns, under
+``STORE/locks/commit.lock`` from the commit number to the LMDB commit, so
+the commits stay one chain for ``rebuild``.  A chunk two of them stored
+keeps the index entry committed first (``_put_chunks``).
 """
 
 from __future__ import annotations
@@ -40,11 +46,12 @@ from chunkstore import badmarks
 from chunkstore.config import FORMAT_VERSION
 from chunkstore.errors import StoreError
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry, PackInfo
-from chunkstore.lock import ChainLock, CommitLock, StoreLock
+from chunkstore.holds import Holds
+from chunkstore.refs import REFS_DBS
+from chunkstore.lock import CommitLock
 from chunkstore.metadata import OP_DELETE, OP_PUT, iter_metadata_records
 from chunkstore.pack import RECORD_HEADER_SIZE, PackWriter, encode_record
-from chunkstore.refs import REFS_DBS
-from chunkstore.registry import Registration, Registry
+from chunkstore.registry import Registration
 
 if TYPE_CHECKING:
     from chunkstore.store import ChunkStore
@@ -67,7 +74,7 @@ MetadataWrite = tuple[bytes, bytes, "bytes | None"]
 # then died keeps its number: the next commit gets a new one).
 LAST_COMMIT = b"commit.last"
 RESERVED_COMMIT = b"commit.reserved"
-OWN_DBS = (CHUNKS_DB, PACKS_DB, META_DB, b"bad", *REFS_DBS)  # chunkstore/badmarks.py, chunkstore/refs.py
+OWN_DBS = (CHUNKS_DB, PACKS_DB, META_DB, b"bad", *REFS_DBS)  # b"bad": chunkstore/badmarks.py
 _U64 = struct.Struct("<Q")
 
 
@@ -77,33 +84,23 @@ def meta_number(txn, db, key: bytes) -> int:
 
 
 class WriteSession:
-    """The one writer of a store.  ``claim``, ``write`` and ``add`` are
+    """One writer of a store, beside others (each its own packs; chunkstore/holds.py
+    says what it holds).  ``claim``, ``write`` and ``add`` are
     thread-safe; ``commit`` and ``abort`` belong to the thread that opened it."""
 
     def __init__(self, store: "ChunkStore", wait: float, purpose: str, kind: str = "backup",
                  chains: Iterable[tuple[str, str]] = ()):
         self.store = store
         self.purpose = purpose
-        self._chains: list[ChainLock] = []
-        self._lock = StoreLock(store.path)
-        self._registration: Registration | None = None
+        self._holds = Holds(store, purpose)  # chain locks, the store lock (shared), a registration
+        # A format-2 store's first writer upgrades it, alone (ChunkStore.upgrade_format).
+        self._holds.take(wait, kind, chains,
+                         alone=store.upgrade_format if store.config.version < FORMAT_VERSION else None)
         try:
-            # Chains first (the long wait, if any), then the store lock
-            # (shared: other writers run beside this one), then the
-            # registration, which says who holds all of them.
-            self.lock_chains(chains, wait)
-            if store.config.version < FORMAT_VERSION:  # a format-2 store's first writer upgrades it, alone
-                self._lock.acquire(wait, f"format upgrade ({purpose})", shared=False, deadline=self._deadline)
-                store.upgrade_format()
-                self._lock.release()
-            self._lock.acquire(wait, purpose, shared=True, deadline=self._deadline)
-            self._registration = Registry(store).register(kind, purpose)
-            for chain in self._chains:
-                chain.name_session(self._registration.id, purpose)
             # Marked by verify: stored again when met (chunkstore/badmarks.py).
             self._bad: set[bytes] = badmarks.bad_digests(store)
         except BaseException:
-            self._release()
+            self._holds.release()
             raise
         self.pending: dict[bytes, IndexEntry] = {}
         self._claimed: set[bytes] = set()
@@ -120,40 +117,20 @@ class WriteSession:
         self.checkpoints = 0
         self.duplicate_chunks = 0   # stored here, but another session indexed its copy first
         self.duplicate_bytes = 0
+        # Duplicates whose copy here comes first in pack order (see _note_kept).
+        self._kept: dict[bytes, IndexEntry] = {}
 
     def lock_chains(self, chains: Iterable[tuple[str, str]], wait: float) -> None:
-        """Take the locks of backup chains, (kind, name) with kind "disk" or
-        "vm": a second backup of one of them waits up to ``wait`` seconds or
-        fails (exit 4) naming this session.  Locks are taken in name order,
-        so two sessions never wait for each other; a session may add chains
-        once it knows them (a VM's disks)."""
-        self._deadline = time.monotonic() + max(wait, 0.0)
-        for kind, name in sorted(set(chains)):
-            if any((c.kind, c.name) == (kind, name) for c in self._chains):
-                continue
-            chain = ChainLock(self.store.path, kind, name)
-            chain.acquire(max(wait, 0.0), self._deadline, self.purpose)
-            self._chains.append(chain)
-            if self._registration is not None:
-                chain.name_session(self._registration.id, self.purpose)
+        """Add backup chains' locks once they are known (a VM's disks): chunkstore/holds.py."""
+        self._holds.lock_chains(chains, wait)
 
     @property
     def registration(self) -> "Registration | None":
-        return self._registration
+        return self._holds.registration
 
     def _new_pack(self) -> PackWriter:
         """A new pack, its id in the registration (durable) before its file exists."""
-        return PackWriter(self.store.path, self.store.config, before_create=self._registration.add_pack)
-
-    def _release(self) -> None:
-        """End the registration, then drop the locks (the reverse of taking them)."""
-        if self._registration is not None:
-            self._registration.close()
-            self._registration = None
-        self._lock.release()
-        for chain in reversed(self._chains):
-            chain.release()
-        self._chains.clear()
+        return PackWriter(self.store.path, self.store.config, before_create=self._holds.registration.add_pack)
 
     def __enter__(self) -> "WriteSession":
         return self
@@ -335,21 +312,49 @@ class WriteSession:
                 continue
             old = IndexEntry.decode(txn.get(digest, db=chunks_db))
             if refs.dead_stamp(txn, digest) is not None:
-                # Dead (claim stored it again: gc may take the old copy): this copy
+                # Dead (claim stored it again, as gc may take the old copy): this copy
                 # replaces it; the old record is dead bytes already (chunkstore/refs.py).
                 txn.delete(digest, db=refs.dead_db)
                 txn.put(digest, entry.encode(), db=chunks_db)
-            elif digest in self._bad and badmarks.still_bad(self.store, txn, digest):  # not healed by another
+            elif self._replaces(txn, digest):
                 txn.put(digest, entry.encode(), db=chunks_db)
-                refs.garbage(txn, old)
+                refs.garbage(txn, old)  # the bad record
                 healed.append(digest)
             else:
                 self.duplicate_chunks += 1
                 self.duplicate_bytes += RECORD_HEADER_SIZE + entry.stored_len
-                refs.garbage(txn, entry)
+                refs.garbage(txn, entry)  # this session's copy
+                self._note_kept(digest, entry, old)
         if healed:
             badmarks.heal(self.store, txn, healed)
             self._bad.difference_update(healed)
+
+    def _replaces(self, txn, digest: bytes) -> bool:
+        """Whether this session's copy of an indexed chunk replaces the indexed
+        one: a copy of a dead chunk (chunkstore/refs.py), or of one still marked
+        bad (not healed by another session)."""
+        return (self.store.refs.dead_stamp(txn, digest) is not None
+                or digest in self._bad and badmarks.still_bad(self.store, txn, digest))
+
+    def _note_kept(self, digest: bytes, mine: IndexEntry, kept: IndexEntry) -> None:
+        """Remember a duplicate that ``rebuild`` would index at this session's
+        copy: it takes the first good copy in pack order (pack id, offset),
+        while the index kept the first committed.  The commit's metadata then
+        says which copy the index kept, so a rebuild picks that one too."""
+        if (mine.pack_id, mine.offset) < (kept.pack_id, kept.offset):
+            self._kept[digest] = kept
+
+    def _kept_writes(self) -> list[tuple[int, bytes, bytes, bytes]]:
+        """Under the commit lock: the ``chunks`` records of this commit's duplicates
+        (none in the usual case).  Nothing indexes a chunk while the lock is
+        held, so what is indexed now is what the LMDB commit will keep."""
+        store = self.store
+        with store.read_txn() as txn:
+            for digest, entry in self.pending.items():
+                value = txn.get(digest, db=store.chunks_db)
+                if value is not None and not self._replaces(txn, digest):
+                    self._note_kept(digest, entry, IndexEntry.decode(value))
+        return [(OP_PUT, CHUNKS_DB, d, e.encode()) for d, e in sorted(self._kept.items())]
 
     # -- ending ----------------------------------------------------------------
 
@@ -399,12 +404,13 @@ class WriteSession:
         # the commits form one chain, however sessions interleave.
         with CommitLock(store.path):
             number = 0
+            writes += self._kept_writes()
             if writes:
                 number, follows = self._reserve_commit()
                 self._write_metadata(iter_metadata_records(writes, number, follows, time.time(), store.codec))
             self._commit_index(extra, writes, number, after)
         self.committed = True
-        self._release()
+        self._holds.release()
 
     def _commit_index(self, extra, writes: list, number: int, after=None) -> None:
         """Step 5 of FORMAT.md "Commit order": one LMDB write transaction."""
@@ -480,7 +486,7 @@ class WriteSession:
             pack.discard()
         self._packs.clear()
         self.pending.clear()
-        self._release()
+        self._holds.release()
 
 
 class _Sealer:

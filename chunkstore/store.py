@@ -39,7 +39,9 @@ from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry
 from chunkstore.pack import (MAX_PAYLOAD, RECORD_HEADER_SIZE, check_payload, decode_record_header, iter_pack_paths,
                              pack_relpath, read_pack_header)
 from chunkstore.refs import ChunkRefs, mark_counted
+from chunkstore.lock import LOCKS_DIR
 from chunkstore.readonly import EMPTY, ReadOnlyTxn, is_denied, open_read_only, refuse_write, store_is_writable
+from chunkstore.registry import SESSIONS_DIR
 from chunkstore.session import WriteSession
 
 INDEX_DIR = "index"
@@ -114,7 +116,7 @@ class ChunkStore:
         cfg = StoreConfig.load(path)
         # Before LMDB opens (and may truncate) index/lock.mdb, and before a
         # writer follows packs/XX anywhere: a store holds no links.
-        safefs.check_tree(path, STORE_FILES, (INDEX_DIR, PACKS_DIR), PACKS_DIR)
+        safefs.check_tree(path, STORE_FILES, (INDEX_DIR, PACKS_DIR, LOCKS_DIR, SESSIONS_DIR), PACKS_DIR)
         check_config(path, cfg)
         if not os.path.isdir(os.path.join(path, INDEX_DIR)):
             raise NotAStoreError(f"{path}: store index directory '{INDEX_DIR}' is missing; run "

@@ -23,6 +23,7 @@ from chunkstore.index import IndexEntry, PackInfo
 from chunkstore.metadata import metadata_part
 from chunkstore.pack import (METADATA_MAGIC, PACK_HEADER, RECORD_HEADER_SIZE, TRAILER_MAGIC, decode_pack_header,
                              decode_record_header, iter_pack_paths, scan_pack)
+from chunkstore.registry import PathRegistry
 from chunkstore.session import LAST_COMMIT, RESERVED_COMMIT, meta_number
 from chunkstore.store import ChunkStore
 
@@ -106,9 +107,6 @@ def verify_chunks(store: ChunkStore, workers: int = 2,
     report = ChunkVerifyReport()
     missing: set[bytes] = set()
     with store.read_txn() as txn:
-        known_packs = {bytes(k) for k, _ in txn.cursor(db=store.packs_db)}
-        # Replaced by gc and waiting for their last reader (chunkstore/gc.py): not left-overs.
-        doomed = {bytes(k) for k, _ in txn.cursor(db=store.refs.doomed_db)}
         total = _indexed_bytes(store, txn) if on_total else 0
     if on_total:
         on_total(total)
@@ -126,13 +124,23 @@ def verify_chunks(store: ChunkStore, workers: int = 2,
                 problem = metadata_pack_problem(store.pack_path(pack_id))
             if problem:
                 report.bad_packs[pack_id.hex()] = problem
-    for path in iter_pack_paths(store.path):
+    # Packs being written by running sessions are not left-overs.  Listed in
+    # this order: a pack file seen is in its session's registration already
+    # (chunkstore/registry.py), and a session that ended since has either
+    # committed its packs (known to the index read last) or deleted them.
+    paths = list(iter_pack_paths(store.path))
+    writing = {p for e in PathRegistry(store.path).entries() if e.live for p in e.packs}
+    with store.read_txn() as txn:
+        known_packs = {bytes(k) for k, _ in txn.cursor(db=store.packs_db)}
+        # Replaced by gc and waiting for their last reader (chunkstore/gc.py): not left-overs.
+        doomed = {bytes(k) for k, _ in txn.cursor(db=store.refs.doomed_db)}
+    for path in paths:
         name = os.path.basename(path)[:-5]
         try:
             pid = bytes.fromhex(name)
         except ValueError:
             continue
-        if pid not in known_packs and pid not in doomed:
+        if pid not in known_packs and pid not in doomed and pid not in writing and os.path.exists(path):
             report.unreferenced_packs.append(path)
     report.metadata_lost = metadata_lost(store, report.unreferenced_packs)
     return report

@@ -194,7 +194,7 @@ class NumberedRecords:
 
     def put(self, txn, record) -> None:
         if not txn.put(record.key, record.to_json(), db=self.db, overwrite=False):
-            raise NotFoundError(f"{self.what} {record.id} already exists")  # the writer lock makes this a bug
+            raise NotFoundError(f"{self.what} {record.id} already exists")  # the chain locks make this a bug
 
     def write(self, record) -> tuple[bytes, bytes, bytes]:
         """``record`` as a (database, key, value) write for WriteSession.commit's metadata."""
@@ -202,7 +202,7 @@ class NumberedRecords:
 
     def check_new(self, txn, record) -> None:
         if txn.get(record.key, db=self.db) is not None:
-            raise NotFoundError(f"{self.what} {record.id} already exists")  # the writer lock makes this a bug
+            raise NotFoundError(f"{self.what} {record.id} already exists")  # the chain locks make this a bug
 
     def get(self, txn, name: str, seq: int):
         key = catalog_key(name, seq)

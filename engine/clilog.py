@@ -36,9 +36,14 @@ def _prefix(record: logging.LogRecord) -> str:
 
 def _message(record: logging.LogRecord) -> str:
     # A warning may quote a server's or a library's text, which may repeat
-    # the credentials it was given (engine/credentials.py).
+    # the credentials it was given (engine/credentials.py).  Messages quote
+    # paths, names and texts that someone else may have chosen (a store's
+    # directory, a source's file name, a server's fault): a terminal control
+    # sequence or a newline in them is written escaped, so one record stays
+    # one line and cannot rewrite the screen or forge a "store OK".
+    from engine.commandline import printable
     from engine.credentials import redact
-    return redact(record.getMessage())
+    return printable(redact(record.getMessage()))
 
 
 class _Formatter(logging.Formatter):

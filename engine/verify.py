@@ -100,7 +100,8 @@ def verify_repository(repo: Repository, workers: int = 2,
                       on_progress: Callable[[int], None] | None = None,
                       mark: bool = True) -> VerifyReport:
     """Check the whole store; with ``mark``, record the bad chunks it finds
-    (under the writer lock, if free) so the next backup stores them again."""
+    (under the store lock, shared, if no rebuild holds it alone) so the next
+    backup stores them again."""
     store = repo.store
     started = time.time()
     with Registry(store).register("verify", "verify"):  # gc unlinks nothing it is reading

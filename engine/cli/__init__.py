@@ -1,7 +1,8 @@
 """The ``blockvault`` command line.
 
 Exit codes: 0 success; 1 an error, explained on stderr; 2 a usage error;
-3 verify found damage; 4 the store is held by another writer; 128 + the
+3 verify found damage; 4 busy (another backup of the same disk or VM, a
+rebuild holding the store alone, or, for rebuild, running backups); 128 + the
 signal's number when stopped by SIGINT (130), SIGTERM (143) or SIGHUP (129)
 (engine/signals.py).  stdout carries data only (a backup id, tables, or with
 ``--json`` one JSON document, also on failure: docs/JSON.md); stderr the

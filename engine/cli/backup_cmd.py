@@ -38,6 +38,8 @@ def register(sub) -> None:
              "blockvault backup /backup/store disk.img --disk db01          # full: the first point\n"
              "  blockvault backup /backup/store disk.img --disk db01 --mode incremental --changed-areas cbt.json\n"
              "  blockvault backup /backup/store web01.vmdk --disk web01\n"
+             "  blockvault backup /backup/store db01.img --disk db01 --wait 3600   # other disks run beside it; "
+             "another backup of db01 is waited for\n"
              "  blockvault backup /backup/store 'vddk://vc.lab:443/vm-42?disk=[ds1] web01/web01.vmdk"
              "&snapshot=snapshot-7&thumbprint=AA:BB:..' --disk web01-disk0")
     sp.add_argument("store", metavar="STORE")
@@ -58,7 +60,8 @@ def register(sub) -> None:
                     help="vSphere credentials for vddk:// (lines user=.. and password=..); default: "
                          "BLOCKVAULT_VSPHERE_USER and BLOCKVAULT_VSPHERE_PASSWORD")
     sp.add_argument("--wait", type=argtypes.wait_seconds, default=0.0, metavar="SECONDS",
-                    help="wait this long for another writer to finish, inf: as long as it takes "
+                    help="wait this long for another backup of the same disk (or a rebuild) to finish, "
+                         "inf: as long as it takes "
                          "(default: fail at once)")
     sp.add_argument("--threads", type=argtypes.threads, default=None,
                     help="worker threads, 1-256 (default: one per core)")

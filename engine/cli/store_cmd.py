@@ -96,4 +96,5 @@ def register(sub) -> None:
                         help="recreate config.json from the settings in the pack headers instead "
                              "(a differing one is kept as config.json.replaced-TIME)")
         sp.add_argument("--wait", type=argtypes.wait_seconds, default=0.0, metavar="SECONDS",
-                        help="wait this long for another writer to finish, inf: as long as it takes")
+                        help="wait this long for the running backups to finish (a rebuild runs alone), "
+                             "inf: as long as it takes")

@@ -2,8 +2,9 @@
 
 The sequence, per run (vsphere-vddk.md §2.2):
 
-1. take the store's writer lock (before touching vSphere, so a busy store
-   costs no snapshot);
+1. take the VM's lock and the store lock, shared with other backups
+   (before touching vSphere, so a busy VM costs no snapshot); its disks'
+   locks follow once the snapshot names them;
 2. turn CBT on where it is off (it takes effect with step 4's snapshot);
 3. remove snapshots that earlier, crashed runs left behind (by name);
 4. take the backup snapshot (memory off, quiesce optional);

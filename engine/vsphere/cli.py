@@ -242,7 +242,8 @@ def register(sub) -> None:
                          "at least one chunk (default %(default)s, i.e. 1 GiB of a 1 TiB disk; 0 turns the "
                          "check off)")
     sp.add_argument("--wait", type=argtypes.wait_seconds, default=0.0, metavar="SECONDS",
-                    help="wait this long for another writer of the store, inf: as long as it takes "
+                    help="wait this long for another backup of the same VM (or a rebuild) to finish, "
+                         "inf: as long as it takes "
                          "(default: fail at once)")
     sp.add_argument("--threads", type=argtypes.threads, default=None,
                     help="worker threads, 1-256 (default: one per core)")

@@ -48,7 +48,8 @@ def test_second_writer_fails_fast_with_exit_4(store_path, tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time; from chunkstore import ChunkStore; s = ChunkStore.open(sys.argv[1]); "
-         "w = s.writer(purpose='test holder'); print('held', flush=True); time.sleep(30)", store_path],
+         "w = s.writer(purpose='test holder', chains=[('disk', 'x')]); print('held', flush=True); "
+         "time.sleep(30)", store_path],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

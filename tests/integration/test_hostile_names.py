@@ -105,3 +105,27 @@ def test_printable_escapes_what_a_terminal_acts_on():
     assert printable("web01@3  2026-12-01") == "web01@3  2026-12-01"
     assert printable("né") == "né"
     assert printable("a\x1b[2Jb\n\r\t\x7f\x9b\u202e") == r"a\x1b[2Jb\n\r\t\x7f\x9b\u202e"
+
+
+@pytest.mark.parametrize("where", ["source", "store"])
+def test_error_messages_quoting_a_hostile_path_are_escaped(populated, tmp_path, where):
+    """Errors quote paths someone else may have named (a store directory, a
+    source image handed over by a guest's owner): an escape sequence or a
+    newline in them reaches stderr and the log file escaped, one line a
+    message, so it cannot clear the screen or forge a second line; the JSON
+    error keeps the exact text (JSON escapes it)."""
+    store, _ = populated
+    hostile = str(tmp_path / "img\x1b[2J\nblockvault: store OK")
+    log = tmp_path / "bv.log"
+    if where == "store":
+        args = ("list", hostile)
+    else:
+        args = ("backup", store, hostile, "--disk", "d")
+    proc = run_cli(*args, "--log-file", str(log))
+    assert proc.returncode == 1, proc.stderr
+    for text in (proc.stderr, log.read_text()):
+        assert "\x1b" not in text
+        assert text.count("\n") == 1, text          # one record, one line
+        assert r"img\x1b[2J\nblockvault: store OK" in text, text
+    doc = json.loads(run_cli(*args, "--json").stdout)
+    assert "img\x1b[2J\nblockvault: store OK" in doc["error"]["message"]

@@ -128,7 +128,8 @@ def _hold(store: str, seconds: float) -> subprocess.Popen:
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time; from chunkstore import ChunkStore; s = ChunkStore.open(sys.argv[1]); "
-         "w = s.writer(purpose='nightly job'); print('held', flush=True); time.sleep(float(sys.argv[2])); "
+         "w = s.writer(purpose='nightly job', chains=[('disk', 'd')]); print('held', flush=True); "
+         "time.sleep(float(sys.argv[2])); "
          "w.abort()", store, str(seconds)],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -147,9 +148,10 @@ def test_wait_names_whom_it_waits_for_and_its_timeout_does_not_advise_wait(setup
     lines = proc.stderr.splitlines()
     assert len(lines) == 2, proc.stderr
     who = f"nightly job by pid {holder.pid} on {os.uname().nodename} since "
-    assert lines[0].startswith(f"blockvault: store {store} is held by another writer ({who}")
+    busy = f"disk d is busy in store {store}: another backup of it is running ({who}"
+    assert lines[0].startswith(f"blockvault: {busy}")
     assert lines[0].endswith("); waiting up to 1.5 s for it")
-    assert lines[1].startswith(f"blockvault: error: store {store} is busy: another writer holds it ({who}")
+    assert lines[1].startswith(f"blockvault: error: {busy}")
     assert "waited 1.5 s" in lines[1] and "--wait" not in lines[1]
     # the holder's start time is ISO 8601 with an offset
     since = re.search(r"since (\S+)\)", lines[1]).group(1)
@@ -173,7 +175,7 @@ def test_wait_succeeds_once_the_holder_is_done(setup, tmp_path):
         holder.wait()
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
-    assert "is held by another writer (nightly job" in lines[0] and lines[1].startswith("blockvault: backup d@1 full")
+    assert "another backup of it is running (nightly job" in lines[0] and lines[1].startswith("blockvault: backup d@1 full")
     out = str(tmp_path / "r.img")
     assert run_cli("restore", store, "d@1", out).returncode == 0 and same_file(out, img)
 
