@@ -170,9 +170,9 @@ KILLED = (
 @pytest.mark.parametrize("where", ["checkpoint", "metadata"])
 def test_what_a_killed_backup_left_is_reclaimed(two_disks, tmp_path, where):
     store, points = two_disks
-    c = str(tmp_path / "c.img")
-    make_sparse(c, 64 * CS)
-    write_at(c, 0, rng(202).bytes(48 * CS))
+    c = str(tmp_path / "c.img")  # 160 chunks: every writing thread fills (and seals) a 1 MiB pack mid-backup
+    make_sparse(c, 192 * CS)
+    write_at(c, 0, rng(202).bytes(160 * CS))
     before = pack_files(store)
     proc = subprocess.run([sys.executable, "-c", KILLED, where, "backup", store, c, "--disk", "c"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
