@@ -141,6 +141,18 @@ class ChunkStore:
             self._dbs[name] = handle
         return handle
 
+    def db_if_exists(self, name: bytes):
+        """The database ``name`` if the store has it, else None; never creates it
+        (a database that exists only once something was written to it)."""
+        handle = self._dbs.get(name)
+        if handle is None:
+            try:
+                handle = self.env.open_db(name, create=False)
+            except lmdb.NotFoundError:
+                return None
+            self._dbs[name] = handle
+        return None if handle is EMPTY else handle
+
     def close(self) -> None:
         with self._fd_lock:
             for fd in self._fds.values():

@@ -99,6 +99,29 @@ def file_mode(text: str) -> int:
     return mode
 
 
+TIME_HELP = ("the point's recorded time, ISO 8601: 2026-11-30T23:30:00+01:00, 2026-11-30T22:30Z, or without "
+             "an offset (2026-11-30 23:30) in the host's time zone (TZ, else /etc/localtime); default: now. "
+             "Retention (forget) works on it; it may not be older than the chain's newest point")
+
+
+def point_time(text: str) -> float:
+    """``--time``: a unix time (engine/timezones.py says what a time without an offset means)."""
+    from engine.errors import UsageError
+    from engine.timezones import parse_time
+    try:
+        return parse_time(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--time ")) from None
+
+
+def count(text: str) -> int:
+    """A retention count: a whole number, 0 or more (0: the rule is off)."""
+    n = _number(text, int, "a whole number")
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text}: give 0 or more")
+    return n
+
+
 def unused_share(text: str) -> float:
     """gc's --max-unused: 5%, 0.05."""
     t = text.strip()

@@ -54,6 +54,19 @@ class PreparedBackup:
     record: BackupRecord
     manifest: Manifest
     new_segments: dict[bytes, bytes]
+    started: float = 0.0  # when the work began; record.time is the point's time (--time)
+
+
+def check_point_time(at: float, latest, what: str) -> None:
+    """A chain's points are in time order: a new point may not be older than
+    the chain's newest (``latest``, a catalog or VM record, or None).  Retention
+    (engine/retention.py) and ``NAME@YYYY-MM-DD`` read times as the chain's order."""
+    if latest is not None and at < latest.time:
+        from engine.commandline import iso_time
+        raise BadInputError(
+            f"the new point of {what} would be at {iso_time(at)}, older than its newest point {latest.id} "
+            f"({iso_time(latest.time)}); a chain's points are in time order: give a --time of "
+            f"{iso_time(latest.time)} or later")
 
 
 @dataclass
@@ -125,9 +138,11 @@ def backup_disk(repo: Repository, session, pool: ThreadPoolExecutor, workers: in
                 change_id: str | None = None, metadata: dict | None = None,
                 on_progress: Callable[[int], None] | None = None,
                 on_plan: Callable[[int], None] | None = None,
-                identity: dict | None = None, warnings: list[str] | None = None) -> PreparedBackup:
+                identity: dict | None = None, warnings: list[str] | None = None,
+                at: float | None = None) -> PreparedBackup:
     """Read one disk into the session; nothing is visible until commit_backups.
 
+    ``at`` is the point's time (``--time``; default: when the work starts).
     ``identity`` (engine/identity.py) is compared with the chain's points;
     ``warnings`` are the caller's for this disk, and this backup's own are
     added to that list (and logged): the record carries them all."""
@@ -142,6 +157,8 @@ def backup_disk(repo: Repository, session, pool: ThreadPoolExecutor, workers: in
             log.warning(text)
             notes.append(text)
         seq = repo.catalog.next_seq(txn, disk_name)
+        point_time = started if at is None else at
+        check_point_time(point_time, repo.catalog.latest(txn, disk_name), f"disk {disk_name}")
         if on_plan:
             on_plan(min(plan.chunks * cs, disk.size))
         builder = ManifestBuilder(disk.size, cs, store.digester.zero_digest, store.digester,
@@ -151,14 +168,14 @@ def backup_disk(repo: Repository, session, pool: ThreadPoolExecutor, workers: in
         check_not_shrunk(disk)  # a raw file truncated meanwhile was read as zeros past its new end
         manifest = builder.finish()
     record = BackupRecord(
-        disk=disk_name, seq=seq, time=started, kind=mode,
+        disk=disk_name, seq=seq, time=point_time, kind=mode,
         base=plan.base.id if plan.base else None, size=disk.size, chunk_size=cs,
         change_id=change_id, metadata=metadata or {},
         stats={**stats.as_dict(), "nonzero_chunks": manifest.nonzero_chunks,
                "changed_areas": plan.base_manifest is not None},
         warnings=list(notes),
     )
-    return PreparedBackup(record, manifest, builder.new_segments)
+    return PreparedBackup(record, manifest, builder.new_segments, started)
 
 
 def commit_backups(repo: Repository, session, prepared: list[PreparedBackup], more=()) -> None:
@@ -171,7 +188,7 @@ def commit_backups(repo: Repository, session, prepared: list[PreparedBackup], mo
     pairs: a VM backup's record."""
     finished = time.time()
     for p in prepared:
-        p.record.stats["duration"] = round(finished - p.record.time, 6)
+        p.record.stats["duration"] = round(finished - (p.started or p.record.time), 6)
     writes = []
     with repo.store.read_txn() as txn:
         for p in prepared:
@@ -199,8 +216,9 @@ def backup_image(repo: Repository, source: str, disk_name: str, mode: str = "ful
                  wait: float = 0.0, workers: int | None = None, credentials_file: str | None = None,
                  on_progress: Callable[[int], None] | None = None,
                  on_plan: Callable[[int], None] | None = None,
-                 allow_external_extents: bool = False) -> BackupRecord:
-    """Back up one disk (raw image, hosted VMDK or vddk:// URL) as the next point of ``disk_name``."""
+                 allow_external_extents: bool = False, at: float | None = None) -> BackupRecord:
+    """Back up one disk (raw image, hosted VMDK or vddk:// URL) as the next point of ``disk_name``,
+    recorded at ``at`` (a unix time; default now)."""
     check_disk_name(disk_name)
     if changed_areas_path is not None and mode == "full":
         raise BadInputError("--changed-areas applies to incremental and differential backups, not to a full")
@@ -212,6 +230,6 @@ def backup_image(repo: Repository, source: str, disk_name: str, mode: str = "ful
             identity = source_identity(disk)
             prepared = backup_disk(repo, session, pool, workers, disk, disk_name, mode, changed,
                                    change_id=change_id, metadata={"source": identity},
-                                   on_progress=on_progress, on_plan=on_plan, identity=identity)
+                                   on_progress=on_progress, on_plan=on_plan, identity=identity, at=at)
             commit_backups(repo, session, [prepared])
     return prepared.record

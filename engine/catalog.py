@@ -23,6 +23,10 @@ from chunkstore.errors import IntegrityError
 from engine.errors import BadInputError, NotFoundError, UsageError
 
 CATALOG_DB = b"catalog"
+# name of a chain's catalog + 0 + the chain's name -> u32 BE: the lowest
+# sequence number the chain may still use, written when its newest point is
+# deleted (engine/forget.py), so a number never names two different points.
+NEXT_SEQ_DB = b"next_seq"
 KINDS = ("full", "incremental", "differential")
 # fullmatch, not match with "$": "$" also matches before a trailing newline,
 # which let "d\n" through as a disk name.
@@ -58,6 +62,10 @@ class BackupRecord:
     # What the backup had to warn about (a source that changed, a change list
     # not used...); entries written before this field existed load as [].
     warnings: list[str] = field(default_factory=list)
+    # Set by ``protect`` / ``note`` (engine/pointflags.py); entries written
+    # before these fields existed load as unprotected, without a note.
+    protected: bool = False
+    note: str = ""
 
     @property
     def id(self) -> str:
@@ -148,7 +156,8 @@ def describe_key(key: bytes) -> str:
 # anything else a reader would trip over later (a size that is a string...).
 _NUMBER = (int, float)
 _FIELD_TYPES = {"seq": int, "time": _NUMBER, "kind": str, "size": int, "chunk_size": int, "stats": dict,
-                "metadata": dict, "warnings": list, "disks": list, "config": dict, "source": dict}
+                "metadata": dict, "warnings": list, "disks": list, "config": dict, "source": dict,
+                "note": str}
 
 
 def decode_record(record_type, key, value):
@@ -165,6 +174,8 @@ def decode_record(record_type, key, value):
             got = getattr(rec, name)
             if not isinstance(got, kind) or isinstance(got, bool):
                 raise ValueError(f"field {name!r} is a {type(got).__name__}")
+        if not isinstance(getattr(rec, "protected", False), bool):
+            raise ValueError(f"field 'protected' is a {type(rec.protected).__name__}")
         if rec.key != bytes(key):
             raise ValueError(f"it describes {rec.id}, not the point its key names")
     except (ValueError, TypeError, AttributeError) as e:
@@ -188,9 +199,10 @@ class NumberedRecords:
     what = "backup"
     list_option = "--disk"  # how the list command narrows to one name
 
-    def __init__(self, db, name: bytes):
+    def __init__(self, db, name: bytes, next_db=None):
         self.db = db
         self.name = name  # the LMDB database's name
+        self.next_db = next_db  # NEXT_SEQ_DB's handle (None: no point was ever deleted here)
 
     def put(self, txn, record) -> None:
         if not txn.put(record.key, record.to_json(), db=self.db, overwrite=False):
@@ -250,7 +262,21 @@ class NumberedRecords:
 
     def next_seq(self, txn, name: str) -> int:
         last = self.latest(txn, name)
-        return last.seq + 1 if last else 1
+        return max(last.seq + 1 if last else 1, self.reserved_seq(txn, name))
+
+    def next_key(self, name: str) -> bytes:
+        return self.name + b"\0" + name.encode()
+
+    def reserved_seq(self, txn, name: str) -> int:
+        """The number after the highest one a deleted point of ``name`` had (1: none)."""
+        if self.next_db is None:
+            return 1
+        value = txn.get(self.next_key(name), db=self.next_db)
+        return struct.unpack(">I", bytes(value))[0] if value is not None and len(value) == 4 else 1
+
+    def next_write(self, name: str, seq: int) -> tuple[bytes, bytes, bytes]:
+        """The metadata write that keeps numbers below ``seq`` unused in ``name``'s chain."""
+        return NEXT_SEQ_DB, self.next_key(name), struct.pack(">I", seq)
 
     def _resolve(self, txn, name: str, which: str, ref: str, list_hint: str):
         """The record ``which`` (from ``split_ref``) names in ``name``'s chain, or

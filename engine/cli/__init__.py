@@ -11,7 +11,8 @@ each backup, restore and verify, warnings and errors (engine/clilog.py).
 Every failure goes through ``fail``.
 
 One module per verb group (``store_cmd``: init, stats, rebuild; ``backup_cmd``,
-``list_cmd``, ``restore_cmd``, ``verify_cmd``, ``gc_cmd``, ``demo_cmd``; ``vsphere`` in
+``list_cmd``, ``restore_cmd``, ``verify_cmd``, ``retention_cmd`` (protect, note, delete,
+forget), ``gc_cmd``, ``demo_cmd``; ``vsphere`` in
 engine/vsphere/cli.py), each with ``register(sub)``; this module builds the
 parser from them and owns the one failure path.
 """
@@ -33,14 +34,15 @@ import lmdb  # noqa: E402
 
 from chunkstore import StoreError  # noqa: E402
 from engine import clilog, signals  # noqa: E402
-from engine.cli import backup_cmd, demo_cmd, gc_cmd, list_cmd, restore_cmd, store_cmd, verify_cmd  # noqa: E402
+from engine.cli import (backup_cmd, demo_cmd, gc_cmd, list_cmd, restore_cmd, retention_cmd,  # noqa: E402
+                        store_cmd, verify_cmd)
 from engine.commandline import (EXIT_DAMAGED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_LOCKED,  # noqa: E402,F401
                                 EXIT_OK, EXIT_USAGE, CommandLineError, Parser, common_options,
                                 describe_failure, report_failure)
 from engine.vsphere.cli import register as register_vsphere  # noqa: E402
 
 # The order of ``blockvault --help`` (after ``init``).
-VERB_MODULES = (backup_cmd, list_cmd, restore_cmd, verify_cmd, gc_cmd, store_cmd, demo_cmd)
+VERB_MODULES = (backup_cmd, list_cmd, restore_cmd, verify_cmd, retention_cmd, gc_cmd, store_cmd, demo_cmd)
 
 EPILOG = """\
 examples:
@@ -50,6 +52,8 @@ examples:
   blockvault list /backup/store --disk web01-disk0
   blockvault restore /backup/store web01-disk0@latest /restore/disk.img
   blockvault verify /backup/store --json
+  blockvault forget /backup/store --all --keep-daily 7 --keep-weekly 4 --keep-monthly 6 --dry-run
+  blockvault protect /backup/store web01-disk0@12
   blockvault rebuild /backup/store     # index lost or damaged: recreate it from the packs
   blockvault demo                      # try it all on a generated sparse image
 

@@ -16,7 +16,7 @@ def cmd_backup(args) -> int:
         rec = backup_image(repo, args.source, args.disk, args.mode, args.changed_areas, args.change_id,
                            wait=args.wait, workers=args.threads, credentials_file=args.credentials,
                            on_progress=progress.advance, on_plan=progress.set_total,
-                           allow_external_extents=args.allow_external_extents)
+                           allow_external_extents=args.allow_external_extents, at=args.time)
         progress.finish()
     doc = rec.summary()
     doc.setdefault("warnings", [])
@@ -41,7 +41,8 @@ def register(sub) -> None:
              "  blockvault backup /backup/store db01.img --disk db01 --wait 3600   # other disks run beside it; "
              "another backup of db01 is waited for\n"
              "  blockvault backup /backup/store 'vddk://vc.lab:443/vm-42?disk=[ds1] web01/web01.vmdk"
-             "&snapshot=snapshot-7&thumbprint=AA:BB:..' --disk web01-disk0")
+             "&snapshot=snapshot-7&thumbprint=AA:BB:..' --disk web01-disk0\n"
+             "  blockvault backup /backup/store imported.img --disk db02 --time 2026-11-30T23:30:00+01:00   # its recorded time")
     sp.add_argument("store", metavar="STORE")
     sp.add_argument("source", metavar="SOURCE",
                     help="raw image (file or block device), hosted .vmdk (flat, sparse, streamOptimized), "
@@ -53,6 +54,7 @@ def register(sub) -> None:
                     help="vSphere DiskChangeInfo JSON listing the extents changed since the base; "
                          "without it an incremental reads all allocated extents")
     sp.add_argument("--change-id", help="CBT changeId to record with this backup")
+    sp.add_argument("--time", type=argtypes.point_time, default=None, metavar="ISO8601", help=argtypes.TIME_HELP)
     sp.add_argument("--allow-external-extents", action="store_true",
                     help="read VMDK extent files outside the descriptor's directory (refused by default: "
                          "a descriptor can name any file, such as /etc/shadow)")

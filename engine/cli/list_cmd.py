@@ -27,12 +27,13 @@ def cmd_list(args) -> int:
     if not records:
         print(printable("no backups" + (f" of disk {args.disk}" if args.disk else "")))
         return EXIT_OK
-    rows = [("ID", "TIME", "KIND", "BASE", "SIZE", "READ", "STORED", "SECONDS")]
+    rows = [("ID", "TIME", "KIND", "BASE", "SIZE", "READ", "STORED", "SECONDS", "PROTECTED", "NOTE")]
     for r in records:
         st = r.stats
         rows.append((r.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.time)), r.kind, r.base or "-",
                      human_bytes(r.size), human_bytes(st.get("bytes_read", 0)),
-                     human_bytes(st.get("stored_bytes", 0)), f"{st.get('duration', 0):.2f}"))
+                     human_bytes(st.get("stored_bytes", 0)), f"{st.get('duration', 0):.2f}",
+                     "yes" if r.protected else "-", r.note or "-"))
     print_table(rows)
     return EXIT_OK
 

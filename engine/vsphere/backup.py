@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from chunkstore import StoreError
-from engine.backup import commit_backups
+from engine.backup import check_point_time, commit_backups
 from engine.catalog import BackupRecord
 from engine.errors import NotFoundError
 from engine.pipeline import default_workers
@@ -68,6 +68,7 @@ class BackupOptions:
     connections: int = 4               # per disk: HTTP connections or VDDK handles
     wait: float = 0.0
     seed: int | None = None            # for the CBT sample; None: random
+    at: float | None = None            # the point's time (--time); None: when the run starts
     on_event: Callable[[str, dict], None] | None = None
 
 
@@ -89,6 +90,7 @@ class VmRun:
         self.workers = options.workers or default_workers()
         self.dc_path = self.datacenter = self.inventory_path = ""
         self.backup_id = ""
+        self.point_time: float | None = None  # the VM backup's time, given to each disk backup
 
     def open_source(self, job: DiskJob):
         device = job.device
@@ -158,11 +160,13 @@ def backup_vm(repo: Repository, conn: Connection, vm, options: BackupOptions | N
         with store.read_txn() as txn:
             prev, prev_full = vms.latest(txn, name), vms.latest(txn, name, kind="full")
             seq = vms.next_seq(txn, name)
+            point_time = started if options.at is None else options.at
+            check_point_time(point_time, prev, f"VM {vm_name}")
         kind = _kind(options.mode, name, prev, prev_full)
         library = find_library(options.vddk_library) if options.transport != "http" else None
         transport = choose_transport(options.transport, library)
         run = VmRun(repo, conn, vm, vm_name, kind, options, transport, library)
-        run.session, run.backup_id = session, f"{name}@{seq}"
+        run.session, run.backup_id, run.point_time = session, f"{name}@{seq}", point_time
         warnings: list[str] = []
 
         def warn(text: str) -> None:
@@ -193,7 +197,7 @@ def backup_vm(repo: Repository, conn: Connection, vm, options: BackupOptions | N
                 bracket.end()
         base = None if kind == "full" else (prev if kind == "incremental" else prev_full).id
         record = VmBackupRecord(
-            vm=name, seq=seq, time=started, kind=kind, base=base,
+            vm=name, seq=seq, time=point_time, kind=kind, base=base,
             disks=[o.doc for o in outcomes], config=config_doc, warnings=warnings,
             source={"server": str(conn.endpoint), "vm": vm_name, "moref": vm._moId,
                     "uuid": config_doc.get("uuid"), "instance_uuid": config_doc.get("instanceUuid"),

@@ -84,7 +84,7 @@ def cmd_backup(args) -> int:
     started = time.monotonic()
     options = BackupOptions(mode=args.mode, transport=args.transport, vddk_library=args.vddk_library,
                             vddk_transports=args.vddk_transports, quiesce=args.quiesce, cbt_sample=args.cbt_sample,
-                            workers=args.threads, wait=args.wait, on_event=_steps)
+                            workers=args.threads, wait=args.wait, on_event=_steps, at=args.time)
     with _progress(args, f"backup {args.vm}") as progress, _open_store(args.store) as repo, \
             _connect(args) as conn:
         vm = find_vm(conn, args.vm)
@@ -181,11 +181,11 @@ def cmd_list(args) -> int:
     if not records:
         print(printable("no VM backups" + (f" of {args.vm}" if args.vm else "")))
         return EXIT_OK
-    rows = [("ID", "TIME", "KIND", "BASE", "DISKS", "READ", "WARNINGS")]
+    rows = [("ID", "TIME", "KIND", "BASE", "DISKS", "READ", "WARNINGS", "PROTECTED", "NOTE")]
     for r in records:
         rows.append((r.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.time)), r.kind, r.base or "-",
                      str(len(r.disks)), human_bytes(sum(d.get("bytes_read", 0) for d in r.disks)),
-                     str(len(r.warnings))))
+                     str(len(r.warnings)), "yes" if r.protected else "-", r.note or "-"))
     print_table(rows)
     return EXIT_OK
 
@@ -237,6 +237,7 @@ def register(sub) -> None:
                     help="auto (default): incremental when the store has an earlier backup of the VM, else full; "
                          "differential: changes since the last full")
     sp.add_argument("--quiesce", action="store_true", help="quiesce the guest file systems (needs VMware Tools)")
+    sp.add_argument("--time", type=argtypes.point_time, default=None, metavar="ISO8601", help=argtypes.TIME_HELP)
     sp.add_argument("--cbt-sample", type=argtypes.share, default=0.001, metavar="SHARE",
                     help="share of the chunks CBT reports unchanged that are re-read and compared with the base, "
                          "at least one chunk (default %(default)s, i.e. 1 GiB of a 1 TiB disk; 0 turns the "

@@ -155,7 +155,7 @@ class DiskJob:
             prepared = backup_disk(
                 run.repo, run.session, run.pool, run.workers, source, self.disk_name, kind, areas,
                 change_id=self.change_id, metadata=run.disk_metadata(self), on_progress=on_progress,
-                on_plan=on_plan, warnings=self.warnings)
+                on_plan=on_plan, warnings=self.warnings, at=run.point_time)
             transport = getattr(source, "transport", run.transport)
             transferred = getattr(source, "bytes_transferred", None)
             short = getattr(source, "file_length", None)

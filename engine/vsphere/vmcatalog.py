@@ -23,7 +23,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-from engine.catalog import NumberedRecords, catalog_key, split_ref
+from engine.catalog import NEXT_SEQ_DB, NumberedRecords, catalog_key, split_ref
 
 VM_BACKUPS_DB = b"vm_backups"
 _ALLOWED = re.compile(r"[^A-Za-z0-9._:+-]")
@@ -64,6 +64,8 @@ class VmBackupRecord:
     source: dict                  # server, VM name, moref, UUIDs, inventory path, datacenter
     warnings: list[str] = field(default_factory=list)
     snapshot: dict = field(default_factory=dict)
+    protected: bool = False       # protect / unprotect (engine/pointflags.py)
+    note: str = ""                # note
 
     @property
     def id(self) -> str:
@@ -104,7 +106,7 @@ class VmCatalog(NumberedRecords):
     list_option = "--vm"
 
     def __init__(self, store):
-        super().__init__(store.db(VM_BACKUPS_DB), VM_BACKUPS_DB)
+        super().__init__(store.db(VM_BACKUPS_DB), VM_BACKUPS_DB, store.db_if_exists(NEXT_SEQ_DB))
 
     def for_vm(self, txn, vm: str) -> Iterator[VmBackupRecord]:
         return self.for_name(txn, vm)
