@@ -140,6 +140,10 @@ def delete_points(repo, ids, kind: str | None = None, wait: float = 0.0, allow_r
             writes = _writes(points, txn, removal)
         if not removal.points:
             return removal
+        # The chains it changes are locked up to its commit (a running backup of one: wait or exit 4);
+        # the commit checks again that every removed record is the one planned.
+        session.lock_chains(sorted({("disk", r.disk) for r in removal.disk_backups}
+                                   | {("vm", r.vm) for r in removal.vm_backups}), wait)
         if any(name == NEXT_SEQ_DB for name, _, _ in writes):
             handle = store.db(NEXT_SEQ_DB)  # opened (created) before the write transaction
             points.disks.next_db = handle
