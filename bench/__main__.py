@@ -225,6 +225,10 @@ def check_results(doc: dict, tools: list[ToolRunner], args: argparse.Namespace,
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--rollback" in argv:  # the rollback bench (bench/rollback.py) takes the rest of the options
+        from bench import rollback
+        return rollback.main([a for a in argv if a != "--rollback"])
     args = parse_args(argv)
     t0 = time.perf_counter()
     out = os.path.abspath(args.out)

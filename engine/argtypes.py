@@ -122,6 +122,14 @@ def count(text: str) -> int:
     return n
 
 
+def sample_count(text: str) -> int:
+    """--verify-target: how many chunks of a rollback's target are read first (0 to 4096)."""
+    n = _number(text, int, "a whole number of chunks")
+    if not 0 <= n <= 4096:
+        raise argparse.ArgumentTypeError(f"{text} chunks: give 0 (no check) to 4096")
+    return n
+
+
 def unused_share(text: str) -> float:
     """gc's --max-unused: 5%, 0.05."""
     t = text.strip()

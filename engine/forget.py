@@ -80,12 +80,25 @@ def plan_removal(points: Points, txn, targets: list[Point], allow_remove_newest:
     if not allow_remove_newest:
         chains = [(points.vms, r.vm, r) for r in removal.vm_backups]
         chains += [(points.disks, r.disk, r) for r in removal.disk_backups]
+        latest_of = _latest_cache(txn)
         for catalog, name, rec in chains:
-            latest = catalog.latest(txn, name)
+            latest = latest_of(catalog, name)
             if latest is not None and latest.seq == rec.seq:
                 raise BadInputError(f"{rec.id} is the newest point of {name}: the next incremental builds on it "
                                     "(its changeId); give --allow-remove-newest to remove it anyway")
     return removal
+
+
+def _latest_cache(txn):
+    """``catalog.latest`` once per chain: forgetting a long chain asks for each of its points."""
+    cache: dict = {}
+
+    def latest(catalog, name: str):
+        key = (catalog.name, name)
+        if key not in cache:
+            cache[key] = catalog.latest(txn, name)
+        return cache[key]
+    return latest
 
 
 def _writes(points: Points, txn, removal: Removal) -> list[tuple[bytes, bytes, bytes | None]]:
@@ -96,9 +109,10 @@ def _writes(points: Points, txn, removal: Removal) -> list[tuple[bytes, bytes, b
         writes.append((VM_BACKUPS_DB, rec.key, None))
     # A chain whose newest point goes keeps that number used.
     newest: dict[tuple[bytes, str], int] = {}
+    latest_of = _latest_cache(txn)
     for catalog, name, seq in ([(points.disks, r.disk, r.seq) for r in removal.disk_backups]
                                + [(points.vms, r.vm, r.seq) for r in removal.vm_backups]):
-        latest = catalog.latest(txn, name)
+        latest = latest_of(catalog, name)
         if latest is not None and latest.seq == seq:
             key = (catalog.name, name)
             newest[key] = max(newest.get(key, 0), seq + 1, catalog.reserved_seq(txn, name))

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import native
 
@@ -42,6 +42,7 @@ class RestoreResult:
     chunks_written: int
     chunks_read: int
     warnings: list[str] = field(default_factory=list)
+    rollback: object = None  # engine.rollback.RollbackStats, for a rollback
 
 
 @dataclass
@@ -123,60 +124,86 @@ def nonzero_runs(raw, block: int = HOLE_BLOCK) -> list[tuple[int, int]]:
     return runs
 
 
+def manifest_windows(repo: Repository, txn, record: BackupRecord, manifest: Manifest,
+                     with_zeros: bool) -> Iterator[dict[bytes, list[int]]]:
+    """The whole manifest, a window of segments at a time, as {digest: [disk
+    offsets]}; segments holding only zero chunks are left out unless the
+    target needs its zeros written (``with_zeros``).  The plan of a full
+    restore; a rollback's plan (engine/rollback.py) yields only what differs."""
+    cs = manifest.chunk_size
+    for window in range(0, len(manifest.segments), WINDOW_SEGMENTS):
+        by_digest: dict[bytes, list[int]] = {}
+        for s in range(window, min(window + WINDOW_SEGMENTS, len(manifest.segments))):
+            if manifest.nonzero[s] == 0 and not with_zeros:
+                continue
+            arr = segment_array(repo.manifests.segment(txn, manifest.segments[s], record.id, manifest, s),
+                                manifest.digest_len)
+            base = s * manifest.seg_chunks * cs
+            for k, row in enumerate(arr):
+                by_digest.setdefault(row.tobytes(), []).append(base + k * cs)
+        yield by_digest
+
+
 def _write_all(repo: Repository, txn, record: BackupRecord, manifest: Manifest, out: RestoreTarget,
-               workers: int, on_progress) -> tuple[int, int, int]:
+               workers: int, on_progress, windows: Iterable[dict[bytes, list[int]]] | None = None,
+               thread_prefix: str = "bv-restore") -> tuple[int, int, int]:
+    """Write what ``windows`` names (default: the whole manifest) to ``out``:
+    the one write path of every restore, whole or rollback.  Zero chunks are
+    written (``out.zero``) only to targets that may hold old data."""
     store = repo.store
     cs, size, zero = manifest.chunk_size, manifest.size, store.digester.zero_digest
     written = chunks_written = chunks_read = 0
 
     sparse = not out.writes_zeros
+    # A target that holds old data but can deallocate (a file rolled back in
+    # place) gets the zero blocks inside a chunk punched, not written: it ends
+    # as sparse as a new file the same restore would have made.
+    punch = out.punches_holes
     block = getattr(out, "hole_block", HOLE_BLOCK)
+    if windows is None:
+        windows = manifest_windows(repo, txn, record, manifest, out.writes_zeros)
+    zeros = memoryview(bytes(cs)) if out.writes_zeros else None
 
     def work(span: _Span) -> int:
         data = store.read_span(span.pack_id, span.offset, span.length)
         done = 0
         for at, entry, digest, offsets in span.items:
             raw = store.decode_chunk(data, at, entry, digest)
-            runs = nonzero_runs(raw, block) if sparse else [(0, cs)]
+            runs = nonzero_runs(raw, block) if sparse or punch else [(0, cs)]
             view = memoryview(raw)
             for off in offsets:
                 n = min(cs, size - off)
+                done_to = 0
                 for start, end in runs:
                     if start >= n:
                         break
-                    out.write(off + start, view[start:min(end, n)])
+                    if punch and start > done_to:
+                        out.zero(off + done_to, zeros[:start - done_to])
+                    done_to = min(end, n)
+                    out.write(off + start, view[start:done_to])
+                if punch and done_to < n:
+                    out.zero(off + done_to, zeros[:n - done_to])
                 done += n
         return done
-
-    zeros = bytes(cs) if out.writes_zeros else b""
 
     def write_zeros(offsets: list[int]) -> int:
         done = 0
         for off in offsets:
             n = min(cs, size - off)
-            out.write(off, zeros[:n])
+            out.zero(off, zeros[:n])
             done += n
         return done
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="bv-restore") as pool:
+    with ThreadPoolExecutor(workers, thread_name_prefix=thread_prefix) as pool:
         inflight: deque[Future] = deque()
         try:
-            for window in range(0, len(manifest.segments), WINDOW_SEGMENTS):
-                by_digest: dict[bytes, list[int]] = {}
-                for s in range(window, min(window + WINDOW_SEGMENTS, len(manifest.segments))):
-                    if manifest.nonzero[s] == 0 and not zeros:
-                        continue
-                    arr = segment_array(repo.manifests.segment(txn, manifest.segments[s], record.id, manifest, s),
-                                        manifest.digest_len)
-                    base = s * manifest.seg_chunks * cs
-                    for k, row in enumerate(arr):
-                        by_digest.setdefault(row.tobytes(), []).append(base + k * cs)
+            for by_digest in windows:
                 zero_offsets = by_digest.pop(zero, [])
                 entries = [(store.require(txn, d), d, offs) for d, offs in by_digest.items()]
                 chunks_read += len(entries)
                 chunks_written += sum(len(o) for o in by_digest.values())
                 tasks = [(work, span) for span in _spans(entries)]
-                if zeros and zero_offsets:
+                if zeros is not None and zero_offsets:
                     chunks_written += len(zero_offsets)
                     per_task = max(1, SPAN_BYTES // cs)
                     tasks += [(write_zeros, zero_offsets[i:i + per_task])

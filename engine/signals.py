@@ -172,6 +172,10 @@ def _aftermath(command: str, args) -> str:
                 "beside it as index/data.mdb.damaged-TIME: run the rebuild again)")
     if command == "restore":
         target = getattr(args, "target", "")
+        if getattr(args, "rollback_from", None) or getattr(args, "rollback_compare", False):
+            held = getattr(args, "rollback_from", None) or "what it held"
+            return (f"rollback aborted; {target} may now hold a mix of {held} and {args.backup}: run the same "
+                    "rollback again (or --rollback-compare) before using it")
         if "://" in target or _is_block_device(target):
             return (f"restore aborted; the disk {target} was partly overwritten: restore to it again "
                     "before using it")

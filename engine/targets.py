@@ -84,6 +84,29 @@ class RestoreTarget:
     def write(self, offset: int, data) -> None:
         raise NotImplementedError
 
+    def zero(self, offset: int, zeros) -> None:
+        """Make ``len(zeros)`` bytes at ``offset`` read as zeros (only called on
+        targets that may hold old data: ``writes_zeros``)."""
+        self.write(offset, zeros)
+
+    # -- in place (a rollback, engine/rollback.py) ------------------------------
+    # Only targets that exist before the restore have these: a block device, a
+    # vddk:// disk, a raw file rolled back in place (InPlaceFileTarget).
+    punches_holes = False  # zero() deallocates (engine/inplace.py): zero blocks in chunks go that way too
+    in_place = False
+    resizes = False  # fit() changes its size (a file); past its old end it then reads as zeros
+    capacity = 0  # bytes the target holds, known once it is open
+
+    def open_reader(self):
+        """A native Disk reading what the target holds now (GIL-free batched reads)."""
+        raise NotImplementedError
+
+    def close_reader(self, disk) -> None:
+        disk.close()
+
+    def fit(self, size: int) -> None:
+        """Make the target the disk's size where it can (a file); devices keep theirs."""
+
     def partial_exists(self) -> BadInputError:
         """The refusal when the partial file's name is taken: by a link, or by
         another restore (running, or killed before it could clean up)."""
@@ -187,11 +210,15 @@ class BlockDeviceTarget(RawTarget):
     """
 
     hole_block = 64 << 10  # (with --zeroed-target) a device takes fewer, larger writes
+    in_place = True
 
     def __init__(self, target: str, force: bool, zeroed: bool = False):
         super().__init__(target, force)
         self.writes_zeros = not zeroed
         self.fd = -1
+
+    def open_reader(self):
+        return native.open_raw(self.target)
 
     def check(self) -> None:
         rdev = os.stat(self.target).st_rdev
@@ -216,7 +243,7 @@ class BlockDeviceTarget(RawTarget):
             self.discard()
             raise BadInputError(f"block device {self.target} is read-only; make it writable "
                                 "(blockdev --setrw) or restore to another device")
-        have = os.lseek(self.fd, 0, os.SEEK_END)
+        have = self.capacity = os.lseek(self.fd, 0, os.SEEK_END)
         if have < size:
             self.discard()
             raise BadInputError(f"block device {self.target} holds {have} bytes ({human_bytes(have)}), the "
@@ -361,10 +388,18 @@ class VmdkTarget(RestoreTarget):
 class VddkTarget(RestoreTarget):
     """An existing vSphere disk, written in place through VDDK."""
 
+    in_place = True
+
     def __init__(self, target: str, force: bool, credentials_file: str | None = None, zeroed: bool = False):
         super().__init__(target, force)
         self.credentials_file = credentials_file
         self.writes_zeros = not zeroed
+
+    def open_reader(self):
+        return self.disk  # the writable VDDK handle reads too
+
+    def close_reader(self, disk) -> None:
+        pass  # closed with the target
 
     def check(self) -> None:
         from engine.vddk_url import parse_vddk_url
@@ -379,6 +414,7 @@ class VddkTarget(RestoreTarget):
             self.disk = open_vddk_url(self.target, self.credentials_file, writable=True)
         except OSError as e:
             raise BadInputError(f"cannot open {self.target} for writing: {e.strerror or e}") from None
+        self.capacity = self.disk.size
         if self.disk.size < size:
             self.disk.close()
             raise BadInputError(f"target disk holds {self.disk.size} bytes, the backup needs {size}; "

@@ -6,6 +6,7 @@ import logging
 import time
 
 from engine import argtypes, clilog, swapped
+from engine.cli import rollback_cmd
 from engine.cli.common import open_repo, progress_for, seconds
 from engine.commandline import EXIT_OK, add_command, emit
 from engine.progress import human_bytes
@@ -15,6 +16,8 @@ def cmd_restore(args) -> int:
     from engine.restore import make_target, restore_backup
     started = time.monotonic()
     swapped.check_restore(args.store, args.backup, args.target)
+    if rollback_cmd.wants_rollback(args):
+        return rollback_cmd.cmd_rollback(args)
     target = make_target(args.target, args.force, args.format, args.credentials, args.zeroed_target,
                          mode=args.mode)
     with progress_for(args, f"restore {args.backup}") as progress, open_repo(args) as repo:
@@ -42,7 +45,8 @@ def register(sub) -> None:
              "blockvault restore /backup/store db01@latest /restore/db01.img\n"
              "  blockvault restore /backup/store db01@-1 /restore/db01.vmdk     # the point before the latest\n"
              "  blockvault restore /backup/store db01@3 /dev/vg0/db01 --force    # a block device, in place\n"
-             "  blockvault restore /backup/store db01@3 'vddk://vc.lab/vm-77?disk=[ds1] new/new.vmdk' --force")
+             "  blockvault restore /backup/store db01@3 'vddk://vc.lab/vm-77?disk=[ds1] new/new.vmdk' --force\n"
+             + rollback_cmd.EXAMPLES)
     sp.add_argument("store", metavar="STORE")
     sp.add_argument("backup", metavar="DISK@N",
                     help="backup id: db01@3, db01@latest, db01@-1 (the one before the latest), "
@@ -62,3 +66,4 @@ def register(sub) -> None:
                          "(files are always new and sparse)")
     sp.add_argument("--threads", type=argtypes.threads, default=None,
                     help="worker threads, 1-256 (default: two per core)")
+    rollback_cmd.add_options(sp)

@@ -22,3 +22,20 @@ if _spec:
         return _pread(fd, length, offset)
 
     os.pread = _failing_pread
+
+
+# A process killed at one point of a commit, for tests: BLOCKVAULT_TEST_KILL=after-metadata
+# SIGKILLs the process once a commit's metadata records are durable, before its LMDB commit
+# (the window chunkstore/rebuild.py resolves: counted if it was the last thing that happened).
+if os.environ.get("BLOCKVAULT_TEST_KILL") == "after-metadata":
+    import signal
+
+    from chunkstore import session as _session
+
+    _write_metadata = _session.WriteSession._write_metadata
+
+    def _write_metadata_then_die(self, records):
+        _write_metadata(self, records)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    _session.WriteSession._write_metadata = _write_metadata_then_die

@@ -301,3 +301,27 @@ def test_a_vm_s_disk_backup_cannot_be_protected_alone(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert [p["reason"] for p in json.loads(proc.stdout)["groups"][0]["points"]] == ["last 1/1", "protected"]
     assert len(ids(store)) == 2
+
+
+def test_a_delete_killed_before_its_lmdb_commit_is_gone_or_whole(nights, tmp_path):
+    """SIGKILL once the deletion's metadata records are durable, before LMDB commits: the index still
+    holds every point (and verify passes); a rebuild counts the deletion only if nothing came after it
+    (chunkstore/rebuild.py), so both ways every point is either gone or whole."""
+    store, img, points = nights
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(REPO_ROOT, "tests", "faults"), REPO_ROOT]),
+           "BLOCKVAULT_TEST_KILL": "after-metadata"}
+    killed = run_cli("delete", store, "d@2", "d@3", env=env)
+    assert killed.returncode == -9, killed.stderr
+    assert ids(store) == [f"d@{n}" for n in range(1, 7)]
+    assert run_cli("verify", store).returncode == 0
+    copy = str(tmp_path / "copy")
+    subprocess.run(["cp", "-a", store, copy], check=True)
+    # Rebuilt now: the deletion was the last thing that happened, and it is complete: counted.
+    rebuild_from_packs(copy)
+    assert ids(copy) == ["d@1", "d@4", "d@5", "d@6"]
+    restores_identical(copy, {k: points[k] for k in ("d@1", "d@4", "d@5", "d@6")}, tmp_path)
+    # A commit after it (the next backup) makes it a sibling that never committed: left out.
+    assert run_cli("backup", store, img, "--disk", "e").returncode == 0
+    rebuild_from_packs(store)
+    assert ids(store) == [f"d@{n}" for n in range(1, 7)] + ["e@1"]
+    restores_identical(store, points, tmp_path)

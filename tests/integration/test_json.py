@@ -46,7 +46,8 @@ def assert_iso(doc: dict, key: str = "time") -> None:
 
 def test_the_document_covers_every_command():
     commands = {"init", "backup", "list", "restore", "verify", "stats", "gc", "rebuild", "rebuild-index",
-                "rebuild --config", "demo", "vsphere vms", "vsphere backup", "vsphere list", "vsphere restore", "error"}
+                "rebuild --config", "demo", "vsphere vms", "vsphere backup", "vsphere list", "vsphere restore", "error",
+                "protect", "delete", "forget"}
     assert commands <= set(SECTIONS), commands - set(SECTIONS)
     for name in SECTIONS:
         jsonshape.expand(SECTIONS, name)  # every shape a table names exists
