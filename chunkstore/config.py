@@ -17,7 +17,9 @@ from chunkstore import safefs
 from chunkstore.errors import ConfigError, FormatVersionError, NotAStoreError
 
 FORMAT_NAME = "blockvault-store"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Read as they are; the first writer upgrades them (ChunkStore.upgrade_format).
+READABLE_VERSIONS = (2, 3)
 CONFIG_FILE = "config.json"
 
 DIGEST_KINDS = ("xxh3-128", "sha256")
@@ -108,15 +110,15 @@ class StoreConfig:
         version = doc.get("version")
         if version == 1:
             raise FormatVersionError(
-                f"{store_path} has store format version 1; this blockvault reads version {FORMAT_VERSION} only "
-                "(version 2 keeps every backup's catalog entry and manifest in the packs too, so a lost index "
+                f"{store_path} has store format version 1; this blockvault reads versions 2 and 3 only "
+                "(version 2 and later keep every backup's catalog entry and manifest in the packs too, so a lost index "
                 "can be rebuilt; a version-1 store cannot be converted): restore what you need with the "
                 "blockvault release that wrote it and back it up into a new store"
             )
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise FormatVersionError(
-                f"{store_path} has store format version {version!r}, this blockvault reads version "
-                f"{FORMAT_VERSION}; use a blockvault release that supports it"
+                f"{store_path} has store format version {version!r}, this blockvault reads versions "
+                f"2 and {FORMAT_VERSION}; use a blockvault release that supports it"
             )
         try:
             cfg = cls(
@@ -127,6 +129,7 @@ class StoreConfig:
                 compression_level=int(doc["compression_level"]),
                 pack_target_size=int(doc.get("pack_target_size", DEFAULT_PACK_TARGET)),
                 created=float(doc.get("created", 0.0)),
+                version=version,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise NotAStoreError(f"{path}: malformed store config ({e})") from None

@@ -33,6 +33,7 @@ from chunkstore.metadata import OP_PUT, decode_metadata, metadata_part
 from chunkstore.pack import (METADATA_MAGIC, RECORD_HEADER_SIZE, RECORD_MAGIC, check_payload, decode_record_header,
                              iter_pack_paths, read_pack_header, scan_pack)
 from chunkstore.readonly import refuse_write, store_is_writable
+from chunkstore.registry import Registry
 from chunkstore.session import LAST_COMMIT, OWN_DBS, RESERVED_COMMIT, _U64
 from chunkstore.store import DATA_FILE, INDEX_DIR, ChunkStore, _open_env, index_file_problem
 
@@ -54,6 +55,7 @@ class RebuildReport:
     # Bad records whose chunk a good record elsewhere holds (a copy a backup
     # stored again after verify marked it): reported, not lost.
     superseded: list[str] = field(default_factory=list)
+    derived: str = ""   # what the layer above recomputed (the reference counts)
 
     @property
     def damaged(self) -> bool:
@@ -79,8 +81,14 @@ class _Commit:
         return len(self.streams) == self.parts
 
 
-def rebuild_store(path: str, wait: float = 0.0) -> RebuildReport:
-    """Recreate ``STORE/index`` from the packs: chunk index, packs, metadata."""
+def rebuild_store(path: str, wait: float = 0.0, derive=None) -> RebuildReport:
+    """Recreate ``STORE/index`` from the packs: chunk index, packs, metadata.
+
+    ``derive(store)``, given by the layer above, returns a function
+    ``finish(txn, gen_floor)`` run last in the rebuild's transaction: it
+    recomputes what the replayed databases imply (the reference counts,
+    engine/references.py); ``gen_floor`` is the lifecycle generation the
+    rebuilt index must not go below."""
     cfg = StoreConfig.load(path)
     lock = WriterLock(path)
     lock.acquire(wait, "rebuild")
@@ -101,7 +109,7 @@ def rebuild_store(path: str, wait: float = 0.0) -> RebuildReport:
             fsync_dir(index)
         store = ChunkStore(path, cfg, _open_env(path, create=True))
         try:
-            _rebuild(store, report)
+            _rebuild(store, report, derive(store) if derive else None)
         finally:
             store.close()
         return report
@@ -109,24 +117,24 @@ def rebuild_store(path: str, wait: float = 0.0) -> RebuildReport:
         lock.release()
 
 
-def rebuild_index(store: ChunkStore, wait: float = 0.0) -> RebuildReport:
+def rebuild_index(store: ChunkStore, wait: float = 0.0, derive=None) -> RebuildReport:
     """``rebuild_store`` for a store this process has open (its index intact)."""
     lock = WriterLock(store.path)
     lock.acquire(wait, "rebuild")
     try:
         report = RebuildReport()
-        _rebuild(store, report)
+        _rebuild(store, report, derive(store) if derive else None)
         return report
     finally:
         lock.release()
 
 
-def _rebuild(store: ChunkStore, report: RebuildReport) -> None:
+def _rebuild(store: ChunkStore, report: RebuildReport, finish=None) -> None:
     entries, packs, commits, copies = _scan(store.path, store.config, report)
     chain = _chain(commits, report)
     if not report.complete:
         _keep_previous(store, report)
-    _replace(store, entries, packs, chain, commits, report, copies)
+    _replace(store, entries, packs, chain, commits, report, copies, finish)
 
 
 def _keep_previous(store: ChunkStore, report: RebuildReport) -> None:
@@ -237,7 +245,7 @@ def _chain(commits: dict[int, _Commit], report: RebuildReport) -> list[int]:
 
 
 def _replace(store: ChunkStore, entries, packs, chain: list[int], commits: dict, report: RebuildReport,
-             copies: dict) -> None:
+             copies: dict, finish=None) -> None:
     """One transaction: every database emptied and refilled."""
     env = store.env
     handles: dict[bytes, object] = {}
@@ -248,6 +256,8 @@ def _replace(store: ChunkStore, entries, packs, chain: list[int], commits: dict,
         return handles[name]
 
     with env.begin(write=True) as txn:
+        # The generation never goes back: a running reader's registration was stamped with it.
+        gen_floor = max([store.refs.gen(txn)] + [e.start_gen for e in Registry(store).entries()])
         names = [bytes(k) for k, _ in txn.cursor()]
         for name in names:
             txn.drop(db(txn, name), delete=False)
@@ -280,6 +290,8 @@ def _replace(store: ChunkStore, entries, packs, chain: list[int], commits: dict,
         if chain:
             txn.put(LAST_COMMIT, _U64.pack(chain[-1]), db=store.meta_db)
             txn.put(RESERVED_COMMIT, _U64.pack(max(commits)), db=store.meta_db)
+        if finish is not None:
+            report.derived = finish(txn, gen_floor)
         for name in sorted(touched):
             report.records[name.decode()] = txn.stat(db(txn, name))["entries"]
 

@@ -43,9 +43,11 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import lmdb
 
 from chunkstore import badmarks
+from chunkstore.config import FORMAT_VERSION
 from chunkstore.errors import StoreError
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry, PackInfo
 from chunkstore.holds import Holds
+from chunkstore.refs import REFS_DBS
 from chunkstore.lock import CommitLock
 from chunkstore.metadata import OP_DELETE, OP_PUT, iter_metadata_records
 from chunkstore.pack import RECORD_HEADER_SIZE, PackWriter, encode_record
@@ -72,7 +74,7 @@ MetadataWrite = tuple[bytes, bytes, "bytes | None"]
 # then died keeps its number: the next commit gets a new one).
 LAST_COMMIT = b"commit.last"
 RESERVED_COMMIT = b"commit.reserved"
-OWN_DBS = (CHUNKS_DB, PACKS_DB, META_DB, b"bad")  # b"bad": chunkstore/badmarks.py
+OWN_DBS = (CHUNKS_DB, PACKS_DB, META_DB, b"bad", *REFS_DBS)  # b"bad": chunkstore/badmarks.py
 _U64 = struct.Struct("<Q")
 
 
@@ -91,7 +93,9 @@ class WriteSession:
         self.store = store
         self.purpose = purpose
         self._holds = Holds(store, purpose)  # chain locks, the store lock (shared), a registration
-        self._holds.take(wait, kind, chains)
+        # A format-2 store's first writer upgrades it, alone (ChunkStore.upgrade_format).
+        self._holds.take(wait, kind, chains,
+                         alone=store.upgrade_format if store.config.version < FORMAT_VERSION else None)
         try:
             # Marked by verify: stored again when met (chunkstore/badmarks.py).
             self._bad: set[bytes] = badmarks.bad_digests(store)
@@ -143,11 +147,13 @@ class WriteSession:
         another caller's claim.  They become the caller's: nobody else is told
         to write them."""
         out = []
-        chunks_db = self.store.chunks_db
+        chunks_db, dead_db = self.store.chunks_db, self.store.refs.dead_db
         with self._mutex, self.store.read_txn() as txn:
             pending, claimed, bad = self.pending, self._claimed, self._bad
             for d in digests:
-                if d in pending or d in claimed or (txn.get(d, db=chunks_db) is not None and d not in bad):
+                # A dead chunk counts as absent: gc may remove it before this session commits.
+                if d in pending or d in claimed or (txn.get(d, db=chunks_db) is not None and d not in bad
+                                                    and txn.get(d, db=dead_db) is None):
                     continue
                 claimed.add(d)
                 out.append(d)
@@ -299,26 +305,36 @@ class WriteSession:
         exception: this session stored it again to replace the bad copy, and
         its mark says healed (chunkstore/badmarks.py); once healed, the next
         session's copy is a duplicate like any other."""
-        chunks_db = self.store.chunks_db
+        chunks_db, refs = self.store.chunks_db, self.store.refs
         healed = []
         for digest, entry in entries.items():
             if txn.put(digest, entry.encode(), db=chunks_db, overwrite=False):
                 continue
-            if self._replaces(txn, digest):
+            old = IndexEntry.decode(txn.get(digest, db=chunks_db))
+            if refs.dead_stamp(txn, digest) is not None:
+                # Dead (claim stored it again, as gc may take the old copy): this copy
+                # replaces it; the old record is dead bytes already (chunkstore/refs.py).
+                txn.delete(digest, db=refs.dead_db)
                 txn.put(digest, entry.encode(), db=chunks_db)
+            elif self._replaces(txn, digest):
+                txn.put(digest, entry.encode(), db=chunks_db)
+                refs.garbage(txn, old)  # the bad record
                 healed.append(digest)
             else:
                 self.duplicate_chunks += 1
                 self.duplicate_bytes += RECORD_HEADER_SIZE + entry.stored_len
-                self._note_kept(digest, entry, IndexEntry.decode(txn.get(digest, db=chunks_db)))
+                refs.garbage(txn, entry)  # this session's copy
+                self._note_kept(digest, entry, old)
         if healed:
             badmarks.heal(self.store, txn, healed)
             self._bad.difference_update(healed)
 
     def _replaces(self, txn, digest: bytes) -> bool:
         """Whether this session's copy of an indexed chunk replaces the indexed
-        one: only a copy still marked bad (not healed by another session)."""
-        return digest in self._bad and badmarks.still_bad(self.store, txn, digest)
+        one: a copy of a dead chunk (chunkstore/refs.py), or of one still marked
+        bad (not healed by another session)."""
+        return (self.store.refs.dead_stamp(txn, digest) is not None
+                or digest in self._bad and badmarks.still_bad(self.store, txn, digest))
 
     def _note_kept(self, digest: bytes, mine: IndexEntry, kept: IndexEntry) -> None:
         """Remember a duplicate that ``rebuild`` would index at this session's
@@ -352,7 +368,8 @@ class WriteSession:
             self._sealer.stop()
 
     def commit(self, extra: Callable[[lmdb.Transaction], None] | None = None,
-               metadata: Sequence[MetadataWrite] = ()) -> None:
+               metadata: Sequence[MetadataWrite] = (),
+               after: Callable[[lmdb.Transaction], None] | None = None) -> None:
         """Make this session's chunks, plus whatever ``extra`` and ``metadata`` write, visible at once.
 
         ``metadata`` is the layer above's writes, as (database, key, value):
@@ -361,7 +378,10 @@ class WriteSession:
         in the same LMDB transaction as the chunks, so the packs alone can
         recreate those databases (chunkstore/rebuild.py).
         ``extra`` may check or write more, but what it writes is not in the
-        packs.  A ``metadata`` list is taken over (emptied).
+        packs; ``after`` runs once the metadata writes are in the
+        transaction (the reference counts of what they added, which the
+        rebuild recomputes rather than replays).  A ``metadata`` list is
+        taken over (emptied).
         """
         if self.committed:
             raise StoreError("write session committed twice")
@@ -388,11 +408,11 @@ class WriteSession:
             if writes:
                 number, follows = self._reserve_commit()
                 self._write_metadata(iter_metadata_records(writes, number, follows, time.time(), store.codec))
-            self._commit_index(extra, writes, number)
+            self._commit_index(extra, writes, number, after)
         self.committed = True
         self._holds.release()
 
-    def _commit_index(self, extra, writes: list, number: int) -> None:
+    def _commit_index(self, extra, writes: list, number: int, after=None) -> None:
         """Step 5 of FORMAT.md "Commit order": one LMDB write transaction."""
         store = self.store
         with store.env.begin(write=True) as txn:
@@ -411,6 +431,8 @@ class WriteSession:
                     txn.put(key, value, db=store.db(name))
                 else:
                     txn.delete(key, db=store.db(name))
+            if after is not None:
+                after(txn)
             if number:
                 txn.put(LAST_COMMIT, _U64.pack(number), db=store.meta_db)
 

@@ -18,7 +18,9 @@ commit is what makes a backup appear whole or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import os
 import re
 import struct
@@ -29,13 +31,14 @@ import lmdb
 from chunkstore import safefs
 from chunkstore.badmarks import BAD_DB
 from chunkstore.codec import Codec
-from chunkstore.config import CONFIG_FILE, StoreConfig, fsync_dir
+from chunkstore.config import CONFIG_FILE, FORMAT_VERSION, StoreConfig, fsync_dir
 from chunkstore.digest import Digester
-from chunkstore.errors import (ChunkNotFound, ConfigMismatchError, IndexDamagedError, IntegrityError,
+from chunkstore.errors import (ChunkNotFound, ConfigMismatchError, FormatVersionError, IndexDamagedError, IntegrityError,
                                NotAStoreError, StoreExistsError, StoreUrlError, UnsafePathError)
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry
 from chunkstore.pack import (MAX_PAYLOAD, RECORD_HEADER_SIZE, check_payload, decode_record_header, iter_pack_paths,
                              pack_relpath, read_pack_header)
+from chunkstore.refs import ChunkRefs, mark_counted
 from chunkstore.lock import LOCKS_DIR
 from chunkstore.readonly import EMPTY, ReadOnlyTxn, is_denied, open_read_only, refuse_write, store_is_writable
 from chunkstore.registry import SESSIONS_DIR
@@ -48,7 +51,7 @@ PACKS_DIR = "packs"
 STORE_FILES = ("config.json", "lock", "index/data.mdb", "index/lock.mdb")
 # Address space only: LMDB grows the file as data arrives.
 MAP_SIZE = 1 << 40
-MAX_DBS = 16
+MAX_DBS = 32
 MAX_READ = MAX_PAYLOAD + RECORD_HEADER_SIZE  # see read_span
 
 
@@ -72,6 +75,10 @@ class ChunkStore:
         self.packs_db = self.db(PACKS_DB)
         self.meta_db = self.db(META_DB)
         self.bad_db = self.db(BAD_DB)
+        self.refs = ChunkRefs(self)
+        # Set by the layer above: computes the reference counts of a format-2
+        # store in a write transaction (engine/references.py); see upgrade_format.
+        self.upgrader = None
 
     # -- opening ---------------------------------------------------------------
 
@@ -94,6 +101,8 @@ class ChunkStore:
             safefs.make_dir(os.path.join(path, sub), "store directory")
         env = _open_env(path, create=True)
         store = cls(path, cfg, env)
+        with env.begin(write=True) as txn:  # a new store keeps the counts from its first commit
+            mark_counted(txn, store.meta_db)
         # The config goes last: a directory without one is not a store, so a
         # crash during init leaves nothing that looks half-made.
         cfg.save(path)
@@ -244,6 +253,32 @@ class ChunkStore:
         return self.decode_chunk(span, 0, entry, digest)
 
     # -- writing ---------------------------------------------------------------
+
+    def upgrade_format(self) -> None:
+        """Make a format-2 store format 3, by its first writer (who holds the lock).
+
+        One LMDB transaction computes every reference count from the
+        manifests (the layer above's ``upgrader``), then config.json is
+        rewritten atomically.  A crash between the two leaves a version-2
+        config over an index with counts: the next writer counts again.
+        Readers never upgrade."""
+        if self.config.version >= FORMAT_VERSION:
+            return
+        current = StoreConfig.load(self.path)  # another writer may have upgraded it while we waited
+        if current.version >= FORMAT_VERSION:
+            self.config = current
+            return
+        if self.upgrader is None:
+            raise FormatVersionError(f"{self.path} has store format version {self.config.version}; only blockvault's "
+                                     "engine can upgrade it (run any blockvault backup or gc on it)")
+        with self.env.begin(write=True) as txn:
+            summary = self.upgrader(txn)
+        old = self.config.version
+        self.config = dataclasses.replace(self.config, version=FORMAT_VERSION)
+        self.config.save(self.path)
+        logging.getLogger("blockvault.store").warning(
+            "store %s upgraded from format version %d to %d (%s); blockvault releases before it can no longer "
+            "write it", self.path, old, FORMAT_VERSION, summary)
 
     def writer(self, wait: float = 0.0, purpose: str = "backup", kind: str = "backup",
                chains=()) -> WriteSession:

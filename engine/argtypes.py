@@ -143,3 +143,18 @@ def port(text: str) -> int:
     if not 1 <= n <= 65535:
         raise argparse.ArgumentTypeError(f"port {n} is outside 1..65535")
     return n
+
+
+def unused_share(text: str) -> float:
+    """gc's --max-unused: 5%, 0.05."""
+    t = text.strip()
+    value = _number(t[:-1], float, "a share like 5% or 0.05") / 100 if t.endswith("%") else \
+        _number(t, float, "a share like 5% or 0.05")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a share of the stored bytes from 0% to 100%")
+    return value
+
+
+def byte_size(text: str) -> int:
+    """A number of bytes, with K, M, G or T (binary units): 512M, 10G."""
+    return _size(text)

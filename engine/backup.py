@@ -202,8 +202,13 @@ def commit_backups(repo: Repository, session, prepared: list[PreparedBackup], mo
         for numbered, record in pairs:
             numbered.check_new(txn, record)
 
+    manifests = [p.manifest for p in prepared]
+
+    def count(txn):  # reference counts, in the same transaction (engine/references.py)
+        repo.references.add_manifests(txn, manifests)
+
     with signals.deferred():  # interrupted after LMDB's commit, the abort would delete referenced packs
-        session.commit(check, metadata=writes)
+        session.commit(check, metadata=writes, after=count)
 
 
 def backup_image(repo: Repository, source: str, disk_name: str, mode: str = "full",

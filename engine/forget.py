@@ -128,7 +128,8 @@ def freed_bytes(repo, txn, records: list[BackupRecord]) -> int | None:
     if unique is None:
         return None
     manifests = [repo.manifests.get(txn, r.key, r.id, r) for r in records]
-    return int(unique(txn, manifests))
+    freed = unique(txn, manifests)
+    return None if freed is None else int(freed)  # None: a format-2 store, not counted yet
 
 
 def delete_points(repo, ids, kind: str | None = None, wait: float = 0.0, allow_remove_newest: bool = False,

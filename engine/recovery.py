@@ -13,6 +13,10 @@ are (database, key, value) triples of these databases: ``catalog``,
 from __future__ import annotations
 
 import collections
+
+import lmdb
+import dataclasses
+import logging
 import json
 import os
 import time
@@ -22,17 +26,32 @@ from chunkstore.errors import IntegrityError, NotAStoreError, StoreError
 from chunkstore.lock import WriterLock
 from chunkstore.pack import iter_pack_paths, read_pack_header
 from chunkstore.rebuild import RebuildReport, rebuild_store
+from chunkstore.refs import has_counts
 from chunkstore.store import check_config, require_config, refuse_url
+from engine.references import recount
+from engine.repository import Repository
 
 # Databases the engine writes through metadata records (docs/FORMAT.md).
 METADATA_DBS = ("catalog", "manifests", "segments", "vm_backups")
 
 
+def _derive(store):
+    """The reference counts, recomputed in the rebuild's transaction (engine/references.py)."""
+    repo = Repository(store)  # opens the engine's databases before the transaction begins
+    return lambda txn, gen_floor: recount(repo, txn, gen_floor)
+
+
 def rebuild(path: str, wait: float = 0.0) -> RebuildReport:
     refuse_url(path)
     require_config(path)
-    check_config(path, StoreConfig.load(path))
-    return rebuild_store(path, wait)
+    cfg = StoreConfig.load(path)
+    check_config(path, cfg)
+    report = rebuild_store(path, wait, _derive)
+    if cfg.version < FORMAT_VERSION:  # the rebuilt index has its counts: the store is format 3 now
+        dataclasses.replace(cfg, version=FORMAT_VERSION).save(path)
+        logging.getLogger("blockvault.store").warning(
+            "store %s upgraded from format version %d to %d by the rebuild", path, cfg.version, FORMAT_VERSION)
+    return report
 
 
 def rebuild_doc(report: RebuildReport) -> dict:
@@ -73,6 +92,23 @@ def damage_message(report: RebuildReport) -> str:
             + "; run 'blockvault verify' to see which backups it hurts")
 
 
+def _index_version(path: str) -> int:
+    """3 when the index keeps the reference counts (chunkstore/refs.py: meta ``format``), else 2:
+    the next writer then counts them (a format-2 store's upgrade)."""
+    try:
+        env = lmdb.open(os.path.join(path, "index"), readonly=True, lock=False, max_dbs=64, subdir=True)
+    except lmdb.Error:
+        return 2
+    try:
+        with env.begin() as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            return FORMAT_VERSION if has_counts(txn, meta) else 2
+    except lmdb.Error:
+        return 2
+    finally:
+        env.close()
+
+
 def recreate_config(path: str, wait: float = 0.0) -> dict:
     """Write config.json from the settings the pack headers agree on."""
     refuse_url(path)
@@ -109,15 +145,16 @@ def _recreate_config(path: str) -> dict:
         raise StoreError(f"{path}: the pack headers disagree on the store's settings ({len(ranked)} different "
                          "sets, none held by most packs); packs of two stores were mixed: separate them first")
     chosen = json.loads(ranked[0][0])
-    cfg = StoreConfig(format=FORMAT_NAME, version=FORMAT_VERSION, **chosen)
+    try:
+        current = StoreConfig.load(path)
+    except StoreError:
+        current = None
+    cfg = StoreConfig(format=FORMAT_NAME, version=_index_version(path), **chosen)
     cfg.validate()
     target = os.path.join(path, CONFIG_FILE)
     replaced, changed = None, True
     if os.path.exists(target):
-        try:
-            changed = StoreConfig.load(path) != cfg
-        except StoreError:
-            changed = True
+        changed = current != cfg
         if changed:
             replaced = f"{target}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
             os.rename(target, replaced)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from chunkstore import ChunkStore
 from engine.catalog import CATALOG_DB, NEXT_SEQ_DB, Catalog
 from engine.manifest import MANIFESTS_DB, SEGMENTS_DB, ManifestStore
+from engine.references import References, recount
 
 
 class Repository:
@@ -18,6 +19,9 @@ class Repository:
         self.path = store.path
         self.catalog = Catalog(store.db(CATALOG_DB), CATALOG_DB, store.db_if_exists(NEXT_SEQ_DB))
         self.manifests = ManifestStore(store.db(MANIFESTS_DB), store.db(SEGMENTS_DB), store.digester)
+        self.references = References(self)
+        # A format-2 store's first writer computes the counts (ChunkStore.upgrade_format).
+        store.upgrader = lambda txn: recount(self, txn)
 
     @classmethod
     def init(cls, path: str, **settings) -> "Repository":

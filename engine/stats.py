@@ -27,6 +27,7 @@ def store_stats(repo: Repository) -> dict:
                 unique_raw += entry.raw_len
                 stored_payload += RECORD_HEADER_SIZE + entry.stored_len
         packs, pack_bytes = pack_totals(store, txn)
+        dead = store.refs.dead_bytes(txn) if repo.references.kept else None
     disks = len(names)
 
     def ratio(a: int, b: int) -> float | None:
@@ -45,6 +46,8 @@ def store_stats(repo: Repository) -> dict:
         "unique_bytes": unique_raw,
         "stored_bytes": pack_bytes,
         "packs": packs,
+        "live_bytes": None if dead is None else pack_bytes - dead,
+        "dead_bytes": dead,
         "dedup_ratio": ratio(logical_nonzero, unique_raw),
         "compression_ratio": ratio(unique_raw, stored_payload),
         "reduction_ratio": ratio(logical_nonzero, pack_bytes),

@@ -26,6 +26,7 @@ from chunkstore.pack import pack_relpath
 from chunkstore.registry import Registry
 from chunkstore.verify import ChunkVerifyReport, verify_chunks
 from engine.manifest import count_nonzero, segment_array
+from engine.references import count_drift
 from engine.repository import Repository
 
 MAX_OFFSETS_LISTED = 64
@@ -41,11 +42,13 @@ class VerifyReport:
     affected: dict = field(default_factory=dict)              # digest → {backup id: [offsets]}
     marks: badmarks.MarkResult | None = None
     store_path: str = ""
+    count_drift: list = field(default_factory=list)          # stored reference counts the manifests contradict
+    counts_checked: bool = False                             # False on a format-2 store (it keeps none)
 
     @property
     def ok(self) -> bool:
         return (self.chunks.ok and not self.missing_chunks and not self.damaged_manifests
-                and not self.bad_records)
+                and not self.bad_records and not self.count_drift)
 
     def _backups(self, digest: bytes) -> list[dict]:
         hits = self.affected.get(digest, {})
@@ -79,6 +82,8 @@ class VerifyReport:
             "marks": {"recorded": marks.recorded, "marked": marks.marked, "note": marks.note},
             "unreferenced_packs": [self._pack(path=p) for p in self.chunks.unreferenced_packs],
             "metadata_lost": self.chunks.metadata_lost,
+            "counts_checked": self.counts_checked,
+            "count_drift": self.count_drift,
         }
 
     def _pack(self, pack_id: str | None = None, path: str | None = None) -> dict:
@@ -104,6 +109,10 @@ def verify_repository(repo: Repository, workers: int = 2,
         with store.read_txn() as txn:
             marked = set(badmarks.all_marks(store, txn))
         _check_manifests(repo, report, set(report.chunks.corrupt) | marked)
+    if repo.references.kept:  # every count recomputed from the manifests (engine/references.py)
+        with store.read_txn() as txn:
+            report.count_drift = count_drift(repo, txn)
+        report.counts_checked = True
     if mark:
         report.marks = badmarks.update_marks(store, report.bad(), started)
     return report

@@ -89,7 +89,7 @@ def store_fingerprint(store: str) -> dict:
                 fp[rel] = hashlib.sha256(f.read()).hexdigest()
     index = os.path.join(store, "index")
     if os.path.isdir(index):
-        env = lmdb.open(index, readonly=True, max_dbs=16, lock=False)
+        env = lmdb.open(index, readonly=True, max_dbs=64, lock=False)
         with env.begin() as txn:
             names = [bytes(k) for k, _ in txn.cursor()]
             for name in names:

@@ -12,7 +12,7 @@ Every failure goes through ``fail``.
 
 One module per verb group (``store_cmd``: init, stats, rebuild; ``backup_cmd``,
 ``list_cmd``, ``restore_cmd``, ``files_cmd``, ``verify_cmd``, ``retention_cmd`` (protect, note,
-delete, forget), ``demo_cmd``; ``access_cmd`` (serve, mount, umount); ``vsphere`` in
+delete, forget), ``gc_cmd``, ``demo_cmd``; ``access_cmd`` (serve, mount, umount); ``vsphere`` in
 engine/vsphere/cli.py), each with ``register(sub)``; this module builds the
 parser from them and owns the one failure path.
 """
@@ -34,16 +34,16 @@ import lmdb  # noqa: E402
 
 from chunkstore import StoreError  # noqa: E402
 from engine import clilog, signals  # noqa: E402
-from engine.cli import (access_cmd, backup_cmd, demo_cmd, files_cmd, list_cmd, restore_cmd,  # noqa: E402
-                        retention_cmd, store_cmd, verify_cmd)
+from engine.cli import (access_cmd, backup_cmd, demo_cmd, files_cmd, gc_cmd, list_cmd,  # noqa: E402
+                        restore_cmd, retention_cmd, store_cmd, verify_cmd)
 from engine.commandline import (EXIT_DAMAGED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_LOCKED,  # noqa: E402,F401
                                 EXIT_OK, EXIT_USAGE, CommandLineError, Parser, common_options,
                                 describe_failure, report_failure)
 from engine.vsphere.cli import register as register_vsphere  # noqa: E402
 
 # The order of ``blockvault --help`` (after ``init``).
-VERB_MODULES = (backup_cmd, list_cmd, restore_cmd, files_cmd, verify_cmd, retention_cmd, store_cmd, demo_cmd,
-                access_cmd)
+VERB_MODULES = (backup_cmd, list_cmd, restore_cmd, files_cmd, verify_cmd, retention_cmd, gc_cmd, store_cmd,
+                demo_cmd, access_cmd)
 
 EPILOG = """\
 examples:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from chunkstore.errors import StoreError
 from engine.cli.common import open_repo, warn_bad_records
 from engine.commandline import EXIT_OK, add_command, emit, print_table, printable
 from engine.progress import human_bytes
@@ -16,10 +17,12 @@ def cmd_list(args) -> int:
             records = list(repo.catalog.for_disk(txn, args.disk, bad=bad))
         else:
             records = list(repo.catalog.all(txn, bad=bad))
+        unique = {r.id: unique_bytes(repo, txn, r) for r in records} if args.json else {}
     bad = [b.as_dict() for b in bad]
     warn_bad_records(bad)
     if args.json:
-        emit(args, {"backups": [r.summary() for r in records], "bad_records": bad}, "")
+        emit(args, {"backups": [{**r.summary(), "unique_bytes": unique[r.id]} for r in records],
+                    "bad_records": bad}, "")
         return EXIT_OK
     if not records:
         print(printable("no backups" + (f" of disk {args.disk}" if args.disk else "")))
@@ -33,6 +36,15 @@ def cmd_list(args) -> int:
                      "yes" if r.protected else "-", r.note or "-"))
     print_table(rows)
     return EXIT_OK
+
+
+def unique_bytes(repo, txn, record) -> int | None:
+    """Stored bytes only this point holds (freed if it alone were removed); None without counts."""
+    try:
+        manifest = repo.manifests.get(txn, record.key, record.id, record)
+    except StoreError:
+        return None  # a damaged manifest: verify says so
+    return repo.references.unique_bytes(txn, [manifest])
 
 
 def register(sub) -> None:

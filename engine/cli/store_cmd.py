@@ -36,12 +36,16 @@ def cmd_stats(args) -> int:
 
     def r(x):
         return f"{x:.2f}x" if x else "-"
+    live_dead = ("- (format 2: counted once a writer upgrades the store)" if doc["dead_bytes"] is None else
+                 f"{human_bytes(doc['live_bytes'])} live, {human_bytes(doc['dead_bytes'])} dead "
+                 "(what 'blockvault gc' can reclaim)")
     print(f"store            {doc['store']}\n"
           f"disks, backups   {doc['disks']}, {doc['backups']}\n"
           f"protected        {human_bytes(doc['logical_bytes'])} logical, "
           f"{human_bytes(doc['logical_allocated_bytes'])} allocated\n"
           f"unique chunks    {doc['chunks']} ({human_bytes(doc['unique_bytes'])})\n"
           f"stored           {human_bytes(doc['stored_bytes'])} in {doc['packs']} packs\n"
+          f"live, dead       {live_dead}\n"
           f"dedup            {r(doc['dedup_ratio'])}\n"
           f"compression      {r(doc['compression_ratio'])}\n"
           f"total reduction  {r(doc['reduction_ratio'])}")

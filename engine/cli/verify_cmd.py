@@ -24,7 +24,8 @@ def cmd_verify(args) -> int:
               count(len(doc["damaged_manifests"]), "damaged manifest")]
     damage += [count(len(doc[k]), what) for k, what in (("bad_packs", "damaged pack frame"),
                                                          ("read_errors", "read error"),
-                                                         ("bad_records", "damaged catalog record")) if doc[k]]
+                                                         ("bad_records", "damaged catalog record"),
+                                                         ("count_drift", "wrong reference count")) if doc[k]]
     if doc["marks"]["note"]:
         logging.getLogger("blockvault.verify").warning(doc["marks"]["note"])
     if doc["metadata_lost"]:
@@ -64,6 +65,8 @@ def cmd_verify(args) -> int:
         if doc["marks"]["marked"]:
             print(f"marked {count(doc['marks']['marked'], 'bad chunk')}: the next backup that reads "
                   "their data stores them again")
+        for drift in doc["count_drift"]:
+            print(printable(f"WRONG reference count: {drift}"))
         if doc["metadata_lost"]:
             print(f"METADATA LOST: {doc['metadata_lost']}")
         if doc["unreferenced_packs"] and not doc["metadata_lost"]:

@@ -83,11 +83,11 @@ def test_future_format_version(populated):
     store, img = populated
     cfg_path = os.path.join(store, "config.json")
     doc = json.loads(open(cfg_path).read())
-    doc["version"] = 3
+    doc["version"] = 4
     with open(cfg_path, "w") as f:
         json.dump(doc, f)
-    _expect_error(["backup", store, img, "--disk", "ok"], 1, "format version 3", store=store)
-    _expect_error(["list", store], 1, "format version 3")
+    _expect_error(["backup", store, img, "--disk", "ok"], 1, "format version 4", store=store)
+    _expect_error(["list", store], 1, "format version 4")
 
 
 def test_version_1_store_is_refused_with_what_to_do(populated):
@@ -99,7 +99,7 @@ def test_version_1_store_is_refused_with_what_to_do(populated):
     with open(cfg_path, "w") as f:
         json.dump(doc, f)
     for args in (["backup", store, img, "--disk", "ok"], ["list", store], ["rebuild", store]):
-        _expect_error(args, 1, "store format version 1", "reads version 2 only",
+        _expect_error(args, 1, "store format version 1", "reads versions 2 and 3 only",
                       "restore what you need with the blockvault release that wrote it", store=store)
 
 

@@ -20,6 +20,7 @@ import pytest
 
 import jsonshape
 from chunkstore.pack import RECORD_MAGIC, scan_pack
+from lifecycle_helpers import chunk_digests, delete_point
 from helpers import REPO_ROOT, make_sparse, rng, run_cli, same_file, store_fingerprint, text_bytes, write_at
 
 CS = 64 << 10
@@ -44,7 +45,7 @@ def assert_iso(doc: dict, key: str = "time") -> None:
 
 
 def test_the_document_covers_every_command():
-    commands = {"init", "backup", "list", "restore", "verify", "stats", "rebuild", "rebuild-index",
+    commands = {"init", "backup", "list", "restore", "verify", "stats", "gc", "rebuild", "rebuild-index",
                 "rebuild --config", "demo", "vsphere vms", "vsphere backup", "vsphere list", "vsphere restore", "error",
                 "protect", "delete", "forget", "files partitions", "files ls", "files get", "serve", "mount",
                 "umount"}
@@ -120,6 +121,19 @@ def test_store_commands_match_the_document(tmp_path, image):
     recreated, _ = run_json("rebuild", "--config", store)
     assert_shape(recreated, "rebuild --config")
     assert recreated["changed"] is False and recreated["chunk_size"] == CS
+
+    # gc, with something to do: a point of new data, released as delete/forget release one.
+    write_at(image, 0, rng(9).bytes(4 * CS))
+    assert run_cli("backup", store, image, "--disk", "z").returncode == 0
+    changed = len(chunk_digests(store, "z@1") - chunk_digests(store, "d@2"))
+    assert delete_point(store, "z@1") == changed == 4
+    planned, _ = run_json("gc", store, "--dry-run", "--max-unused", "0")
+    assert_shape(planned, "gc")
+    swept, _ = run_json("gc", store, "--max-unused", "0")
+    assert_shape(swept, "gc")
+    assert planned["dry_run"] is True and swept["dry_run"] is False
+    assert swept["deleted_packs"] + swept["repacked_packs"] and swept["chunks_removed"] == changed
+    assert swept["dead_bytes_after"] == 0 and swept["stored_bytes_after"] == planned["stored_bytes_after"]
 
 
 def test_verify_reports_damage_and_packs_in_one_shape(tmp_path, image):

@@ -41,7 +41,8 @@ def test_lost_index_of_a_vm_chain_and_an_image_chain_is_rebuilt_from_the_packs(v
 
     before = store_fingerprint(store)
     assert {k for k in before if k.startswith("lmdb:")} >= {
-        "lmdb:catalog", "lmdb:manifests", "lmdb:segments", "lmdb:vm_backups", "lmdb:chunks", "lmdb:packs"}
+        "lmdb:catalog", "lmdb:manifests", "lmdb:segments", "lmdb:vm_backups", "lmdb:chunks", "lmdb:packs",
+        "lmdb:segrefs", "lmdb:chunkrefs", "lmdb:dead", "lmdb:packdead", "lmdb:doomed"}
     os.unlink(os.path.join(store, "index", "data.mdb"))
 
     lost = bv("list", store)

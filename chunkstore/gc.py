@@ -1,0 +1,407 @@
+"""Garbage collection: space back from dead chunks, beside running backups.
+
+gc never walks every chunk: it reads ``dead`` (chunks no segment names) and
+``packdead`` (per pack, the bytes gc may reclaim), so its time follows what
+was deleted, not the store's size.  It runs as an ordinary writer, in this
+order (docs/FORMAT.md "gc order"):
+
+1. **Reap** registrations whose process died (chunkstore/registry.py): the
+   packs they created that the index does not know are unlinked; chunks of
+   their checkpointed packs that the index holds and nothing references
+   become dead (stamped now).  A live session's packs are never touched.
+2. **Plan** from ``dead``: a dead chunk stamped D may go only when every
+   live registration (but gc's own) started at generation >= D: an older
+   session may have deduplicated against it, an older reader may read it.
+   A pack whose records are all reclaimable is *deleted*; a pack with dead
+   bytes is *repacked* when the store's dead bytes exceed ``max_unused`` of
+   its stored bytes, worst share first, up to ``max_repack`` bytes of packs.
+3. **Delete**: one transaction removes the dead chunks' entries, the packs'
+   entries, and lists the packs in ``doomed`` with the new generation.
+4. **Repack**, a pack at a time: its live records are copied (checked) into
+   new packs, which are sealed and fsynced; one transaction then switches
+   the index entries that still point at the old records, deletes the
+   reclaimable ones, and dooms the old pack.  A chunk revived meanwhile (a
+   commit referenced it) keeps the old pack alive: it is not doomed.
+5. **Unlink** a doomed pack once no live registration but gc's is older than
+   its generation (a reader that began before the switch may still read
+   it); otherwise the next gc unlinks it.  A crash anywhere leaves the store
+   consistent: new packs before the switch are the dead gc session's, reaped
+   next time; doomed packs are unlinked by the next gc.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from chunkstore.config import fsync_dir
+from chunkstore.errors import IntegrityError
+from chunkstore.index import IndexEntry, PackInfo
+from chunkstore.pack import PACK_HEADER, RECORD_HEADER_SIZE, RECORD_MAGIC, PackWriter, check_payload, decode_record_header, scan_pack
+from chunkstore.refs import pack_u64, record_bytes, record_size, u64
+from chunkstore.registry import Registry
+
+DEFAULT_MAX_UNUSED = 0.05
+PACK_FRAME = PACK_HEADER.size + RECORD_HEADER_SIZE  # a pack's header and trailer
+
+
+@dataclass
+class PackAction:
+    id: str
+    size: int          # the pack's bytes
+    dead: int          # bytes gc may reclaim in it
+    live: int          # bytes of records copied (repack) or 0 (delete)
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "size": self.size, "dead_bytes": self.dead, "live_bytes": self.live}
+
+
+@dataclass
+class GcReport:
+    dry_run: bool = False
+    stored_before: int = 0
+    dead_before: int = 0
+    stored_after: int = 0
+    dead_after: int = 0
+    max_unused_bytes: int = 0
+    deleted: list = field(default_factory=list)       # PackAction
+    repacked: list = field(default_factory=list)      # PackAction
+    new_packs: list = field(default_factory=list)     # pack ids (hex)
+    kept: list = field(default_factory=list)          # packs a revived chunk kept (hex)
+    chunks_removed: int = 0
+    pinned_chunks: int = 0          # dead, but a live registration is older than their death
+    unlinked: list = field(default_factory=list)      # pack files removed (hex)
+    waiting: list = field(default_factory=list)       # doomed packs a live older reader may still read
+    reaped: list = field(default_factory=list)        # registrations of dead processes removed
+    leftover_packs: list = field(default_factory=list)  # their packs the index did not know, unlinked
+    orphans_killed: int = 0         # their checkpointed chunks nothing referenced, made dead
+    skipped: list = field(default_factory=list)       # "pack: why" (a damaged record is not copied)
+
+    def as_dict(self) -> dict:
+        return {"dry_run": self.dry_run, "stored_bytes_before": self.stored_before,
+                "dead_bytes_before": self.dead_before, "stored_bytes_after": self.stored_after,
+                "dead_bytes_after": self.dead_after, "max_unused_bytes": self.max_unused_bytes,
+                "deleted_packs": [a.as_dict() for a in self.deleted],
+                "repacked_packs": [a.as_dict() for a in self.repacked], "new_packs": self.new_packs,
+                "kept_packs": self.kept, "chunks_removed": self.chunks_removed,
+                "pinned_chunks": self.pinned_chunks, "unlinked_packs": self.unlinked,
+                "waiting_packs": self.waiting, "reaped_sessions": self.reaped,
+                "leftover_packs": self.leftover_packs, "orphans_killed": self.orphans_killed,
+                "skipped": self.skipped}
+
+
+class _Plan:
+    def __init__(self):
+        self.removable: dict[bytes, list] = defaultdict(list)  # pack → [(digest, entry)]
+        self.pinned: dict[bytes, int] = defaultdict(int)
+        self.delete: list[bytes] = []
+        self.repack: list[bytes] = []
+        self.infos: dict[bytes, PackInfo] = {}
+        self.dead: dict[bytes, int] = {}
+
+
+def collect(store, max_unused: float = DEFAULT_MAX_UNUSED, max_repack: int | None = None, dry_run: bool = False,
+            wait: float = 0.0, on_total: Callable[[int], None] | None = None,
+            on_progress: Callable[[int], None] | None = None) -> GcReport:
+    """One gc run (see the module's docstring)."""
+    report = GcReport(dry_run=dry_run)
+    if dry_run:
+        reg = Registry(store)
+        plan = _plan(store, reg, _limit(reg.entries(), ""), max_unused, max_repack, report)
+        _fill_plan_report(store, plan, report)
+        return report
+    with store.writer(wait=wait, purpose="gc", kind="gc") as session:
+        me = session.registration
+        reg = Registry(store)
+        _reap(store, reg, me.id, report)
+        plan = _plan(store, reg, _limit(reg.entries(), me.id), max_unused, max_repack, report)
+        if on_total:
+            on_total(sum(plan.infos[p].size for p in plan.repack))
+        _delete(store, plan, report)
+        for pack_id in plan.repack:
+            _repack(store, plan, pack_id, me, report, on_progress)
+        _unlink_doomed(store, reg, me.id, report)
+    # (the session commits nothing of its own: leaving the block ends its lock and registration)
+    with store.read_txn() as txn:
+        report.stored_after = _stored(store, txn)
+        report.dead_after = store.refs.dead_bytes(txn)
+    return report
+
+
+def _limit(entries, me: str) -> float:
+    """The oldest start generation of a live registration but ours (infinity: none)."""
+    gens = [e.start_gen for e in entries if e.live and e.id != me]
+    return min(gens) if gens else float("inf")
+
+
+def _stored(store, txn) -> int:
+    with txn.cursor(db=store.packs_db) as cur:
+        return sum(PackInfo.decode(v).size for _, v in cur)
+
+
+# -- 1. reap ------------------------------------------------------------------
+
+
+def _reap(store, reg: Registry, me: str, report: GcReport) -> None:
+    refs = store.refs
+    for entry in reg.entries():
+        if entry.live or entry.id == me:
+            continue
+        known = []
+        with store.read_txn() as txn:
+            for pack_id in entry.packs:
+                if txn.get(pack_id, db=store.packs_db) is not None:
+                    known.append(pack_id)
+                elif txn.get(pack_id, db=refs.doomed_db) is None:
+                    path = store.pack_path(pack_id)
+                    if os.path.exists(path):
+                        os.unlink(path)
+                        fsync_dir(os.path.dirname(path))
+                        report.leftover_packs.append(pack_id.hex())
+        if known:  # checkpointed packs: their unreferenced chunks die now
+            with store.env.begin(write=True) as txn:
+                for pack_id in known:
+                    try:
+                        scan = scan_pack(store.pack_path(pack_id), check_payloads=False)
+                    except (OSError, IntegrityError):
+                        continue
+                    for rec in scan.records:
+                        if rec.header.magic != RECORD_MAGIC:
+                            continue
+                        value = txn.get(rec.header.digest, db=store.chunks_db)
+                        if value is None:
+                            continue
+                        e = IndexEntry.decode(value)
+                        if e.pack_id == pack_id and e.offset == rec.offset and refs.kill_orphan(txn, rec.header.digest, e):
+                            report.orphans_killed += 1
+        reg.reap(entry)
+        report.reaped.append(entry.id)
+
+
+# -- 2. plan ------------------------------------------------------------------
+
+
+def _plan(store, reg, limit: float, max_unused: float, max_repack: int | None, report: GcReport) -> _Plan:
+    plan = _Plan()
+    refs = store.refs
+    with store.read_txn() as txn:
+        for d, stamp in txn.cursor(db=refs.dead_db):
+            value = txn.get(d, db=store.chunks_db)
+            if value is None:
+                continue
+            e = IndexEntry.decode(value)
+            if u64(stamp) <= limit:
+                plan.removable[e.pack_id].append((bytes(d), e))
+            else:
+                plan.pinned[e.pack_id] += 1
+                report.pinned_chunks += 1
+        plan.dead = {bytes(k): u64(v) for k, v in txn.cursor(db=refs.packdead_db)}
+        for pid in plan.dead:
+            value = txn.get(pid, db=store.packs_db)
+            if value is not None:
+                plan.infos[pid] = PackInfo.decode(value)
+        report.stored_before = _stored(store, txn)
+        report.dead_before = sum(plan.dead.values())
+    report.max_unused_bytes = int(max_unused * report.stored_before)
+    unused = report.dead_before
+    candidates = []
+    for pid, dead in plan.dead.items():
+        info = plan.infos.get(pid)
+        if info is None or info.metadata or plan.pinned[pid]:
+            continue
+        live = record_bytes(info) - dead
+        if live <= 0:
+            plan.delete.append(pid)
+            unused -= dead
+        else:
+            candidates.append((dead / max(record_bytes(info), 1), pid))
+    budget = max_repack if max_repack is not None else float("inf")
+    for _, pid in sorted(candidates, reverse=True):
+        if unused <= report.max_unused_bytes:
+            break
+        size = plan.infos[pid].size
+        if size > budget:
+            continue
+        budget -= size
+        plan.repack.append(pid)
+        unused -= plan.dead[pid]
+    return plan
+
+
+def _fill_plan_report(store, plan: _Plan, report: GcReport) -> None:
+    for pid in plan.delete:
+        report.deleted.append(PackAction(pid.hex(), plan.infos[pid].size, plan.dead[pid], 0))
+        report.chunks_removed += len(plan.removable[pid])
+    for pid in plan.repack:
+        info = plan.infos[pid]
+        report.repacked.append(PackAction(pid.hex(), info.size, plan.dead[pid], record_bytes(info) - plan.dead[pid]))
+        report.chunks_removed += len(plan.removable[pid])
+    # a repacked pack becomes one new pack of its live records (header and trailer: 192 bytes)
+    report.stored_after = (report.stored_before - sum(a.size for a in report.deleted)
+                           - sum(a.size - a.live - PACK_FRAME for a in report.repacked))
+    report.dead_after = report.dead_before - sum(a.dead for a in report.deleted + report.repacked)
+
+
+# -- 3. delete ----------------------------------------------------------------
+
+
+def _still_dead(txn, refs, store, items) -> bool:
+    return all(txn.get(d, db=store.chunks_db) == e.encode() and txn.get(d, db=refs.dead_db) is not None
+               for d, e in items)
+
+
+def _delete(store, plan: _Plan, report: GcReport) -> None:
+    if not plan.delete:
+        return
+    refs = store.refs
+    with store.env.begin(write=True) as txn:
+        gen = None
+        for pid in plan.delete:
+            items = plan.removable[pid]
+            if not _still_dead(txn, refs, store, items):  # revived meanwhile: stays
+                report.kept.append(pid.hex())
+                continue
+            gen = gen or refs.new_gen(txn)
+            for d, _ in items:
+                txn.delete(d, db=store.chunks_db)
+                txn.delete(d, db=refs.dead_db)
+            txn.delete(pid, db=store.packs_db)
+            txn.delete(pid, db=refs.packdead_db)
+            txn.put(pid, pack_u64(gen), db=refs.doomed_db)
+            report.deleted.append(PackAction(pid.hex(), plan.infos[pid].size, plan.dead[pid], 0))
+            report.chunks_removed += len(items)
+
+
+# -- 4. repack ----------------------------------------------------------------
+
+
+def _repack(store, plan: _Plan, pid: bytes, me, report: GcReport, on_progress) -> None:
+    refs = store.refs
+    info = plan.infos[pid]
+    path = store.pack_path(pid)
+    drop = {d: e for d, e in plan.removable[pid]}
+    try:
+        scan = scan_pack(path, check_payloads=False)
+    except (OSError, IntegrityError) as e:
+        report.skipped.append(f"{pid.hex()}: {e}")
+        return
+    wanted = []  # (digest, old entry)
+    with store.read_txn() as txn:
+        for rec in scan.records:
+            h = rec.header
+            if h.magic != RECORD_MAGIC or h.digest in drop:
+                continue
+            value = txn.get(h.digest, db=store.chunks_db)
+            if value is None:
+                continue
+            e = IndexEntry.decode(value)
+            if e.pack_id == pid and e.offset == rec.offset:
+                wanted.append((h.digest, e))
+    copies: list[tuple[bytes, IndexEntry, IndexEntry]] = []
+    writers: list[PackWriter] = []
+    target = store.config.pack_target_size
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            out = None
+            for d, e in wanted:
+                size = record_size(e)
+                raw = os.pread(fd, size, e.offset)
+                where = f"pack {pid.hex()} offset {e.offset}"
+                hdr = decode_record_header(raw[:RECORD_HEADER_SIZE], where, store.chunk_size)
+                if hdr.digest != d or hdr.stored_len != e.stored_len or len(raw) != size:
+                    raise IntegrityError(f"{where}: record does not match the index")
+                check_payload(hdr, raw[RECORD_HEADER_SIZE:], where)
+                if out is not None and out.chunk_count and out.size + size > target:
+                    _finish(out)
+                    out = None
+                if out is None:
+                    out = PackWriter(store.path, store.config, me.add_pack)
+                    writers.append(out)
+                offset = out.reserve(size)
+                out.write_at(offset, [raw])
+                copies.append((d, e, IndexEntry(out.pack_id, offset, e.stored_len, e.raw_len, e.codec)))
+            if out is not None:
+                _finish(out)
+        finally:
+            os.close(fd)
+    except IntegrityError as e:  # never copy (nor drop) a damaged pack: verify reports it
+        for w in writers:
+            w.discard()
+        report.skipped.append(f"{pid.hex()}: {e}")
+        return
+    except OSError as e:  # ENOSPC, EIO: the new packs go, the store stays as it was
+        for w in writers:
+            w.discard()
+        raise OSError(e.errno, f"{e.strerror} while gc copied the live records of pack {pid.hex()} into a new "
+                               "pack; gc changed nothing of that pack (the new pack was removed)", e.filename) from e
+    except BaseException:
+        for w in writers:  # interrupted: likewise
+            w.discard()
+        raise
+    with store.env.begin(write=True) as txn:
+        gen = refs.new_gen(txn)
+        for w in writers:
+            txn.put(w.pack_id, PackInfo(w.size, w.chunk_count, True).encode(), db=store.packs_db)
+        switched = 0
+        for d, old, new in copies:
+            if txn.get(d, db=store.chunks_db) == old.encode():
+                txn.put(d, new.encode(), db=store.chunks_db)
+                if txn.get(d, db=refs.dead_db) is not None:
+                    # Died since it was read: dead bytes where it is now; its death counted the old record.
+                    refs.garbage(txn, new)
+                else:
+                    switched += record_size(old)
+            else:  # moved meanwhile (stored again): this copy is garbage
+                refs.garbage(txn, new)
+        if _still_dead(txn, refs, store, drop.items()):
+            for d in drop:
+                txn.delete(d, db=store.chunks_db)
+                txn.delete(d, db=refs.dead_db)
+            txn.delete(pid, db=store.packs_db)
+            txn.delete(pid, db=refs.packdead_db)
+            txn.put(pid, pack_u64(gen), db=refs.doomed_db)
+            report.chunks_removed += len(drop)
+        else:  # a chunk it held was revived: the pack stays, what was copied out of it is dead there
+            refs._dead_bytes_add(txn, pid, switched)
+            report.kept.append(pid.hex())
+    report.repacked.append(PackAction(pid.hex(), info.size, plan.dead[pid], sum(record_size(e) for _, e, _ in copies)))
+    report.new_packs += [w.pack_id.hex() for w in writers]
+    if on_progress:
+        on_progress(info.size)
+
+
+def _finish(pack: PackWriter) -> None:
+    pack.seal()
+    pack.sync()
+    pack.close()
+    pack.synced = True
+
+
+# -- 5. unlink ----------------------------------------------------------------
+
+
+def _unlink_doomed(store, reg: Registry, me: str, report: GcReport) -> None:
+    refs = store.refs
+    limit = _limit(reg.entries(), me)
+    with store.read_txn() as txn:
+        doomed = [(bytes(k), u64(v)) for k, v in txn.cursor(db=refs.doomed_db)]
+    ready = []
+    for pid, gen in doomed:
+        if gen > limit:
+            report.waiting.append(pid.hex())
+            continue
+        path = store.pack_path(pid)
+        try:
+            os.unlink(path)
+            fsync_dir(os.path.dirname(path))
+        except FileNotFoundError:
+            pass
+        ready.append(pid)
+        report.unlinked.append(pid.hex())
+    if ready:
+        with store.env.begin(write=True) as txn:
+            for pid in ready:
+                txn.delete(pid, db=refs.doomed_db)
