@@ -3,6 +3,7 @@
     python -m bench --out DIR [--quick] [--size 8G --allocated 2G --nights N
         --change-share 0.02 --pattern clustered|uniform
         --chunk-sizes 64K,256K,1M,4M --peers restic,borg,borg-fixed,tar-zstd]
+    python -m bench --lifecycle --out DIR [--quick] ...   (retention: bench/lifecycle.py)
 
 Writes DIR/results.json, DIR/report.md and DIR/*.png (see bench/README.md).
 ``python -m bench --files`` is another bench: file-level restore (bench/files.py).
@@ -233,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--files" in argv:  # file-level restore against a full restore: bench/files.py
         from bench import files
         return files.main([a for a in argv if a != "--files"])
+    if "--lifecycle" in argv:  # its own run and options: bench/lifecycle.py
+        from bench import lifecycle
+        return lifecycle.main([a for a in argv if a != "--lifecycle"])
     args = parse_args(argv)
     t0 = time.perf_counter()
     out = os.path.abspath(args.out)
