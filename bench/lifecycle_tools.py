@@ -152,6 +152,19 @@ def _utc(text: str) -> _dt.datetime:
     return t.astimezone(_dt.timezone.utc)
 
 
+def _scalars(m: Measured) -> dict | None:
+    """What a --json command said, its top-level figures only (lists by their length)."""
+    if not m.ok:
+        return None
+    try:
+        doc = parse_json_output(m.stdout)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    return {k: (len(v) if isinstance(v, list) else v) for k, v in doc.items() if not isinstance(v, dict)}
+
+
 class BlockvaultLife(LifecycleTool):
     """blockvault: incrementals from the night's changed areas, `forget` + `gc`."""
 
@@ -201,9 +214,12 @@ class BlockvaultLife(LifecycleTool):
 
     def _retention(self, policy: dict[str, int]) -> list[tuple[str, Measured]]:
         f = self.forget(policy)
+        self.info["forget"] = _scalars(f)
         if not f.ok:
             return [("forget", f)]
-        return [("forget", f), ("gc", self.gc())]
+        g = self.gc()
+        self.info["gc"] = _scalars(g)
+        return [("forget", f), ("gc", g)]
 
     def json_of(self, name: str, *args: str) -> Any:
         m = self.measured(*args)
