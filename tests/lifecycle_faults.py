@@ -2,13 +2,15 @@
 
 Kill points: a forget or an upgrade spends most of its wall time starting the
 interpreter and importing; its transaction and syncs take milliseconds.  A kill
-at a uniformly random time would nearly always land before anything happened.
-So the child runs under ``strace -f`` with a delay injected before every
-``fsync``, ``fdatasync``, ``pwrite64``, ``rename`` and ``unlink`` (strace's
-``inject=...:delay_enter``): the durable steps of the command are stretched
-out, and a kill at a random time between the first of them and the end lands
-between two of them.  Without strace (outside CI) the kill time is uniform over
-the whole run, which still tests the early part.
+at a uniformly random time would nearly always land before anything happened
+(and on a busy machine start-up time varies by more than the whole write part).
+So the child runs under ``strace -f`` tracing only its durable calls
+(``fsync``, ``fdatasync``, ``pwrite64``, ``rename``, ``unlink``, ...), each
+delayed by strace's ``inject=...:delay_enter``.  The test waits until the trace
+shows the first of them, then kills after a random part of the time the durable
+part took in a calibration run: the kill lands between two durable steps, or
+after the last.  Without strace (outside CI) the kill time is uniform over the
+whole run, which still tests the early part.
 
 After every kill the store is checked in full by `check_store`: verify passes
 (the reference counts too, once the store keeps them), the catalog and the
@@ -51,10 +53,11 @@ def strace_path() -> str | None:
     return None
 
 
-def cli_argv(*args: str, strace: str | None = None) -> list[str]:
+def cli_argv(*args: str, strace: str | None = None, trace: str | None = None) -> list[str]:
+    """The CLI; under strace, with the durable calls delayed and logged (-ttt) to ``trace``."""
     argv = [sys.executable, "-m", "engine.cli", *args]
     if strace:
-        argv = [strace, "-f", "-qq", "-o", os.devnull, "-e", f"trace={DELAYED}",
+        argv = [strace, "-f", "-qq", "-ttt", "-o", trace or os.devnull, "-e", f"trace={DELAYED}", "-e", "signal=none",
                 "-e", f"inject={DELAYED}:delay_enter={DELAY_US}", *argv]
     return argv
 
@@ -75,6 +78,74 @@ def kill_group(proc: subprocess.Popen) -> bool:
             running = False
     proc.wait()
     return running
+
+
+def _durable_stamps(trace: str) -> list[float]:
+    """Times of the durable calls in a trace (``PID TIME call(...)`` lines; not signals)."""
+    out = []
+    with open(trace) as f:
+        for line in f:
+            parts = line.split(None, 2)
+            if len(parts) == 3 and parts[2].split("(", 1)[0] in DELAYED.split(","):
+                out.append(float(parts[1]))
+    return out
+
+
+def durable_span(trace: str) -> float:
+    """Seconds from the first to the last durable call of a whole traced run."""
+    stamps = _durable_stamps(trace)
+    assert stamps, "the traced run made no durable call"
+    return max(stamps) - min(stamps) + DELAY_US / 1e6
+
+
+def wait_first_durable(trace: str, proc: subprocess.Popen, timeout: float = 120) -> bool:
+    """Waits until the trace shows a durable call; False if the child ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(trace) and _durable_stamps(trace):
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.003)
+    raise AssertionError("the child made no durable call in time")
+
+
+class Killer:
+    """Runs a command and SIGKILLs it at a random point of its durable part."""
+
+    def __init__(self, argv: tuple[str, ...], tmp: str, chooser):
+        self.argv, self.tmp, self.chooser = argv, tmp, chooser
+        self.strace = strace_path()
+        self.span = None
+        self.whole = None
+        self.n = 0
+
+    def _trace(self) -> str:
+        self.n += 1
+        path = os.path.join(self.tmp, f"trace-{self.n}")
+        if os.path.exists(path):
+            os.unlink(path)
+        return path
+
+    def calibrate(self) -> subprocess.CompletedProcess:
+        """One whole run (it must succeed): how long its durable part takes."""
+        trace = self._trace()
+        self.whole, proc = timed(cli_argv(*self.argv, strace=self.strace, trace=trace))
+        assert proc.returncode == 0, proc.stderr
+        if self.strace:
+            self.span = durable_span(trace)
+        return proc
+
+    def run_and_kill(self) -> bool:
+        """True if the child was killed (False: it had finished)."""
+        trace = self._trace()
+        proc = start(cli_argv(*self.argv, strace=self.strace, trace=trace))
+        if self.strace:
+            if wait_first_durable(trace, proc):
+                time.sleep(self.chooser.uniform(0, self.span * 1.3))
+        else:
+            time.sleep(self.chooser.uniform(0, self.whole * 1.1))
+        return kill_group(proc)
 
 
 def timed(argv: list[str]) -> tuple[float, subprocess.CompletedProcess]:

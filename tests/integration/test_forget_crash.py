@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import os
 import random
-import time
 
 from chunkstore import ChunkStore
 from engine.backup import backup_image
 from engine.repository import Repository
 from helpers import make_sparse, rng, snapshot, write_at
-from lifecycle_faults import (catalog_ids, check_store, cli_argv, kill_group, start, strace_path, timed,
-                              writers_share_the_store)
+from lifecycle_faults import Killer, catalog_ids, check_store, cli_argv, start, writers_share_the_store
 
 CS = 64 << 10
 SIZE = 8 << 20
@@ -38,11 +36,10 @@ def _seq(ident: str) -> int:
 
 def test_sigkill_during_forget_removes_all_or_nothing(tmp_path):
     store = str(tmp_path / "store")
-    ChunkStore.init(store, chunk_size=CS, pack_target_size=256 << 10).close()
+    ChunkStore.init(store, chunk_size=CS, pack_target_size=1 << 20).close()
     scratch = str(tmp_path)
     r = rng(70)
     chooser = random.Random(71)
-    strace = strace_path()
     concurrent = writers_share_the_store(scratch)
     images = {d: str(tmp_path / f"{d}.img") for d in ("a", "b")}
     for d, img in images.items():
@@ -72,17 +69,13 @@ def test_sigkill_during_forget_removes_all_or_nothing(tmp_path):
     back_up("b")
     forget = ("forget", store, "--disk", "a", "--keep-last", str(KEEP))
 
-    # Calibration: how long the read-only part takes (a dry run) and a whole forget.
+    # Calibration: a whole forget, and how long its durable part takes.
+    killer = Killer(forget, scratch, chooser)
     top_up()
-    lo, dry = timed(cli_argv(*forget, "--dry-run", strace=strace))
-    assert dry.returncode == 0, dry.stderr
-    assert catalog_ids(store) == set(expected), "a dry run changed the catalog"
-    hi, done = timed(cli_argv(*forget, strace=strace))
-    assert done.returncode == 0, done.stderr
+    killer.calibrate()
     for ident in sorted((i for i in expected if i.startswith("a@")), key=_seq)[:-KEEP]:
         os.unlink(expected.pop(ident))
     check_store(store, expected, scratch)
-    lo = min(lo * 0.8, hi * 0.5)
 
     killed = removed_runs = with_backup = 0
     for i in range(MAX_ROUNDS):
@@ -95,9 +88,7 @@ def test_sigkill_during_forget_removes_all_or_nothing(tmp_path):
             copy_b = change("b")
             other = start(cli_argv("backup", store, images["b"], "--disk", "b", "--mode", "incremental"))
             with_backup += 1
-        proc = start(cli_argv(*forget, strace=strace))
-        time.sleep(chooser.uniform(lo, hi * 1.1))
-        killed += kill_group(proc)
+        killed += killer.run_and_kill()
         if other is not None:
             out, err = other.communicate(timeout=300)
             assert other.returncode == 0, f"the backup beside a killed forget failed: {err}"
@@ -114,4 +105,4 @@ def test_sigkill_during_forget_removes_all_or_nothing(tmp_path):
     if concurrent:
         assert with_backup >= KILLS // 2
     print(f"{killed} kills, {removed_runs} runs had committed, {with_backup} with a backup beside, "
-          f"strace delays: {bool(strace)}")
+          f"strace delays: {bool(killer.strace)}, durable part {killer.span} s")
