@@ -41,8 +41,8 @@ from bench.workload import Night, Workload, WorkloadConfig, scan_image
 POLICY = {"daily": 7, "weekly": 4, "monthly": 6}
 FULL = {"nights": 60, "disks": 2, "size": "1G", "allocated": "256M", "change_share": 0.03,
         "scale": 4.0, "start": "2026-09-01T02:00:00+00:00", "timeout": 3600.0}
-QUICK = {"nights": 14, "disks": 2, "size": "32M", "allocated": "8M", "change_share": 0.05,
-         "scale": 4.0, "start": "2026-10-22T02:00:00+00:00", "timeout": 300.0}
+QUICK = {"nights": 12, "disks": 2, "size": "32M", "allocated": "8M", "change_share": 0.05,
+         "scale": 4.0, "start": "2026-10-24T02:00:00+00:00", "timeout": 300.0}
 PEER_CLASSES = {"restic": ResticLife, "borg": BorgLife}
 
 
@@ -179,8 +179,9 @@ def main(argv: list[str]) -> int:
                            timeout=args.timeout, name="blockvault-fresh")
     peers: list[LifecycleTool] = [PEER_CLASSES[n](os.path.join(work, n), disks, timeout=args.timeout)
                                   for n in args.peer_names]
+    nightly: list[LifecycleTool] = [bv, *peers]
     tools: list[LifecycleTool] = [bv, big, *peers]
-    for t in tools + [fresh]:
+    for t in nightly + [fresh]:
         ok = t.init()
         log(t0, f"{t.name} init: {'ok' if ok else 'FAILED: ' + str(t.steps[-1].get('error'))}")
 
@@ -203,15 +204,23 @@ def main(argv: list[str]) -> int:
             for d, wl in wls.items():
                 night: Night = wl.create() if n == 1 else wl.advance()
                 changed += night.changed_bytes
-                for t in tools:
+                for t in nightly:
                     r = t.backup(d, night, wl.image, when)
                     if not r["ok"]:
                         log(t0, f"{t.name} backup {d} T{n} FAILED: {r['error']}")
             doc["nights"].append({"night": n, "time": when.isoformat(), "changed_bytes": changed})
             if n == 1 or n % 10 == 0 or n == args.nights:
                 log(t0, f"T{n} {when.date()}: {format_size(changed)} changed; " + ", ".join(
-                    f"{t.name} {format_size(t.stored())}" for t in tools))
+                    f"{t.name} {format_size(t.stored())}" for t in nightly))
+        # The larger store: a copy of blockvault's after the nights (the same
+        # points, packs and counts: the same deletion to do), plus ballast.
+        shutil.rmtree(big.root, ignore_errors=True)
+        shutil.copytree(bv.root, big.root, symlinks=True)
+        big.info["copy_of"] = bv.name
         doc["ballast"] = add_ballast(big, args, work, int(args.scale * bv.stored()), t0)
+        # gc's --max-unused is a share of the store; the larger store gets the
+        # same allowance in bytes, so both gc runs have the same work to do.
+        big.gc_args = ["--max-unused", f"{0.05 * bv.stored() / max(1, big.stored()):.6f}"]
 
         retention: dict[str, dict] = {}
         for t in tools:

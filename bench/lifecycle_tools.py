@@ -175,6 +175,7 @@ class BlockvaultLife(LifecycleTool):
         self.command = list(command)
         self.init_args = list(init_args)
         self.chains: set[str] = set()
+        self.gc_args: list[str] = []
 
     def cli(self, *args: str) -> list[str]:
         return [*self.command, *args]
@@ -210,7 +211,7 @@ class BlockvaultLife(LifecycleTool):
         return self.measured("forget", self.repo, "--all", *policy_args(policy), "--tz", "UTC", "--json")
 
     def gc(self) -> Measured:
-        return self.measured("gc", self.repo, "--json")
+        return self.measured("gc", self.repo, *self.gc_args, "--json")
 
     def _retention(self, policy: dict[str, int]) -> list[tuple[str, Measured]]:
         f = self.forget(policy)
