@@ -190,9 +190,10 @@ def _keys(store: str, name: bytes) -> set[bytes]:
         env.close()
 
 
-def check_store(store: str, expected: dict[str, str], scratch: str) -> None:
-    """verify passes, catalog and manifests agree, every point restores identical.
-    ``expected``: every point that must be in the store -> a copy of its image."""
+def check_store(store: str, expected: dict[str, str], scratch: str) -> dict:
+    """verify passes, catalog and manifests agree, every point restores identical;
+    returns verify's report.  ``expected``: every point that must be in the
+    store -> a copy of its image."""
     with Repository.open(store) as repo:
         report = verify_repository(repo, mark=False)
         assert report.ok, report.as_dict()
@@ -205,3 +206,4 @@ def check_store(store: str, expected: dict[str, str], scratch: str) -> None:
             restore_backup(repo, ident, out, force=True)
             assert same_file(out, expected[ident]), f"{ident} does not restore identical"
             os.unlink(out)
+    return report.as_dict()
