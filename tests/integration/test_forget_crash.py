@@ -15,8 +15,11 @@ and every point left, of both disks, restores byte-identical.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
+
+import pytest
 
 from chunkstore import ChunkStore
 from engine.backup import backup_image
@@ -30,6 +33,10 @@ POINTS = 5  # disk a holds this many before every forget
 KEEP = 2
 KILLS = 30
 MAX_ROUNDS = 60
+
+
+if importlib.util.find_spec("engine.forget") is None:  # issue 10's retention branch
+    pytest.skip("blockvault forget is not in this tree (engine/forget.py)", allow_module_level=True)
 
 
 def _seq(ident: str) -> int:
