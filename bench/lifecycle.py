@@ -39,7 +39,7 @@ from bench.units import MiB, format_size, parse_size
 from bench.workload import Night, Workload, WorkloadConfig, scan_image
 
 POLICY = {"daily": 7, "weekly": 4, "monthly": 6}
-FULL = {"nights": 60, "disks": 2, "size": "1G", "allocated": "256M", "change_share": 0.03,
+FULL = {"nights": 60, "disks": 2, "size": "512M", "allocated": "128M", "change_share": 0.03,
         "scale": 4.0, "start": "2026-09-01T02:00:00+00:00", "timeout": 3600.0}
 QUICK = {"nights": 12, "disks": 2, "size": "32M", "allocated": "8M", "change_share": 0.05,
          "scale": 4.0, "start": "2026-10-24T02:00:00+00:00", "timeout": 300.0}
