@@ -33,9 +33,9 @@ import time
 
 from bench.lifecycle_tools import BlockvaultLife, BorgLife, LifecycleTool, ResticLife, step_dict
 from bench.lifecycle_report import check_results, markdown, targets
-from bench.measure import disk_usage, rss_floor
+from bench.measure import rss_floor
 from bench.retention_models import MODELS
-from bench.units import MiB, format_size, parse_size
+from bench.units import format_size, parse_size
 from bench.workload import Night, Workload, WorkloadConfig, scan_image
 
 POLICY = {"daily": 7, "weekly": 4, "monthly": 6}
