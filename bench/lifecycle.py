@@ -197,6 +197,10 @@ def main(argv: list[str]) -> int:
                             "rss_floor_bytes": rss_floor()},
                  "machine": {"cores": os.cpu_count(), "loadavg_start": list(os.getloadavg())},
                  "nights": [], "tools": {}, "checks": [], "ok": False}
+    retention: dict[str, dict] = {}
+    kept: dict[str, dict] = {}
+    final: dict[str, int] = {}
+    restores: list[dict] = []
     try:
         for n in range(1, args.nights + 1):
             when = night_time(args, n)
@@ -212,29 +216,42 @@ def main(argv: list[str]) -> int:
             if n == 1 or n % 10 == 0 or n == args.nights:
                 log(t0, f"T{n} {when.date()}: {format_size(changed)} changed; " + ", ".join(
                     f"{t.name} {format_size(t.stored())}" for t in nightly))
-        # The larger store: a copy of blockvault's after the nights (the same
-        # points, packs and counts: the same deletion to do), plus ballast.
+        # The larger store starts as a copy of blockvault's after the nights
+        # (the same points, packs and counts: the same deletion to do); its
+        # ballast is added once the peers' repositories are measured and gone,
+        # so the run needs less scratch space at once.
         shutil.rmtree(big.root, ignore_errors=True)
         shutil.copytree(bv.root, big.root, symlinks=True)
         big.info["copy_of"] = bv.name
-        doc["ballast"] = add_ballast(big, args, work, int(args.scale * bv.stored()), t0)
-        # gc's --max-unused is a share of the store; the larger store gets the
-        # same allowance in bytes, so both gc runs have the same work to do.
-        big.gc_args = ["--max-unused", f"{0.05 * bv.stored() / max(1, big.stored()):.6f}"]
+        before = bv.stored()
 
-        retention: dict[str, dict] = {}
-        for t in tools:
+        def retain(t: LifecycleTool) -> None:
             retention[t.name] = r = t.retention(POLICY)
             log(t0, f"{t.name} retention ({' + '.join(r['commands'])}): "
                     f"{r['wall_s']:.2f}s {r['per_command']}, reclaimed {format_size(r['reclaimed_bytes'])}, "
                     f"peak RSS {format_size(r['peak_rss_bytes'])}" + ("" if r["ok"] else " FAILED"))
-        kept = {t.name: t.kept() for t in tools}
+
+        for t in nightly:
+            retain(t)
+        kept.update({t.name: t.kept() for t in nightly})
+        final.update({t.name: t.stored() for t in peers})
+        if not args.keep:
+            for t in peers:
+                shutil.rmtree(t.root, ignore_errors=True)
+        doc["ballast"] = add_ballast(big, args, work, int(args.scale * before), t0)
+        # gc's --max-unused is a share of the store; the larger store gets the
+        # same allowance in bytes, so both gc runs have the same work to do.
+        big.gc_args = ["--max-unused", f"{0.05 * before / max(1, big.stored()):.6f}"]
+        retain(big)
+        kept[big.name] = big.kept()
         for t in (bv, big):
             listed = t.json_of("list", "list", t.repo, "--json") or {}
             t.info["listed"] = [{"id": r["id"], "disk": r["disk"], "time_utc": _dt.datetime.fromtimestamp(
                 float(r["time"]), _dt.timezone.utc)} for r in listed.get("backups", [])]
             t.info["verify"] = t.json_of("verify", "verify", t.repo, "--json")
             t.info["stats"] = t.json_of("stats", "stats", t.repo, "--json")
+        if not args.keep:
+            shutil.rmtree(big.root, ignore_errors=True)
         restores = restore_and_refill(bv, fresh, kept.get(bv.name, {}), wls, args, work)
         log(t0, f"restored {sum(r['identical'] for r in restores)} of {len(restores)} kept points identical; "
                 f"fresh store {format_size(fresh.stored())} against {format_size(bv.stored())}")
@@ -254,7 +271,7 @@ def main(argv: list[str]) -> int:
     for t in tools:
         info = {k: v for k, v in t.info.items() if k != "listed"}
         doc["tools"][t.name] = {"version": t.version(), "ok": not t.failed, "backups": t.backups,
-                                "steps": t.steps, "info": info, "stored_final": t.stored()}
+                                "steps": t.steps, "info": info, "stored_final": final.get(t.name, t.stored())}
     doc["checks"] = check_results(doc, args)
     doc["ok"] = all(c["ok"] for c in doc["checks"])
     doc["targets"] = targets(doc)
