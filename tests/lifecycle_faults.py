@@ -39,7 +39,7 @@ from engine.verify import verify_repository
 from helpers import REPO_ROOT, run_cli, same_file
 
 DELAYED = "fsync,fdatasync,pwrite64,pwritev,rename,renameat,renameat2,unlink,unlinkat"
-DELAY_US = 40_000
+DELAY_US = 25_000
 
 
 def strace_path() -> str | None:
