@@ -119,6 +119,7 @@ class Killer:
         self.span = None
         self.whole = None
         self.n = 0
+        self.last: subprocess.Popen | None = None
 
     def _trace(self) -> str:
         self.n += 1
@@ -145,6 +146,7 @@ class Killer:
                 time.sleep(self.chooser.uniform(0, self.span * 1.3))
         else:
             time.sleep(self.chooser.uniform(0, self.whole * 1.1))
+        self.last = proc
         return kill_group(proc)
 
 

@@ -18,6 +18,7 @@ from engine.repository import Repository
 from engine.restore import restore_backup
 from engine.verify import verify_repository
 from helpers import REPO_ROOT, make_sparse, rng, run_cli, same_file, snapshot, store_fingerprint, write_at
+from lifecycle_faults import Killer
 from lifecycle_helpers import delete_point
 
 CS = 64 << 10
@@ -153,13 +154,16 @@ def test_sigkill_at_random_points_of_gc(tmp_path):
 
     for _ in range(3):
         new_point()
-    t0 = time.monotonic()
-    assert run_cli("gc", store, "--max-unused", "0").returncode == 0
-    duration = max(time.monotonic() - t0, 0.5)
+    # Kill points: inside gc's durable part, whatever the machine's speed (tests/lifecycle_faults.py:
+    # its fsyncs, writes, renames and unlinks delayed and logged by strace, the kill at a random part
+    # of the span a calibration run measured).  A sleep after start would land before gc begins on
+    # a busy machine and after it ends on an idle one.
+    chooser = random.Random(403)
+    killer = Killer(("gc", store, "--max-unused", "0"), str(tmp_path), chooser)
+    killer.calibrate()
 
     b = str(tmp_path / "b.img")
     make_sparse(b, 96 * CS)
-    chooser = random.Random(403)
     killed = beside = 0
     for i in range(MAX_ROUNDS):
         if killed >= KILLS:
@@ -176,14 +180,10 @@ def test_sigkill_at_random_points_of_gc(tmp_path):
             b_image = snapshot(b, str(tmp_path / f"b{i}"))
             backup = subprocess.Popen([sys.executable, "-m", "engine.cli", "backup", store, b, "--disk", "b"],
                                       cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "gc", store, "--max-unused", "0"],
-                                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(chooser.uniform(0.2, duration))  # python's start alone takes about 0.2 s
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
+        if killer.run_and_kill():
             killed += 1
-        _, err = proc.communicate()
-        assert proc.returncode in (0, -signal.SIGKILL), err
+        else:
+            assert killer.last.returncode == 0, killer.last.stderr.read()
         if backup is not None:
             out, err = backup.communicate(timeout=300)
             assert backup.returncode == 0, err
