@@ -28,7 +28,6 @@ A long reader must keep gc from removing the packs it reads: see
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import threading
@@ -49,17 +48,10 @@ DEFAULT_SEGMENTS = 64
 def reader_registration(repo: Repository, kind: str, command: str = ""):
     """The store's registration of a long reader (kind "serve", "files", ...),
     to hold while the view is open so that a gc never removes a pack this
-    reader may still read.  Take it before opening the view: the manifest
-    is then read under it.
-
-    HOOK: the registry (chunkstore/registry.py, branch conc, issue 10) is not
-    on main yet; until it is, this is a no-op context.  Once it lands this
-    returns ``Registry(store).register(kind, command)`` (a context manager
-    whose flock dies with the process) without a change here."""
-    try:
-        from chunkstore.registry import Registry
-    except ImportError:
-        return contextlib.nullcontext()
+    reader may still read (chunkstore/registry.py: its flock dies with the
+    process, so a killed server pins nothing).  Take it before opening the
+    view: the manifest is then read under it."""
+    from chunkstore.registry import Registry
     return Registry(repo.store).register(kind, command or kind)
 
 
