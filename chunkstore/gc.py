@@ -17,10 +17,12 @@ order (docs/FORMAT.md "gc order"):
    its stored bytes, worst share first, up to ``max_repack`` bytes of packs.
 3. **Delete**: one transaction removes the dead chunks' entries, the packs'
    entries, and lists the packs in ``doomed`` with the new generation.
-4. **Repack**, a pack at a time: its live records are copied (checked) into
-   new packs, which are sealed and fsynced; one transaction then switches
-   the index entries that still point at the old records, deletes the
-   reclaimable ones, and dooms the old pack.  A chunk revived meanwhile (a
+4. **Repack**, a batch at a time: the packs to repack are cut into batches
+   whose live records fit one pack of the target size; a batch's live records
+   are copied (checked) into one new pack, sealed and fsynced once; one
+   transaction then switches, for every old pack of the batch, the index
+   entries that still point at its records, deletes the reclaimable ones, and
+   dooms it.  A chunk revived meanwhile (a
    commit referenced it) keeps the old pack alive: it is not doomed.
 5. **Unlink** a doomed pack once no live registration but gc's is older than
    its generation (a reader that began before the switch may still read
@@ -98,6 +100,7 @@ class _Plan:
         self.pinned: dict[bytes, int] = defaultdict(int)
         self.delete: list[bytes] = []
         self.repack: list[bytes] = []
+        self.groups: list[list[bytes]] = []  # repack batches: each one's live records fill one new pack
         self.infos: dict[bytes, PackInfo] = {}
         self.dead: dict[bytes, int] = {}
 
@@ -120,8 +123,8 @@ def collect(store, max_unused: float = DEFAULT_MAX_UNUSED, max_repack: int | Non
         if on_total:
             on_total(sum(plan.infos[p].size for p in plan.repack))
         _delete(store, plan, report)
-        for pack_id in plan.repack:
-            _repack(store, plan, pack_id, me, report, on_progress)
+        for group in plan.groups:
+            _repack(store, plan, group, me, report, on_progress)
         _unlink_doomed(store, reg, me.id, report)
     # (the session commits nothing of its own: leaving the block ends its lock and registration)
     with store.read_txn() as txn:
@@ -227,7 +230,25 @@ def _plan(store, reg, limit: float, max_unused: float, max_repack: int | None, r
         budget -= size
         plan.repack.append(pid)
         unused -= plan.dead[pid]
+    _batch(plan, store.config.pack_target_size)
     return plan
+
+
+def _batch(plan: _Plan, target: int) -> None:
+    """Cut the packs to repack into batches whose live records fit one new pack.
+
+    Whole packs, in plan order: the dry run predicts the new packs (and so the
+    stored bytes after) from each pack's live bytes alone, without reading it."""
+    group, fill = [], PACK_HEADER.size
+    for pid in plan.repack:
+        live = record_bytes(plan.infos[pid]) - plan.dead[pid]
+        if group and fill + live > target:
+            plan.groups.append(group)
+            group, fill = [], PACK_HEADER.size
+        group.append(pid)
+        fill += live
+    if group:
+        plan.groups.append(group)
 
 
 def _fill_plan_report(store, plan: _Plan, report: GcReport) -> None:
@@ -238,9 +259,9 @@ def _fill_plan_report(store, plan: _Plan, report: GcReport) -> None:
         info = plan.infos[pid]
         report.repacked.append(PackAction(pid.hex(), info.size, plan.dead[pid], record_bytes(info) - plan.dead[pid]))
         report.chunks_removed += len(plan.removable[pid])
-    # a repacked pack becomes one new pack of its live records (header and trailer: 192 bytes)
+    # each batch of repacked packs becomes one new pack of their live records (header and trailer: 192 bytes)
     report.stored_after = (report.stored_before - sum(a.size for a in report.deleted)
-                           - sum(a.size - a.live - PACK_FRAME for a in report.repacked))
+                           - sum(a.size - a.live for a in report.repacked) + PACK_FRAME * len(plan.groups))
     report.dead_after = report.dead_before - sum(a.dead for a in report.deleted + report.repacked)
 
 
@@ -277,16 +298,17 @@ def _delete(store, plan: _Plan, report: GcReport) -> None:
 # -- 4. repack ----------------------------------------------------------------
 
 
-def _repack(store, plan: _Plan, pid: bytes, me, report: GcReport, on_progress) -> None:
-    refs = store.refs
-    info = plan.infos[pid]
+def _read_live(store, plan: _Plan, pid: bytes) -> list:
+    """The live records of one old pack, read and checked: [(digest, old entry, raw record)].
+
+    A whole pack is read before any of it is written, so a damaged pack is skipped
+    without leaving half of it in the batch's new pack."""
     path = store.pack_path(pid)
-    drop = {d: e for d, e in plan.removable[pid]}
+    drop = {d for d, _ in plan.removable[pid]}
     try:
         scan = scan_pack(path, check_payloads=False)
-    except (OSError, IntegrityError) as e:
-        report.skipped.append(f"{pid.hex()}: {e}")
-        return
+    except OSError as e:  # unreadable (gone, EIO): skipped like a damaged pack, verify reports it
+        raise IntegrityError(str(e)) from e
     wanted = []  # (digest, old entry)
     with store.read_txn() as txn:
         for rec in scan.records:
@@ -299,21 +321,46 @@ def _repack(store, plan: _Plan, pid: bytes, me, report: GcReport, on_progress) -
             e = IndexEntry.decode(value)
             if e.pack_id == pid and e.offset == rec.offset:
                 wanted.append((h.digest, e))
-    copies: list[tuple[bytes, IndexEntry, IndexEntry]] = []
+    out = []
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for d, e in wanted:
+            size = record_size(e)
+            raw = os.pread(fd, size, e.offset)
+            where = f"pack {pid.hex()} offset {e.offset}"
+            hdr = decode_record_header(raw[:RECORD_HEADER_SIZE], where, store.chunk_size)
+            if hdr.digest != d or hdr.stored_len != e.stored_len or len(raw) != size:
+                raise IntegrityError(f"{where}: record does not match the index")
+            check_payload(hdr, raw[RECORD_HEADER_SIZE:], where)
+            out.append((d, e, raw))
+    finally:
+        os.close(fd)
+    return out
+
+
+def _repack(store, plan: _Plan, group: list, me, report: GcReport, on_progress) -> None:
+    """Merge the live records of a batch of old packs into new packs and switch them at once.
+
+    One writer takes the records of every pack of the batch (a batch was planned to
+    fit one pack of the target size), so many small packs become one; it is sealed
+    and fsynced once, and one transaction (one generation) switches the index and
+    dooms every old pack of the batch.  Per-pack transactions cost an fsync round
+    each, which dominated gc's wall time on stores of many small nightly packs."""
+    refs = store.refs
+    copies: dict[bytes, list] = {}  # old pack → [(digest, old entry, new entry)]
     writers: list[PackWriter] = []
     target = store.config.pack_target_size
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            out = None
-            for d, e in wanted:
-                size = record_size(e)
-                raw = os.pread(fd, size, e.offset)
-                where = f"pack {pid.hex()} offset {e.offset}"
-                hdr = decode_record_header(raw[:RECORD_HEADER_SIZE], where, store.chunk_size)
-                if hdr.digest != d or hdr.stored_len != e.stored_len or len(raw) != size:
-                    raise IntegrityError(f"{where}: record does not match the index")
-                check_payload(hdr, raw[RECORD_HEADER_SIZE:], where)
+        out = None
+        for pid in group:
+            try:
+                records = _read_live(store, plan, pid)
+            except IntegrityError as e:  # never copy (nor drop) a damaged pack: verify reports it
+                report.skipped.append(f"{pid.hex()}: {e}")
+                continue
+            mine = copies[pid] = []
+            for d, e, raw in records:
+                size = len(raw)
                 if out is not None and out.chunk_count and out.size + size > target:
                     _finish(out)
                     out = None
@@ -322,55 +369,55 @@ def _repack(store, plan: _Plan, pid: bytes, me, report: GcReport, on_progress) -
                     writers.append(out)
                 offset = out.reserve(size)
                 out.write_at(offset, [raw])
-                copies.append((d, e, IndexEntry(out.pack_id, offset, e.stored_len, e.raw_len, e.codec)))
-            if out is not None:
-                _finish(out)
-        finally:
-            os.close(fd)
-    except IntegrityError as e:  # never copy (nor drop) a damaged pack: verify reports it
-        for w in writers:
-            w.discard()
-        report.skipped.append(f"{pid.hex()}: {e}")
-        return
+                mine.append((d, e, IndexEntry(out.pack_id, offset, e.stored_len, e.raw_len, e.codec)))
+        if out is not None:
+            _finish(out)
     except OSError as e:  # ENOSPC, EIO: the new packs go, the store stays as it was
         for w in writers:
             w.discard()
-        raise OSError(e.errno, f"{e.strerror} while gc copied the live records of pack {pid.hex()} into a new "
-                               "pack; gc changed nothing of that pack (the new pack was removed)", e.filename) from e
+        names = ", ".join(p.hex() for p in group)
+        raise OSError(e.errno, f"{e.strerror} while gc copied the live records of pack(s) {names} into a new "
+                               "pack; gc changed nothing of those packs (the new pack was removed)", e.filename) from e
     except BaseException:
         for w in writers:  # interrupted: likewise
             w.discard()
         raise
+    if not copies:
+        return
     with store.env.begin(write=True) as txn:
         gen = refs.new_gen(txn)
         for w in writers:
             txn.put(w.pack_id, PackInfo(w.size, w.chunk_count, True).encode(), db=store.packs_db)
-        switched = 0
-        for d, old, new in copies:
-            if txn.get(d, db=store.chunks_db) == old.encode():
-                txn.put(d, new.encode(), db=store.chunks_db)
-                if txn.get(d, db=refs.dead_db) is not None:
-                    # Died since it was read: dead bytes where it is now; its death counted the old record.
+        for pid, mine in copies.items():
+            drop = plan.removable[pid]
+            switched = 0
+            for d, old, new in mine:
+                if txn.get(d, db=store.chunks_db) == old.encode():
+                    txn.put(d, new.encode(), db=store.chunks_db)
+                    if txn.get(d, db=refs.dead_db) is not None:
+                        # Died since it was read: dead bytes where it is now; its death counted the old record.
+                        refs.garbage(txn, new)
+                    else:
+                        switched += record_size(old)
+                else:  # moved meanwhile (stored again): this copy is garbage
                     refs.garbage(txn, new)
-                else:
-                    switched += record_size(old)
-            else:  # moved meanwhile (stored again): this copy is garbage
-                refs.garbage(txn, new)
-        if _still_dead(txn, refs, store, drop.items()):
-            for d in drop:
-                txn.delete(d, db=store.chunks_db)
-                txn.delete(d, db=refs.dead_db)
-            txn.delete(pid, db=store.packs_db)
-            txn.delete(pid, db=refs.packdead_db)
-            txn.put(pid, pack_u64(gen), db=refs.doomed_db)
-            report.chunks_removed += len(drop)
-        else:  # a chunk it held was revived: the pack stays, what was copied out of it is dead there
-            refs._dead_bytes_add(txn, pid, switched)
-            report.kept.append(pid.hex())
-    report.repacked.append(PackAction(pid.hex(), info.size, plan.dead[pid], sum(record_size(e) for _, e, _ in copies)))
+            if _still_dead(txn, refs, store, drop):
+                for d, _ in drop:
+                    txn.delete(d, db=store.chunks_db)
+                    txn.delete(d, db=refs.dead_db)
+                txn.delete(pid, db=store.packs_db)
+                txn.delete(pid, db=refs.packdead_db)
+                txn.put(pid, pack_u64(gen), db=refs.doomed_db)
+                report.chunks_removed += len(drop)
+            else:  # a chunk it held was revived: the pack stays, what was copied out of it is dead there
+                refs._dead_bytes_add(txn, pid, switched)
+                report.kept.append(pid.hex())
+    for pid, mine in copies.items():
+        info = plan.infos[pid]
+        report.repacked.append(PackAction(pid.hex(), info.size, plan.dead[pid], sum(record_size(e) for _, e, _ in mine)))
+        if on_progress:
+            on_progress(info.size)
     report.new_packs += [w.pack_id.hex() for w in writers]
-    if on_progress:
-        on_progress(info.size)
 
 
 def _finish(pack: PackWriter) -> None:

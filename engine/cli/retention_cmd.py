@@ -84,10 +84,16 @@ def cmd_forget(args) -> int:
     policy = _policy(args)
     if not (args.disk or args.vm or args.all):
         raise UsageError("say what to forget in: --disk NAME, --vm NAME or --all (every disk and VM)")
+    if not args.gc and (args.max_unused is not None or args.max_repack is not None):
+        raise UsageError("--max-unused and --max-repack are gc's options: give them with --gc "
+                         "(or run 'blockvault gc' after forget)")
     tz = zone_or_host(args.tz)
+    gc_doc = None
     with open_repo(args) as repo:
         result = forget(repo, policy, tz, args.disk, args.vm, args.wait, args.allow_remove_newest, args.dry_run)
-    removal = result.removal
+        removal = result.removal
+        if args.gc and removal.points and not args.dry_run:
+            gc_doc = _gc_after(repo, args)
     total = sum(len(g.decisions) for g in result.groups)
     removed = len(removal.points)
     verb = "would remove" if args.dry_run else "removed"
@@ -99,7 +105,8 @@ def cmd_forget(args) -> int:
                    "points": [{"id": d.id, "time": d.time, "keep": d.keep, "reason": d.reason, "rule": d.rule,
                                "bucket": d.bucket} for d in g.decisions]} for g in result.groups]
         emit(args, {"dry_run": args.dry_run, "zone": tz.key, "policy": policy.as_dict(), "groups": groups,
-                    "kept": total - removed, **_removal_doc(removal)}, "")
+                    "kept": total - removed, **_removal_doc(removal),
+                    **({"gc": gc_doc} if gc_doc is not None else {})}, "")
     else:
         from engine.commandline import print_table
         rows = [("GROUP", "ID", f"TIME ({tz.key})", "ACTION", "REASON")]
@@ -111,9 +118,31 @@ def cmd_forget(args) -> int:
             print_table(rows)
         from engine.commandline import printable
         print(printable(footer))
+        if gc_doc is not None:
+            print(printable(_gc_line(gc_doc)))
     if not args.dry_run:
         clilog.summary(f"forget: {footer}")
+        if gc_doc is not None:
+            clilog.summary(f"forget --gc: {_gc_line(gc_doc)}")
     return EXIT_OK
+
+
+def _gc_after(repo, args) -> dict:
+    """forget --gc: the space back at once, as 'blockvault gc' with the same --wait would.
+
+    It runs after forget's transaction has committed, as a writer of its own, so a
+    failing gc (ENOSPC) leaves forget's removal done and the store consistent."""
+    from chunkstore.gc import DEFAULT_MAX_UNUSED, collect
+    max_unused = DEFAULT_MAX_UNUSED if args.max_unused is None else args.max_unused
+    return collect(repo.store, max_unused=max_unused, max_repack=args.max_repack, wait=args.wait).as_dict()
+
+
+def _gc_line(doc: dict) -> str:
+    from engine.progress import human_bytes
+    freed = doc["stored_bytes_before"] - doc["stored_bytes_after"]
+    return (f"gc freed {human_bytes(freed)}: {len(doc['deleted_packs'])} packs deleted, "
+            f"{len(doc['repacked_packs'])} repacked into {len(doc['new_packs'])}; dead bytes "
+            f"{human_bytes(doc['dead_bytes_before'])} -> {human_bytes(doc['dead_bytes_after'])}")
 
 
 def _which(sp) -> None:
@@ -170,7 +199,8 @@ def register(sub) -> None:
                      "remove the points a retention policy does not keep (Proxmox Backup Server's rules)",
                      "blockvault forget /backup/store --all --keep-daily 7 --keep-weekly 4 --keep-monthly 6 --dry-run\n"
                      "  blockvault forget /backup/store --disk db01 --keep-last 3 --keep-within 2d --tz Europe/Berlin\n"
-                     "  blockvault forget /backup/store --vm web01 --keep-daily 14 --json")
+                     "  blockvault forget /backup/store --vm web01 --keep-daily 14 --json\n"
+                     "  blockvault forget /backup/store --all --keep-daily 7 --gc --max-unused 10%")
     sp.description = (
         "Each disk's chain and each VM's chain is one group.  Rules run in the order last, hourly, daily, "
         "weekly (ISO week), monthly, yearly; each keeps the newest point of each bucket that no earlier rule "
@@ -194,4 +224,10 @@ def register(sub) -> None:
     sp.add_argument("--tz", metavar="ZONE",
                     help="IANA time zone of the buckets (which day is a point of), e.g. Europe/Berlin "
                          "(default: the host's zone, from TZ or /etc/localtime)")
+    sp.add_argument("--gc", action="store_true",
+                    help="run gc right after, when forget removed something (with the same --wait)")
+    sp.add_argument("--max-unused", type=argtypes.unused_share, default=None, metavar="SHARE",
+                    help="with --gc: gc's --max-unused (default 5%%)")
+    sp.add_argument("--max-repack", type=argtypes.byte_size, default=None, metavar="BYTES",
+                    help="with --gc: gc's --max-repack (default: no limit)")
     _removal_options(sp)

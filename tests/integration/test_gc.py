@@ -12,7 +12,7 @@ import pytest
 
 from chunkstore import ChunkStore
 from helpers import REPO_ROOT, make_sparse, rng, run_cli, same_file, snapshot, store_fingerprint, write_at
-from lifecycle_helpers import chunk_digests, counts, delete_point, read_db
+from lifecycle_helpers import chunk_digests, counts, delete_point, meta_gen, read_db
 
 CS = 64 << 10
 
@@ -199,3 +199,42 @@ def test_gc_refuses_bad_options_without_touching_the_store(two_disks):
         proc = run_cli("gc", store, *args)
         assert proc.returncode == 2 and text in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert store_fingerprint(store) == before
+
+
+def test_many_small_partly_dead_packs_merge_into_one_new_pack_in_one_switch(tmp_path):
+    """Nightly incrementals leave a small pack per night; gc merges their live records
+    into as few packs as the target size allows (here one) and switches the whole batch
+    in one transaction: the store's generation rises by exactly one."""
+    store = str(tmp_path / "store")
+    ChunkStore.init(store, chunk_size=CS, pack_target_size=1 << 20).close()
+    r = rng(203)
+    disk = str(tmp_path / "d.img")
+    make_sparse(disk, 32 * CS)
+    nights = 6
+    night_packs = []
+    for k in range(nights):  # each night: chunks 0-1 rewritten (dead next night) + 2 fresh ones (stay live)
+        write_at(disk, 0, r.bytes(2 * CS))
+        write_at(disk, (2 + 2 * k) * CS, r.bytes(2 * CS))
+        before = set(read_db(store, b"packs"))
+        assert run_cli("backup", store, disk, "--disk", "d", "--threads", "1").returncode == 0
+        night_packs.append(set(read_db(store, b"packs")) - before)
+    last = snapshot(disk, str(tmp_path / "last"))
+    for k in range(1, nights):
+        delete_point(store, f"d@{k}")
+    # the nights' data packs: each holds 2 dead and 2 live chunks (the metadata packs are not repacked)
+    data = set().union(*night_packs[:-1]) & set(counts(store, b"packdead"))
+    assert len(data) == nights - 1
+    plan = gc(store, "--dry-run", "--max-unused", "0")
+    gen = meta_gen(store)
+    done = gc(store, "--max-unused", "0")
+    assert {bytes.fromhex(p["id"]) for p in done["repacked_packs"]} == data and done["deleted_packs"] == []
+    assert len(done["new_packs"]) == 1  # 5 × 2 live chunks fit one 1 MiB pack
+    assert set(read_db(store, b"packs")) & data == set() and bytes.fromhex(done["new_packs"][0]) in read_db(store, b"packs")
+    assert meta_gen(store) == gen + 1  # one switch transaction for the whole batch
+    assert done["stored_bytes_after"] == plan["stored_bytes_after"]
+    assert done["stored_bytes_after"] == done["stored_bytes_before"] - (nights - 1) * 2 * (CS + 64) - 192 * (nights - 2)
+    assert done["chunks_removed"] == 2 * (nights - 1) and done["dead_bytes_after"] == 0
+    assert not data & pack_files(store)
+    proc = run_cli("verify", store)
+    assert proc.returncode == 0 and "store OK" in proc.stdout, proc.stdout + proc.stderr
+    restores(store, {f"d@{nights}": last}, tmp_path)

@@ -72,3 +72,60 @@ def test_ten_nights_forget_then_gc(tmp_path):
         assert same_file(out, src), bid
         os.unlink(out)
     assert run_cli("verify", store).returncode == 0
+
+
+def test_forget_with_gc_gives_the_space_back_in_the_same_command(tmp_path):
+    import jsonshape
+    from lifecycle_helpers import read_db
+    from helpers import store_fingerprint
+    store = str(tmp_path / "store")
+    ChunkStore.init(store, chunk_size=CS, pack_target_size=1 << 20).close()
+    r = rng(502)
+    img = str(tmp_path / "d.img")
+    make_sparse(img, 100 * CS)
+    write_at(img, 0, r.bytes(60 * CS))
+    points = {}
+    for night in range(1, 7):
+        for k in r.choice(60, 12, replace=False):
+            write_at(img, int(k) * CS, r.bytes(CS))
+        assert run_cli("backup", store, img, "--disk", "d", "--time", iso(T0 + night * DAY)).returncode == 0
+        points[f"d@{night}"] = snapshot(img, str(tmp_path / f"n{night}"))
+
+    before = store_fingerprint(store)  # gc's options without --gc: refused, nothing changed
+    proc = run_cli("forget", store, "--disk", "d", "--keep-last", "3", "--max-unused", "0")
+    assert proc.returncode == 2 and "--gc" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert store_fingerprint(store) == before
+
+    # --max-repack is passed through: 1 byte allows no repack (d@1's dead chunks share every pack
+    # with live ones, so nothing is wholly dead either): gc ran and reclaimed nothing
+    first = doc("forget", store, "--disk", "d", "--keep-last", "5", "--gc", "--max-unused", "0", "--max-repack", "1")
+    assert first["removed"] == ["d@1"] and first["gc"]["repacked_packs"] == []
+    assert first["gc"]["dead_bytes_before"] == first["gc"]["dead_bytes_after"] == first["freed_bytes"] > 0
+    del points["d@1"]
+
+    done = doc("forget", store, "--disk", "d", "--keep-last", "3", "--gc", "--max-unused", "0")
+    assert not jsonshape.check(done, "forget")
+    assert sorted(done["removed"]) == ["d@2", "d@3"]
+    for n in (2, 3):
+        del points[f"d@{n}"]
+    swept = done["gc"]
+    assert swept["dry_run"] is False and swept["repacked_packs"] and swept["dead_bytes_after"] == 0
+    assert swept["dead_bytes_before"] == done["freed_bytes"] + first["gc"]["dead_bytes_after"]
+    stats = doc("stats", store)  # the store itself says the space came back
+    assert stats["dead_bytes"] == 0 and stats["stored_bytes"] == swept["stored_bytes_after"]
+    files = {bytes.fromhex(f[:-5]) for _, _, fs in os.walk(os.path.join(store, "packs")) for f in fs
+             if f.endswith(".pack")}
+    assert files == set(read_db(store, b"packs"))  # the replaced packs' files are gone
+
+    # nothing removed: gc does not run, the document has no gc member
+    idle = doc("forget", store, "--disk", "d", "--keep-last", "3", "--gc")
+    assert idle["removed"] == [] and "gc" not in idle
+    assert doc("stats", store)["stored_bytes"] == swept["stored_bytes_after"]
+    verify = run_cli("verify", store)
+    assert verify.returncode == 0 and "store OK" in verify.stdout, verify.stdout + verify.stderr
+    for bid, src in points.items():
+        out = str(tmp_path / f"r-{bid.replace('@', '-')}")
+        proc = run_cli("restore", store, bid, out)
+        assert proc.returncode == 0, proc.stderr
+        assert same_file(out, src), bid
+        os.unlink(out)
