@@ -25,10 +25,9 @@ import os
 import stat
 import threading
 
-import native
 
 from engine.errors import BadInputError
-from engine.targets import RawTarget
+from engine.targets import InPlaceTarget
 
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
@@ -50,11 +49,10 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     raise OSError(err, os.strerror(err))
 
 
-class InPlaceFileTarget(RawTarget):
+class InPlaceFileTarget(InPlaceTarget):
     """An existing raw image, written in place (a rollback)."""
 
     writes_zeros = True  # it holds old data: zero chunks are made zero (punched)
-    in_place = True
     resizes = True
     punches_holes = True  # zero 4 KiB blocks inside a written chunk are punched as well
 
@@ -92,9 +90,6 @@ class InPlaceFileTarget(RawTarget):
         self.capacity = st.st_size
         self._write_lock = threading.Lock()
 
-    def open_reader(self):
-        return native.open_raw(self.target)
-
     def fit(self, size: int) -> None:
         """Grow (with zeros) or shrink the file to the restored disk's size."""
         if self.capacity != size:
@@ -106,13 +101,3 @@ class InPlaceFileTarget(RawTarget):
             return
         self._punch = False  # this file system cannot: zeros from now on
         self.write(offset, zeros)
-
-    def finish(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-
-    def discard(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1

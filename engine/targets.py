@@ -201,7 +201,28 @@ class RawTarget(RestoreTarget):
         super().discard()
 
 
-class BlockDeviceTarget(RawTarget):
+class InPlaceTarget(RawTarget):
+    """A raw target written where it stands (no partial file renamed over it):
+    finishing is an fsync, discarding only closes, and a device or file that
+    existed before is never removed."""
+
+    in_place = True
+
+    def open_reader(self):
+        return native.open_raw(self.target)
+
+    def finish(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class BlockDeviceTarget(InPlaceTarget):
     """An existing block device, written in place with positional writes.
 
     Opened with O_EXCL, which Linux refuses (EBUSY) while the device is
@@ -210,15 +231,11 @@ class BlockDeviceTarget(RawTarget):
     """
 
     hole_block = 64 << 10  # (with --zeroed-target) a device takes fewer, larger writes
-    in_place = True
 
     def __init__(self, target: str, force: bool, zeroed: bool = False):
         super().__init__(target, force)
         self.writes_zeros = not zeroed
         self.fd = -1
-
-    def open_reader(self):
-        return native.open_raw(self.target)
 
     def check(self) -> None:
         rdev = os.stat(self.target).st_rdev
@@ -258,16 +275,6 @@ class BlockDeviceTarget(RawTarget):
             super().write(offset, data)
         except OSError as e:
             raise OSError(e.errno, e.strerror, self.target) from None
-
-    def finish(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-
-    def discard(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
     def _busy_message(self) -> str:
         rdev = os.stat(self.target).st_rdev
