@@ -76,7 +76,8 @@ def restore_backup(repo: Repository, ref: str, target: str | RestoreTarget, forc
     store = repo.store
     out = target if isinstance(target, RestoreTarget) else make_target(target, force)
     out.check()
-    workers = (workers or default_workers()) * 2  # I/O-bound share: keep reads in flight
+    # Asked for: that many. Left to us: two per core, as reads are I/O-bound and stay in flight.
+    workers = workers or default_workers() * 2
     # Registered before its snapshot is taken: gc unlinks no pack it may read (chunkstore/registry.py).
     with Registry(store).register("restore", f"restore of {ref}"), store.read_txn() as txn:
         record = repo.catalog.resolve(txn, ref)

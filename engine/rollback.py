@@ -102,7 +102,7 @@ def rollback_backup(repo: Repository, ref: str, out: RestoreTarget, base_ref: st
         raise UsageError("a rollback needs exactly one of --rollback-from ID2 and --rollback-compare")
     if not out.in_place:
         raise BadInputError(f"{out.target} cannot be rolled back in place")
-    workers = (workers or default_workers()) * 2
+    workers = workers or default_workers() * 2  # as restore_backup
     out.check()
     store = repo.store
     with store.read_txn() as txn:

@@ -107,3 +107,24 @@ def test_zeroed_target_changes_nothing_for_a_new_file(backed_up, tmp_path):
     for out in (plain, zeroed):
         assert os.stat(out).st_blocks * 512 <= nonzero * BLOCK  # zero 64 KiB blocks stay holes
     assert a["bytes_written"] == b["bytes_written"] and a["chunks_written"] == b["chunks_written"]
+
+
+def test_threads_n_runs_exactly_n_restore_threads(backed_up, tmp_path):
+    """``--threads 3`` means three threads: the I/O allowance for the default
+    (two per core) must not double what an administrator asked for."""
+    import threading
+
+    from engine.repository import Repository
+    from engine.restore import restore_backup
+
+    store, img, _ = backed_up
+    seen = []
+
+    def count(_done):
+        seen.append(sum(t.name.startswith("bv-restore") for t in threading.enumerate()))
+
+    out = str(tmp_path / "t3.img")
+    with Repository.open(store) as repo:
+        restore_backup(repo, "d@2", out, workers=3, on_progress=count)
+    assert same_file(out, img)
+    assert seen and max(seen) == 3
