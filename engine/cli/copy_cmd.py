@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from engine import argtypes, clilog
@@ -24,6 +25,18 @@ def _point_doc(p) -> dict:
             "disk_backups": [{"id": s.id, "copied_to": d.id} for s, d in p.pairs]}
 
 
+def _not_the_same(src: str, dst: str) -> None:
+    """One directory given twice (the store ids would say so too, but LMDB refuses to open it twice first)."""
+    from engine.errors import BadInputError
+    try:
+        same = os.path.samefile(src, dst)
+    except (OSError, ValueError):
+        same = src == dst
+    if same:
+        raise BadInputError(f"SRC and DST are the same store ({src}): copy needs another store as DST "
+                            "(blockvault init DIR)")
+
+
 def cmd_copy(args) -> int:
     from engine.copy import copy_points, digest_keys_differ
     from engine.errors import UsageError
@@ -31,6 +44,7 @@ def cmd_copy(args) -> int:
     given = sum((bool(args.ids), args.disk is not None, args.vm is not None, args.all))
     if given != 1:
         raise UsageError("say what to copy: point ids, --disk NAME, --vm NAME or --all (one of them)")
+    _not_the_same(args.src, args.dst)
     started = time.monotonic()
     with Repository.open(args.src) as src, Repository.open(args.dst) as dst, \
             progress_for(args, "copy") as progress:
