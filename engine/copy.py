@@ -43,7 +43,7 @@ from engine import signals
 from engine.backup import PreparedBackup, commit_backups
 from engine.copyplan import CopyPlan, make_plan, origin_of, select
 from engine.errors import BadInputError
-from engine.manifest import SEGMENT_CHUNKS, Manifest
+from engine.manifest import Manifest
 from engine.pipeline import default_workers
 from engine.points import VM, Points
 from engine.repository import Repository

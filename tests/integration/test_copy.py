@@ -298,3 +298,25 @@ def test_dry_run_changes_nothing(tmp_path, chain):
     assert doc["dry_run"] is True and doc["stats"] is None
     assert [c["copied_to"] for c in doc["copied"]] == ["a@1", "a@2", "a@3"]
     assert store_fingerprint(dst) == before
+
+
+def test_a_number_dst_has_taken_becomes_the_chains_next_and_bases_follow(tmp_path, chain):
+    """DST's own a@1 (older) keeps its number; SRC's a@1..3 become a@2..4, their bases mapped
+    to DST's numbers, and every one restores as SRC's point did."""
+    src, img, points = chain
+    dst = init(str(tmp_path / "dst"))
+    own = str(tmp_path / "own.img")
+    make_sparse(own, SIZE)
+    write_at(own, 5 * CS, rng(150).bytes(2 * CS))
+    assert run_cli("backup", dst, own, "--disk", "a", "--time", "2020-01-01T00:00:00+00:00").returncode == 0
+    doc = run_json("copy", src, dst, "--all")
+    assert [(c["id"], c["copied_to"]) for c in doc["copied"]] == [("a@1", "a@2"), ("a@2", "a@3"), ("a@3", "a@4")]
+    got = records(dst)
+    assert [(i, got[i]["base"], got[i]["kind"]) for i in sorted(got)] == [
+        ("a@1", None, "full"), ("a@2", None, "full"), ("a@3", "a@2", "incremental"), ("a@4", "a@2", "differential")]
+    assert got["a@4"]["metadata"]["copied_from"]["id"] == "a@3"
+    check_clean(dst)
+    check_restores(dst, {"a@1": own, "a@2": points["a@1"], "a@3": points["a@2"], "a@4": points["a@3"]},
+                   str(tmp_path))
+    again = run_json("copy", src, dst, "--all")  # found by their origin, whatever their numbers
+    assert again["copied"] == [] and [s["existing"] for s in again["skipped"]] == ["a@2", "a@3", "a@4"]
