@@ -54,8 +54,10 @@ log = logging.getLogger("blockvault.copy")
 
 # Pack bytes one thread task reads and sends: large enough that Python's
 # per-task cost vanishes next to the pread, zstd and digest calls (which
-# release the GIL, so both cores work).
+# release the GIL, so both cores work), small enough that the tasks of one
+# window keep every thread busy (8 MiB tasks left a 2-thread pool idle).
 TASK_BYTES = 2 << 20
+MIN_TASK_BYTES = 256 << 10
 # Re-hash translations kept between points (about 100 bytes each).
 MAX_CHUNK_MAP = 1 << 20
 
@@ -126,14 +128,15 @@ class _Transfer:
     # -- the chunks ----------------------------------------------------------
 
     def _tasks(self, src_txn, digests) -> list[list]:
-        """SRC records of ``digests`` as contiguous pack reads, in tasks of about TASK_BYTES."""
+        """SRC records of ``digests`` as contiguous pack reads of at most TASK_BYTES, grouped
+        into tasks of at least MIN_TASK_BYTES (scattered records: several reads per task)."""
         store = self.src.store
-        spans = _spans([(store.require(src_txn, d), d, None) for d in digests])
+        spans = _spans([(store.require(src_txn, d), d, None) for d in digests], TASK_BYTES)
         tasks, cur, size = [], [], 0
         for span in spans:
             cur.append(span)
             size += span.length
-            if size >= TASK_BYTES:
+            if size >= MIN_TASK_BYTES:
                 tasks.append(cur)
                 cur, size = [], 0
         if cur:
@@ -315,7 +318,8 @@ def copy_points(src: Repository, dst: Repository, ids: list[str], disk: str | No
                 on_total: Callable[[int], None] | None = None,
                 on_progress: Callable[[int], None] | None = None) -> CopyResult:
     check_pair(src, dst)
-    workers = workers or default_workers()
+    # Twice the cores, as restore: a task waits for SRC's pread and DST's pwrite part of its time.
+    workers = workers or default_workers() * 2
     src_points, dst_points = Points(src), Points(dst)
     src_id, dst_id = src.store.store_id.hex(), dst.store.store_id.hex()
     with Registry(src.store).register("copy", f"copy to store {dst_id}"), src.store.read_txn() as src_txn:

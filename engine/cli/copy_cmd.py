@@ -87,4 +87,4 @@ def register(sub) -> None:
     sp.add_argument("--wait", type=argtypes.wait_seconds, default=0.0, metavar="SECONDS",
                     help="wait this long for DST's locks (inf: as long as it takes)")
     sp.add_argument("--threads", type=argtypes.threads, default=None, metavar="N",
-                    help="threads reading, re-hashing and compressing (default: one per core, at least 2)")
+                    help="threads reading, re-hashing and compressing (default: two per core)")
