@@ -239,6 +239,26 @@ def test_sigkill_in_the_middle_of_a_copy_leaves_dst_as_it_was(tmp_path):
     check_restores(dst, {"big@1": img}, str(tmp_path))
 
 
+def test_sigterm_in_the_middle_of_a_copy_leaves_dst_byte_for_byte_as_it_was(tmp_path):
+    src = init(str(tmp_path / "src"))
+    img = str(tmp_path / "big.img")
+    make_sparse(img, 48 << 20)
+    write_at(img, 0, rng(141).bytes(40 << 20))
+    assert run_cli("backup", src, img, "--disk", "big").returncode == 0
+    dst = init(str(tmp_path / "dst"), pack_target_size=1 << 20)
+    before, packs_before = store_fingerprint(dst), _dst_packs(dst)
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "copy", src, dst, "--all", "--threads", "1"],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _dst_packs(dst) < packs_before + 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert proc.poll() is None, "the copy finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "terminated by SIGTERM" in err and "Traceback" not in err, err
+    assert store_fingerprint(dst) == before  # its packs deleted, nothing committed
+
+
 def test_bad_input_is_refused_and_dst_is_left_as_it_was(tmp_path, chain):
     src, img, points = chain
     dst = init(str(tmp_path / "dst"))
