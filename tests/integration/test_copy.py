@@ -340,3 +340,38 @@ def test_a_number_dst_has_taken_becomes_the_chains_next_and_bases_follow(tmp_pat
                    str(tmp_path))
     again = run_json("copy", src, dst, "--all")  # found by their origin, whatever their numbers
     assert again["copied"] == [] and [s["existing"] for s in again["skipped"]] == ["a@2", "a@3", "a@4"]
+
+
+def test_vm_backup_renumbered_in_dst_maps_its_disks_and_base(tmp_path):
+    """DST holds a VM backup of its own under the same name (older): the copies become web01@2
+    and web01@3, their disk backups the disks' next numbers, and every id inside them follows."""
+    src, dst = init(str(tmp_path / "src")), init(str(tmp_path / "dst"))
+    r = rng(160)
+    images = {}
+    for key in (2000, 2001):
+        images[key] = str(tmp_path / f"d{key}.img")
+        make_sparse(images[key], SIZE)
+        write_at(images[key], key % 5 * CS, r.bytes(6 * CS))
+    vm_backup(dst, "web01", images, at=1_600_000_000.0)  # DST's own, older
+    own = {f"web01/disk-{k}@1": snapshot(p, str(tmp_path / f"o{k}")) for k, p in images.items()}
+    write_at(images[2000], 20 * CS, r.bytes(CS))
+    vm_backup(src, "web01", images, at=1_700_000_000.0)
+    expect = {f"web01/disk-{k}@2": snapshot(p, str(tmp_path / f"s{k}")) for k, p in images.items()}
+    write_at(images[2001], 33 * CS, r.bytes(CS))
+    vm_backup(src, "web01", images, at=1_700_086_400.0, mode="incremental")
+    expect.update({f"web01/disk-{k}@3": snapshot(p, str(tmp_path / f"t{k}")) for k, p in images.items()})
+
+    doc = run_json("copy", src, dst, "--all")
+    assert [(c["id"], c["copied_to"]) for c in doc["copied"]] == [("web01@1", "web01@2"), ("web01@2", "web01@3")]
+    with Repository.open(dst) as b:
+        vb = VmCatalog(b.store)
+        with b.store.read_txn() as tb:
+            v2, v3 = vb.get(tb, "web01", 2), vb.get(tb, "web01", 3)
+            assert (v2.base, v3.base) == (None, "web01@2")
+            assert [d["backup"] for d in v3.disks] == ["web01/disk-2000@3", "web01/disk-2001@3"]
+            for v in (v2, v3):
+                for d in v.disks:
+                    assert b.catalog.resolve(tb, d["backup"]).metadata["vm_backup"] == v.id
+            assert b.catalog.resolve(tb, "web01/disk-2001@3").base == "web01/disk-2001@2"
+    check_clean(dst)
+    check_restores(dst, {**own, **expect}, str(tmp_path))
