@@ -9,7 +9,7 @@ an incremental from the night's changed areas), restic (`backup --time`) and
 borg (`create --timestamp`).  A second blockvault store gets the same nights
 plus ballast disks (full backups of other images) until it is `--scale` times
 the first store's size.  Then each tool applies `keep-daily 7 keep-weekly 4
-keep-monthly 6` and gives the space back (blockvault forget + gc, restic forget
+keep-monthly 6` and gives the space back (blockvault forget --gc, restic forget
 --prune, borg prune + compact), measured as one retention step.  Afterwards:
 each tool's kept set against a model of its own semantics (bench/retention_models.py),
 every point blockvault kept restored and compared with the night it was taken,
