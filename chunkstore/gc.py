@@ -353,7 +353,66 @@ def _read_live(store, plan: _Plan, pid: bytes) -> list:
     """The live records of one old pack, read and checked: [(digest, old entry, raw record)].
 
     A whole pack is read before any of it is written, so a damaged pack is skipped
-    without leaving half of it in the batch's new pack."""
+    without leaving half of it in the batch's new pack.  The records are read
+    in a few long reads, of what lies between the dead records the plan knows
+    (_read_between_dead); where that finds anything odd, from a scan of the pack."""
+    try:
+        return _read_between_dead(store, plan, pid)
+    except IntegrityError:
+        return _read_scanned(store, plan, pid)
+
+
+def _read_between_dead(store, plan: _Plan, pid: bytes) -> list:
+    """Records are contiguous from the pack header on; every dead record's place is
+    in the plan (its index entry).  What lies between them is read whole, one read
+    per gap, and its records parsed in memory: a nightly pack's gaps are its live
+    records, where a scan read every record header with a seek of its own (on a
+    pack long out of the page cache, one disk wait per record)."""
+    info = plan.infos[pid]
+    end = PACK_HEADER.size + record_bytes(info)
+    drop = {d for d, _ in plan.removable[pid]}
+    gaps, pos = [], PACK_HEADER.size
+    for offset, size in sorted((e.offset, record_size(e)) for _, e in plan.removable[pid]):
+        if offset > pos:
+            gaps.append((pos, offset))
+        pos = max(pos, offset + size)
+    if pos < end:
+        gaps.append((pos, end))
+    path = store.pack_path(pid)
+    out = []
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise IntegrityError(str(e)) from e
+    try:
+        with store.read_txn() as txn:
+            for start, stop in gaps:
+                buf = os.pread(fd, stop - start, start)
+                if len(buf) != stop - start:
+                    raise IntegrityError(f"pack {pid.hex()}: shorter than the index says")
+                view, at = memoryview(buf), 0
+                while at < len(buf):
+                    where = f"pack {pid.hex()} offset {start + at}"
+                    hdr = decode_record_header(view[at:at + RECORD_HEADER_SIZE], where, store.chunk_size)
+                    size = RECORD_HEADER_SIZE + hdr.stored_len
+                    if hdr.magic != RECORD_MAGIC or at + size > len(buf):
+                        raise IntegrityError(f"{where}: not a chunk record inside the pack's records")
+                    value = txn.get(hdr.digest, db=store.chunks_db) if hdr.digest not in drop else None
+                    if value is not None:
+                        e = IndexEntry.decode(value)
+                        if e.pack_id == pid and e.offset == start + at:
+                            if e.stored_len != hdr.stored_len:
+                                raise IntegrityError(f"{where}: record does not match the index")
+                            check_payload(hdr, view[at + RECORD_HEADER_SIZE:at + size], where)
+                            out.append((hdr.digest, e, bytes(view[at:at + size])))
+                    at += size
+    finally:
+        os.close(fd)
+    return out
+
+
+def _read_scanned(store, plan: _Plan, pid: bytes) -> list:
+    """_read_live from a scan of the pack (which steps over damage)."""
     path = store.pack_path(pid)
     drop = {d for d, _ in plan.removable[pid]}
     try:
@@ -389,6 +448,28 @@ def _read_live(store, plan: _Plan, pid: bytes) -> list:
     return out
 
 
+READ_THREADS = 8
+
+
+def _read_batch(store, plan: _Plan, group: list):
+    """(pack, its live records or the IntegrityError that spoils it), in batch order.
+
+    The packs are read by a few threads at once: a pack's records are read where
+    the index points, and a batch's packs (nightly ones: many, small, long out
+    of the page cache) cost one disk wait each when read one after the other."""
+    def read(pid):
+        try:
+            return _read_live(store, plan, pid)
+        except IntegrityError as e:
+            return e
+    if len(group) == 1:
+        yield group[0], read(group[0])
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(min(READ_THREADS, len(group)), thread_name_prefix="bv-gc-read") as pool:
+        yield from zip(group, pool.map(read, group))
+
+
 def _repack(store, plan: _Plan, group: list, me, report: GcReport, on_progress) -> None:
     """Merge the live records of a batch of old packs into new packs and switch them at once.
 
@@ -403,11 +484,9 @@ def _repack(store, plan: _Plan, group: list, me, report: GcReport, on_progress) 
     target = store.config.pack_target_size
     try:
         out = None
-        for pid in group:
-            try:
-                records = _read_live(store, plan, pid)
-            except IntegrityError as e:  # never copy (nor drop) a damaged pack: verify reports it
-                report.skipped.append(f"{pid.hex()}: {e}")
+        for pid, records in _read_batch(store, plan, group):
+            if isinstance(records, IntegrityError):  # never copy (nor drop) a damaged pack: verify reports it
+                report.skipped.append(f"{pid.hex()}: {records}")
                 continue
             mine = copies[pid] = []
             for d, e, raw in records:
@@ -489,24 +568,21 @@ def _unlink_doomed(store, reg: Registry, me: str, report: GcReport) -> None:
     limit = _limit(reg.entries(), me)
     with store.read_txn() as txn:
         doomed = [(bytes(k), u64(v)) for k, v in txn.cursor(db=refs.doomed_db)]
-    ready, dirs = [], set()
+    ready, by_dir = [], defaultdict(list)
     for pid, gen in doomed:
         if gen > limit:
             report.waiting.append(pid.hex())
             continue
         path = store.pack_path(pid)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        dirs.add(os.path.dirname(path))
+        by_dir[os.path.dirname(path)].append(path)
         ready.append(pid)
     # Every unlink is durable before its doomed entry goes (a lost unlink would
     # bring back a pack the index no longer knows), as when each unlink was
-    # followed by its own directory fsync; but the directories are synced
-    # once each, all at once: the journal commits concurrent fsyncs together,
-    # where one after the other they were most of gc's wall time.
-    sync_dirs(dirs)
+    # followed by its own directory fsync; but each directory is synced once,
+    # after its unlinks, and the directories are done concurrently: the journal
+    # commits concurrent fsyncs together, where one after the other they were
+    # most of gc's wall time.
+    unlink_and_sync(by_dir)
     report.unlinked += [pid.hex() for pid in ready]
     if ready:
         with store.env.begin(write=True) as txn:
@@ -514,14 +590,23 @@ def _unlink_doomed(store, reg: Registry, me: str, report: GcReport) -> None:
                 txn.delete(pid, db=refs.doomed_db)
 
 
-def sync_dirs(dirs) -> None:
-    """fsync every directory of ``dirs``, concurrently; the first error is raised."""
-    dirs = sorted(dirs)
-    if len(dirs) <= 1:
-        for d in dirs:
-            fsync_dir(d)
+def unlink_and_sync(by_dir: dict) -> None:
+    """Unlink the files of each directory (``{dir: [paths]}``; gone already is fine),
+    then fsync the directory; directories concurrently, the first error raised."""
+    def one(item):
+        d, paths = item
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        fsync_dir(d)
+    items = sorted(by_dir.items())
+    if len(items) <= 1:
+        for item in items:
+            one(item)
         return
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(min(32, len(dirs)), thread_name_prefix="bv-gc-sync") as pool:
-        for _ in pool.map(fsync_dir, dirs):
+    with ThreadPoolExecutor(min(16, len(items)), thread_name_prefix="bv-gc-unlink") as pool:
+        for _ in pool.map(one, items):
             pass
