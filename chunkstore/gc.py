@@ -404,7 +404,7 @@ def _read_between_dead(store, plan: _Plan, pid: bytes) -> list:
                             if e.stored_len != hdr.stored_len:
                                 raise IntegrityError(f"{where}: record does not match the index")
                             check_payload(hdr, view[at + RECORD_HEADER_SIZE:at + size], where)
-                            out.append((hdr.digest, e, bytes(view[at:at + size])))
+                            out.append((hdr.digest, e, view[at:at + size]))  # a view: the gap is held once
                     at += size
     finally:
         os.close(fd)
@@ -465,9 +465,23 @@ def _read_batch(store, plan: _Plan, group: list):
     if len(group) == 1:
         yield group[0], read(group[0])
         return
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(min(READ_THREADS, len(group)), thread_name_prefix="bv-gc-read") as pool:
-        yield from zip(group, pool.map(read, group))
+    threads = min(READ_THREADS, len(group))
+    with ThreadPoolExecutor(threads, thread_name_prefix="bv-gc-read") as pool:
+        # At most twice as many packs read ahead as there are threads: what was read
+        # waits in memory until it is written (a batch is up to a pack target).
+        ahead, todo = deque(), iter(group)
+        for pid in todo:
+            ahead.append((pid, pool.submit(read, pid)))
+            if len(ahead) >= 2 * threads:
+                break
+        while ahead:
+            pid, fut = ahead.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                ahead.append((nxt, pool.submit(read, nxt)))
+            yield pid, fut.result()
 
 
 def _repack(store, plan: _Plan, group: list, me, report: GcReport, on_progress) -> None:
