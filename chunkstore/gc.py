@@ -449,6 +449,7 @@ def _read_scanned(store, plan: _Plan, pid: bytes) -> list:
 
 
 READ_THREADS = 8
+READ_AHEAD = 32 << 20
 
 
 def _read_batch(store, plan: _Plan, group: list):
@@ -468,20 +469,22 @@ def _read_batch(store, plan: _Plan, group: list):
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
     threads = min(READ_THREADS, len(group))
+
+    def live(pid):
+        return record_bytes(plan.infos[pid]) - plan.dead[pid]
     with ThreadPoolExecutor(threads, thread_name_prefix="bv-gc-read") as pool:
-        # At most twice as many packs read ahead as there are threads: what was read
-        # waits in memory until it is written (a batch is up to a pack target).
-        ahead, todo = deque(), iter(group)
-        for pid in todo:
-            ahead.append((pid, pool.submit(read, pid)))
-            if len(ahead) >= 2 * threads:
-                break
-        while ahead:
+        # What was read waits in memory until it is written: at most twice as many
+        # packs ahead as there are threads, and about READ_AHEAD bytes of live records.
+        ahead, todo, held = deque(), deque(group), 0
+        while todo or ahead:
+            while todo and (not ahead or (len(ahead) < 2 * threads and held + live(todo[0]) <= READ_AHEAD)):
+                pid = todo.popleft()
+                held += live(pid)
+                ahead.append((pid, pool.submit(read, pid)))
             pid, fut = ahead.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                ahead.append((nxt, pool.submit(read, nxt)))
-            yield pid, fut.result()
+            records = fut.result()
+            held -= live(pid)
+            yield pid, records
 
 
 def _repack(store, plan: _Plan, group: list, me, report: GcReport, on_progress) -> None:
