@@ -112,7 +112,10 @@ def collect(store, max_unused: float = DEFAULT_MAX_UNUSED, max_repack: int | Non
     report = GcReport(dry_run=dry_run)
     if dry_run:
         reg = Registry(store)
-        plan = _plan(store, reg, _limit(reg.entries(), ""), max_unused, max_repack, report)
+        # The plan of a real run follows its reap: the chunks a killed session
+        # checkpointed die first, so their packs are deleted, not repacked.
+        orphans, stamp = _preview_reap(store, reg, report)
+        plan = _plan(store, reg, _limit(reg.entries(), ""), max_unused, max_repack, report, orphans, stamp)
         _fill_plan_report(store, plan, report)
         return report
     with store.writer(wait=wait, purpose="gc", kind="gc") as session:
@@ -147,60 +150,100 @@ def _stored(store, txn) -> int:
 # -- 1. reap ------------------------------------------------------------------
 
 
-def _reap(store, reg: Registry, me: str, report: GcReport) -> None:
+def _leftovers(store, reg: Registry, me: str) -> list:
+    """What the killed sessions left, read only: [(registration, unknown packs, orphans)].
+
+    Unknown packs: listed by the registration, known neither to ``packs`` nor to
+    ``doomed``.  Orphans: (digest, entry) of the chunks its checkpointed packs
+    hold that the index points at there, with no count and no ``dead`` entry.
+    The dry run plans with these as reap would leave them (_plan)."""
     refs = store.refs
+    out = []
     for entry in reg.entries():
         if entry.live or entry.id == me:
             continue
-        known = []
+        unknown, orphans = [], []
         with store.read_txn() as txn:
             for pack_id in entry.packs:
                 if txn.get(pack_id, db=store.packs_db) is not None:
-                    known.append(pack_id)
+                    orphans += _orphans(store, txn, pack_id)
                 elif txn.get(pack_id, db=refs.doomed_db) is None:
-                    path = store.pack_path(pack_id)
-                    if os.path.exists(path):
-                        os.unlink(path)
-                        fsync_dir(os.path.dirname(path))
-                        report.leftover_packs.append(pack_id.hex())
-        if known:  # checkpointed packs: their unreferenced chunks die now
+                    unknown.append(pack_id)
+        out.append((entry, unknown, orphans))
+    return out
+
+
+def _orphans(store, txn, pack_id: bytes) -> list:
+    refs = store.refs
+    try:
+        scan = scan_pack(store.pack_path(pack_id), check_payloads=False)
+    except (OSError, IntegrityError):
+        return []
+    out = []
+    for rec in scan.records:
+        if rec.header.magic != RECORD_MAGIC:
+            continue
+        d = rec.header.digest
+        value = txn.get(d, db=store.chunks_db)
+        if value is None:
+            continue
+        e = IndexEntry.decode(value)
+        if (e.pack_id == pack_id and e.offset == rec.offset and not refs.count(txn, d)
+                and txn.get(d, db=refs.dead_db) is None):
+            out.append((d, e))
+    return out
+
+
+def _reap(store, reg: Registry, me: str, report: GcReport) -> None:
+    refs = store.refs
+    for entry, unknown, orphans in _leftovers(store, reg, me):
+        for pack_id in unknown:
+            path = store.pack_path(pack_id)
+            if os.path.exists(path):
+                os.unlink(path)
+                fsync_dir(os.path.dirname(path))
+                report.leftover_packs.append(pack_id.hex())
+        if orphans:  # checkpointed packs: their unreferenced chunks die now
             with store.env.begin(write=True) as txn:
-                for pack_id in known:
-                    try:
-                        scan = scan_pack(store.pack_path(pack_id), check_payloads=False)
-                    except (OSError, IntegrityError):
-                        continue
-                    for rec in scan.records:
-                        if rec.header.magic != RECORD_MAGIC:
-                            continue
-                        value = txn.get(rec.header.digest, db=store.chunks_db)
-                        if value is None:
-                            continue
-                        e = IndexEntry.decode(value)
-                        if e.pack_id == pack_id and e.offset == rec.offset and refs.kill_orphan(txn, rec.header.digest, e):
-                            report.orphans_killed += 1
+                for d, e in orphans:
+                    if txn.get(d, db=store.chunks_db) == e.encode() and refs.kill_orphan(txn, d, e):
+                        report.orphans_killed += 1
         reg.reap(entry)
         report.reaped.append(entry.id)
+
+
+def _preview_reap(store, reg: Registry, report: GcReport) -> tuple[list, int]:
+    """The dry run's reap: what it would remove, and the chunks it would make dead
+    with the generation they would be stamped with (the next one)."""
+    orphans = []
+    for entry, unknown, found in _leftovers(store, reg, ""):
+        report.reaped.append(entry.id)
+        report.leftover_packs += [p.hex() for p in unknown if os.path.exists(store.pack_path(p))]
+        orphans += found
+    report.orphans_killed = len(orphans)
+    with store.read_txn() as txn:
+        stamp = store.refs.gen(txn) + 1
+    return orphans, stamp
 
 
 # -- 2. plan ------------------------------------------------------------------
 
 
-def _plan(store, reg, limit: float, max_unused: float, max_repack: int | None, report: GcReport) -> _Plan:
+def _plan(store, reg, limit: float, max_unused: float, max_repack: int | None, report: GcReport,
+          orphans: list = (), orphan_stamp: int = 0) -> _Plan:
+    """``orphans`` (the dry run's): chunks reap would make dead, stamped ``orphan_stamp``."""
     plan = _Plan()
     refs = store.refs
     with store.read_txn() as txn:
-        for d, stamp in txn.cursor(db=refs.dead_db):
-            value = txn.get(d, db=store.chunks_db)
+        dead = ((bytes(d), u64(stamp), txn.get(d, db=store.chunks_db)) for d, stamp in txn.cursor(db=refs.dead_db))
+        for d, stamp, value in dead:
             if value is None:
                 continue
-            e = IndexEntry.decode(value)
-            if u64(stamp) <= limit:
-                plan.removable[e.pack_id].append((bytes(d), e))
-            else:
-                plan.pinned[e.pack_id] += 1
-                report.pinned_chunks += 1
+            _removable(plan, report, d, IndexEntry.decode(value), stamp, limit)
         plan.dead = {bytes(k): u64(v) for k, v in txn.cursor(db=refs.packdead_db)}
+        for d, e in orphans:
+            _removable(plan, report, d, e, orphan_stamp, limit)
+            plan.dead[e.pack_id] = plan.dead.get(e.pack_id, 0) + record_size(e)
         for pid in plan.dead:
             value = txn.get(pid, db=store.packs_db)
             if value is not None:
@@ -232,6 +275,14 @@ def _plan(store, reg, limit: float, max_unused: float, max_repack: int | None, r
         unused -= plan.dead[pid]
     _batch(plan, store.config.pack_target_size)
     return plan
+
+
+def _removable(plan: _Plan, report: GcReport, d: bytes, e: IndexEntry, stamp: int, limit: float) -> None:
+    if stamp <= limit:
+        plan.removable[e.pack_id].append((d, e))
+    else:
+        plan.pinned[e.pack_id] += 1
+        report.pinned_chunks += 1
 
 
 def _batch(plan: _Plan, target: int) -> None:
@@ -302,7 +353,66 @@ def _read_live(store, plan: _Plan, pid: bytes) -> list:
     """The live records of one old pack, read and checked: [(digest, old entry, raw record)].
 
     A whole pack is read before any of it is written, so a damaged pack is skipped
-    without leaving half of it in the batch's new pack."""
+    without leaving half of it in the batch's new pack.  The records are read
+    in a few long reads, of what lies between the dead records the plan knows
+    (_read_between_dead); where that finds anything odd, from a scan of the pack."""
+    try:
+        return _read_between_dead(store, plan, pid)
+    except IntegrityError:
+        return _read_scanned(store, plan, pid)
+
+
+def _read_between_dead(store, plan: _Plan, pid: bytes) -> list:
+    """Records are contiguous from the pack header on; every dead record's place is
+    in the plan (its index entry).  What lies between them is read whole, one read
+    per gap, and its records parsed in memory: a nightly pack's gaps are its live
+    records, where a scan read every record header with a seek of its own (on a
+    pack long out of the page cache, one disk wait per record)."""
+    info = plan.infos[pid]
+    end = PACK_HEADER.size + record_bytes(info)
+    drop = {d for d, _ in plan.removable[pid]}
+    gaps, pos = [], PACK_HEADER.size
+    for offset, size in sorted((e.offset, record_size(e)) for _, e in plan.removable[pid]):
+        if offset > pos:
+            gaps.append((pos, offset))
+        pos = max(pos, offset + size)
+    if pos < end:
+        gaps.append((pos, end))
+    path = store.pack_path(pid)
+    out = []
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise IntegrityError(str(e)) from e
+    try:
+        with store.read_txn() as txn:
+            for start, stop in gaps:
+                buf = os.pread(fd, stop - start, start)
+                if len(buf) != stop - start:
+                    raise IntegrityError(f"pack {pid.hex()}: shorter than the index says")
+                view, at = memoryview(buf), 0
+                while at < len(buf):
+                    where = f"pack {pid.hex()} offset {start + at}"
+                    hdr = decode_record_header(view[at:at + RECORD_HEADER_SIZE], where, store.chunk_size)
+                    size = RECORD_HEADER_SIZE + hdr.stored_len
+                    if hdr.magic != RECORD_MAGIC or at + size > len(buf):
+                        raise IntegrityError(f"{where}: not a chunk record inside the pack's records")
+                    value = txn.get(hdr.digest, db=store.chunks_db) if hdr.digest not in drop else None
+                    if value is not None:
+                        e = IndexEntry.decode(value)
+                        if e.pack_id == pid and e.offset == start + at:
+                            if e.stored_len != hdr.stored_len:
+                                raise IntegrityError(f"{where}: record does not match the index")
+                            check_payload(hdr, view[at + RECORD_HEADER_SIZE:at + size], where)
+                            out.append((hdr.digest, e, view[at:at + size]))  # a view: the gap is held once
+                    at += size
+    finally:
+        os.close(fd)
+    return out
+
+
+def _read_scanned(store, plan: _Plan, pid: bytes) -> list:
+    """_read_live from a scan of the pack (which steps over damage)."""
     path = store.pack_path(pid)
     drop = {d for d, _ in plan.removable[pid]}
     try:
@@ -338,6 +448,45 @@ def _read_live(store, plan: _Plan, pid: bytes) -> list:
     return out
 
 
+READ_THREADS = 8
+READ_AHEAD = 32 << 20
+
+
+def _read_batch(store, plan: _Plan, group: list):
+    """(pack, its live records or the IntegrityError that spoils it), in batch order.
+
+    The packs are read by a few threads at once: a pack's records are read where
+    the index points, and a batch's packs (nightly ones: many, small, long out
+    of the page cache) cost one disk wait each when read one after the other."""
+    def read(pid):
+        try:
+            return _read_live(store, plan, pid)
+        except IntegrityError as e:
+            return e
+    if len(group) == 1:
+        yield group[0], read(group[0])
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    threads = min(READ_THREADS, len(group))
+
+    def live(pid):
+        return record_bytes(plan.infos[pid]) - plan.dead[pid]
+    with ThreadPoolExecutor(threads, thread_name_prefix="bv-gc-read") as pool:
+        # What was read waits in memory until it is written: at most twice as many
+        # packs ahead as there are threads, and about READ_AHEAD bytes of live records.
+        ahead, todo, held = deque(), deque(group), 0
+        while todo or ahead:
+            while todo and (not ahead or (len(ahead) < 2 * threads and held + live(todo[0]) <= READ_AHEAD)):
+                pid = todo.popleft()
+                held += live(pid)
+                ahead.append((pid, pool.submit(read, pid)))
+            pid, fut = ahead.popleft()
+            records = fut.result()
+            held -= live(pid)
+            yield pid, records
+
+
 def _repack(store, plan: _Plan, group: list, me, report: GcReport, on_progress) -> None:
     """Merge the live records of a batch of old packs into new packs and switch them at once.
 
@@ -352,11 +501,9 @@ def _repack(store, plan: _Plan, group: list, me, report: GcReport, on_progress) 
     target = store.config.pack_target_size
     try:
         out = None
-        for pid in group:
-            try:
-                records = _read_live(store, plan, pid)
-            except IntegrityError as e:  # never copy (nor drop) a damaged pack: verify reports it
-                report.skipped.append(f"{pid.hex()}: {e}")
+        for pid, records in _read_batch(store, plan, group):
+            if isinstance(records, IntegrityError):  # never copy (nor drop) a damaged pack: verify reports it
+                report.skipped.append(f"{pid.hex()}: {records}")
                 continue
             mine = copies[pid] = []
             for d, e, raw in records:
@@ -414,7 +561,10 @@ def _repack(store, plan: _Plan, group: list, me, report: GcReport, on_progress) 
                 report.kept.append(pid.hex())
     for pid, mine in copies.items():
         info = plan.infos[pid]
-        report.repacked.append(PackAction(pid.hex(), info.size, plan.dead[pid], sum(record_size(e) for _, e, _ in mine)))
+        if mine or pid.hex() in report.kept:
+            report.repacked.append(PackAction(pid.hex(), info.size, plan.dead[pid], sum(record_size(e) for _, e, _ in mine)))
+        else:  # every live record it had died or moved since the plan: nothing was copied, it was deleted
+            report.deleted.append(PackAction(pid.hex(), info.size, plan.dead[pid], 0))
         if on_progress:
             on_progress(info.size)
     report.new_packs += [w.pack_id.hex() for w in writers]
@@ -435,20 +585,45 @@ def _unlink_doomed(store, reg: Registry, me: str, report: GcReport) -> None:
     limit = _limit(reg.entries(), me)
     with store.read_txn() as txn:
         doomed = [(bytes(k), u64(v)) for k, v in txn.cursor(db=refs.doomed_db)]
-    ready = []
+    ready, by_dir = [], defaultdict(list)
     for pid, gen in doomed:
         if gen > limit:
             report.waiting.append(pid.hex())
             continue
         path = store.pack_path(pid)
-        try:
-            os.unlink(path)
-            fsync_dir(os.path.dirname(path))
-        except FileNotFoundError:
-            pass
+        by_dir[os.path.dirname(path)].append(path)
         ready.append(pid)
-        report.unlinked.append(pid.hex())
+    # Every unlink is durable before its doomed entry goes (a lost unlink would
+    # bring back a pack the index no longer knows), as when each unlink was
+    # followed by its own directory fsync; but each directory is synced once,
+    # after its unlinks, and the directories are done concurrently: the journal
+    # commits concurrent fsyncs together, where one after the other they were
+    # most of gc's wall time.
+    unlink_and_sync(by_dir)
+    report.unlinked += [pid.hex() for pid in ready]
     if ready:
         with store.env.begin(write=True) as txn:
             for pid in ready:
                 txn.delete(pid, db=refs.doomed_db)
+
+
+def unlink_and_sync(by_dir: dict) -> None:
+    """Unlink the files of each directory (``{dir: [paths]}``; gone already is fine),
+    then fsync the directory; directories concurrently, the first error raised."""
+    def one(item):
+        d, paths = item
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        fsync_dir(d)
+    items = sorted(by_dir.items())
+    if len(items) <= 1:
+        for item in items:
+            one(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(min(16, len(items)), thread_name_prefix="bv-gc-unlink") as pool:
+        for _ in pool.map(one, items):
+            pass

@@ -32,7 +32,6 @@ import fcntl
 import json
 import logging
 import os
-import socket
 import time
 from typing import Callable
 
@@ -57,7 +56,7 @@ def chain_lock_name(kind: str, name: str) -> str:
 
 
 def _note(purpose: str, session: str | None = None) -> dict:
-    note = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "purpose": purpose}
+    note = {"pid": os.getpid(), "host": os.uname().nodename, "since": time.time(), "purpose": purpose}
     if session:
         note["session"] = session
     return note

@@ -32,7 +32,6 @@ import fcntl
 import json
 import os
 import re
-import socket
 import struct
 import time
 from dataclasses import dataclass, field
@@ -229,7 +228,7 @@ class Registry(PathRegistry):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             start_gen = read_gen(self.store)
-            head = {"kind": kind, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+            head = {"kind": kind, "pid": os.getpid(), "host": os.uname().nodename, "started": time.time(),
                     "start_gen": start_gen, "command": command}
             os.write(fd, json.dumps(head, separators=(",", ":")).encode() + b"\n")
             os.fsync(fd)

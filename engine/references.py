@@ -66,11 +66,12 @@ class References:
                     appeared.append(s)
         self.chunks.add_segments(txn, (bytes(txn.get(s, db=segments_db)) for s in appeared))
 
-    def release_manifest(self, txn, manifest: Manifest) -> int:
+    def release_manifest(self, txn, manifest: Manifest, freed: list[int] | None = None) -> int:
         """A manifest leaves the store (in ``txn``, a write transaction): its
         segments count down, a segment at 0 is deleted and its chunks count
         down, and a chunk at 0 becomes dead, stamped with the transaction's
-        new generation.  Returns the number of chunks that died."""
+        new generation.  Returns the number of chunks that died (``freed[0]``,
+        if given, grows by their stored bytes)."""
         segments_db = self.repo.manifests.segments_db
         gone = []
         for s in set(manifest.segments):
@@ -86,7 +87,7 @@ class References:
             if content is not None:
                 gone.append(bytes(content))
                 txn.delete(s, db=segments_db)
-        return self.chunks.release_segments(txn, gone)
+        return self.chunks.release_segments(txn, gone, freed)
 
     def unique_bytes(self, txn, manifests: list[Manifest]) -> int | None:
         """Stored bytes freed if only these manifests were removed: the chunks

@@ -85,21 +85,95 @@ def version() -> str:
         return "unknown"
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked for: reading the distribution's
+    metadata costs about 20 ms, which every command paid at start-up."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default,
+                         help=help or "show the program's version number and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser._print_message(f"blockvault {version()}\n", sys.stdout)
+        parser.exit()
+
+
 # -- parser ---------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Skipped:
+    """Stands in for the parser of a verb that is not being run: every call is
+    accepted and ignored, so a module's ``register`` runs unchanged."""
+
+    def __getattr__(self, name):
+        return self._ignore
+
+    def _ignore(self, *args, **kwargs):
+        return self
+
+
+class _OnlyVerb:
+    """The sub-command action, but only ``verb`` gets a real parser.
+
+    argparse builds a parser per verb (about 300 options in all); a command
+    parses only its own, so building the others was start-up time spent for
+    nothing (a forget or gc is mostly start-up).  Anything the verb does not
+    match (a typo, ``--help``) gets the full parser instead (build_parser)."""
+
+    def __init__(self, sub, verb: str):
+        self.sub, self.verb, self.found = sub, verb, False
+
+    def add_parser(self, name, **kwargs):
+        if name != self.verb:
+            return _Skipped()
+        self.found = True
+        return self.sub.add_parser(name, **kwargs)
+
+
+def _verb_of(argv: list[str]) -> str | None:
+    """The command name in ``argv``: the first word that is not a top-level option
+    (or the value of ``--log-file``)."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            return argv[i + 1] if i + 1 < len(argv) else None
+        if word == "--log-file":
+            i += 2
+            continue
+        if not word.startswith("-") or word == "-":
+            return word
+        i += 1
+    return None
+
+
+def _top_parser() -> tuple[argparse.ArgumentParser, object]:
     p = Parser(
         prog="blockvault", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Deduplicating backups of virtual disks: every backup is a synthetic full.")
-    p.add_argument("--version", action="version", version=f"blockvault {version()}")
+    p.add_argument("--version", action=_VersionAction)
     common_options(p, top=True)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    return p, p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+
+def _register(sub) -> None:
     store_cmd.register_init(sub)
     for module in VERB_MODULES:
         module.register(sub)
     register_vsphere(sub)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given ``argv``, only the parser of the verb it names (see _OnlyVerb)."""
+    verb = _verb_of(argv) if argv is not None else None
+    if verb is not None:
+        p, sub = _top_parser()
+        only = _OnlyVerb(sub, verb)
+        _register(only)
+        if only.found:
+            return p
+    p, sub = _top_parser()
+    _register(sub)
     return p
 
 
@@ -132,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = argparse.Namespace(json=_wants_json(argv), quiet=False, verbose=0, log_file=None, command=None)
     clilog.setup()
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
         clilog.setup(args.quiet, args.verbose, args.log_file)
         with signals.handled():  # SIGTERM and SIGHUP stop a command like Ctrl-C (engine/signals.py)
             return args.func(args)

@@ -192,6 +192,37 @@ def test_what_a_killed_backup_left_is_reclaimed(two_disks, tmp_path, where):
     restores(store, points, tmp_path)
 
 
+@pytest.mark.parametrize("where", ["checkpoint", "metadata"])
+def test_the_dry_run_plans_what_gc_does_after_a_killed_backup(two_disks, tmp_path, where):
+    """gc reaps first: the chunks a killed backup checkpointed die, so their packs are
+    deleted whole.  The dry run changes nothing but must plan the same: before, it
+    planned as if those chunks were live (their packs left alone or repacked, the
+    stored bytes after overstated)."""
+    store, _ = two_disks
+    c = str(tmp_path / "c.img")
+    make_sparse(c, 192 * CS)
+    write_at(c, 0, rng(202).bytes(160 * CS))
+    proc = subprocess.run([sys.executable, "-c", KILLED, where, "backup", store, c, "--disk", "c"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    orphans = set(read_db(store, b"chunks")) - set(counts(store, b"chunkrefs"))
+    delete_point(store, "a@1")  # dead chunks beside live ones: packs to repack too
+    before = store_fingerprint(store)
+    plan = gc(store, "--dry-run", "--max-unused", "0")
+    assert store_fingerprint(store) == before
+    done = gc(store, "--max-unused", "0")
+    assert done["orphans_killed"] == len(orphans) and len(done["reaped_sessions"]) == 1
+    if where == "checkpoint":
+        assert orphans and done["deleted_packs"]
+    for key in ("orphans_killed", "reaped_sessions", "chunks_removed", "pinned_chunks", "stored_bytes_before",
+                "dead_bytes_before", "stored_bytes_after", "dead_bytes_after"):
+        assert plan[key] == done[key], (key, plan[key], done[key])
+    for key in ("deleted_packs", "repacked_packs"):
+        assert sorted(plan[key], key=lambda a: a["id"]) == sorted(done[key], key=lambda a: a["id"]), key
+    assert sorted(plan["leftover_packs"]) == sorted(done["leftover_packs"])
+    assert all(a["live_bytes"] > 0 for a in done["repacked_packs"])
+
+
 def test_gc_refuses_bad_options_without_touching_the_store(two_disks):
     store, _ = two_disks
     before = store_fingerprint(store)

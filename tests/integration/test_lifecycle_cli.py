@@ -25,20 +25,37 @@ def doc(*args):
     return json.loads(proc.stdout)
 
 
-def test_ten_nights_forget_then_gc(tmp_path):
+def nights(tmp_path, seed: int, nights: int, written: int, changed: int) -> tuple[str, dict]:
+    """A store of packs of 1 MiB and disk d backed up once a night (dated T0 + night days):
+    ``written`` chunks of random data, ``changed`` of them rewritten before each night.
+    Returns the store and {point id: snapshot of the image it holds}."""
     store = str(tmp_path / "store")
     ChunkStore.init(store, chunk_size=CS, pack_target_size=1 << 20).close()
-    r = rng(501)
+    r = rng(seed)
     img = str(tmp_path / "d.img")
-    make_sparse(img, 200 * CS)
-    write_at(img, 0, r.bytes(120 * CS))
+    make_sparse(img, (written * 5 // 3) * CS)
+    write_at(img, 0, r.bytes(written * CS))
     points = {}
-    for night in range(1, 11):
-        for k in r.choice(120, 24, replace=False):
+    for night in range(1, nights + 1):
+        for k in r.choice(written, changed, replace=False):
             write_at(img, int(k) * CS, r.bytes(CS))
         proc = run_cli("backup", store, img, "--disk", "d", "--time", iso(T0 + night * DAY))
         assert proc.returncode == 0 and proc.stdout.strip() == f"d@{night}", proc.stderr
         points[f"d@{night}"] = snapshot(img, str(tmp_path / f"n{night}"))
+    return store, points
+
+
+def assert_restores(store: str, points: dict, tmp_path) -> None:
+    for bid, src in points.items():
+        out = str(tmp_path / f"r-{bid.replace('@', '-')}")
+        proc = run_cli("restore", store, bid, out)
+        assert proc.returncode == 0, proc.stderr
+        assert same_file(out, src), bid
+        os.unlink(out)
+
+
+def test_ten_nights_forget_then_gc(tmp_path):
+    store, points = nights(tmp_path, 501, nights=10, written=120, changed=24)
 
     listed = {b["id"]: b["unique_bytes"] for b in doc("list", store)["backups"]}
     plan = doc("forget", store, "--disk", "d", "--keep-last", "3", "--dry-run")
@@ -65,12 +82,7 @@ def test_ten_nights_forget_then_gc(tmp_path):
     assert doc("stats", store)["dead_bytes"] == unique["d@8"] > 0
     again = doc("gc", store)
     assert again["dead_bytes_after"] <= again["max_unused_bytes"]
-    for bid, src in points.items():
-        out = str(tmp_path / f"r-{bid.replace('@', '-')}")
-        proc = run_cli("restore", store, bid, out)
-        assert proc.returncode == 0, proc.stderr
-        assert same_file(out, src), bid
-        os.unlink(out)
+    assert_restores(store, points, tmp_path)
     assert run_cli("verify", store).returncode == 0
 
 
@@ -78,18 +90,7 @@ def test_forget_with_gc_gives_the_space_back_in_the_same_command(tmp_path):
     import jsonshape
     from lifecycle_helpers import read_db
     from helpers import store_fingerprint
-    store = str(tmp_path / "store")
-    ChunkStore.init(store, chunk_size=CS, pack_target_size=1 << 20).close()
-    r = rng(502)
-    img = str(tmp_path / "d.img")
-    make_sparse(img, 100 * CS)
-    write_at(img, 0, r.bytes(60 * CS))
-    points = {}
-    for night in range(1, 7):
-        for k in r.choice(60, 12, replace=False):
-            write_at(img, int(k) * CS, r.bytes(CS))
-        assert run_cli("backup", store, img, "--disk", "d", "--time", iso(T0 + night * DAY)).returncode == 0
-        points[f"d@{night}"] = snapshot(img, str(tmp_path / f"n{night}"))
+    store, points = nights(tmp_path, 502, nights=6, written=60, changed=12)
 
     before = store_fingerprint(store)  # gc's options without --gc: refused, nothing changed
     proc = run_cli("forget", store, "--disk", "d", "--keep-last", "3", "--max-unused", "0")
@@ -123,9 +124,4 @@ def test_forget_with_gc_gives_the_space_back_in_the_same_command(tmp_path):
     assert doc("stats", store)["stored_bytes"] == swept["stored_bytes_after"]
     verify = run_cli("verify", store)
     assert verify.returncode == 0 and "store OK" in verify.stdout, verify.stdout + verify.stderr
-    for bid, src in points.items():
-        out = str(tmp_path / f"r-{bid.replace('@', '-')}")
-        proc = run_cli("restore", store, bid, out)
-        assert proc.returncode == 0, proc.stderr
-        assert same_file(out, src), bid
-        os.unlink(out)
+    assert_restores(store, points, tmp_path)
