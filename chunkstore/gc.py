@@ -33,17 +33,19 @@ order (docs/FORMAT.md "gc order"):
 
 from __future__ import annotations
 
-import os
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from chunkstore.config import fsync_dir
 from chunkstore.errors import IntegrityError
 from chunkstore.index import IndexEntry, PackInfo
-from chunkstore.pack import PACK_HEADER, RECORD_HEADER_SIZE, RECORD_MAGIC, PackWriter, check_payload, decode_record_header, scan_pack
+from chunkstore.pack import (PACK_HEADER, RECORD_HEADER_SIZE, RECORD_MAGIC, PackWriter, check_payload, decode_record_header,
+                             scan_backend_pack, scan_pack)
 from chunkstore.refs import pack_u64, record_bytes, record_size, u64
 from chunkstore.registry import Registry
+
+log = logging.getLogger("blockvault.gc")
 
 DEFAULT_MAX_UNUSED = 0.05
 PACK_FRAME = PACK_HEADER.size + RECORD_HEADER_SIZE  # a pack's header and trailer
@@ -158,16 +160,14 @@ def _reap(store, reg: Registry, me: str, report: GcReport) -> None:
                 if txn.get(pack_id, db=store.packs_db) is not None:
                     known.append(pack_id)
                 elif txn.get(pack_id, db=refs.doomed_db) is None:
-                    path = store.pack_path(pack_id)
-                    if os.path.exists(path):
-                        os.unlink(path)
-                        fsync_dir(os.path.dirname(path))
+                    if store.backend.size(pack_id) is not None:
+                        _remove_packs(store, [pack_id])
                         report.leftover_packs.append(pack_id.hex())
         if known:  # checkpointed packs: their unreferenced chunks die now
             with store.env.begin(write=True) as txn:
                 for pack_id in known:
                     try:
-                        scan = scan_pack(store.pack_path(pack_id), check_payloads=False)
+                        scan = scan_backend_pack(store.backend, pack_id, check_payloads=False)
                     except (OSError, IntegrityError):
                         continue
                     for rec in scan.records:
@@ -303,38 +303,39 @@ def _read_live(store, plan: _Plan, pid: bytes) -> list:
 
     A whole pack is read before any of it is written, so a damaged pack is skipped
     without leaving half of it in the batch's new pack."""
-    path = store.pack_path(pid)
     drop = {d for d, _ in plan.removable[pid]}
     try:
-        scan = scan_pack(path, check_payloads=False)
+        stream = store.backend.open_stream(pid)
     except OSError as e:  # unreadable (gone, EIO): skipped like a damaged pack, verify reports it
         raise IntegrityError(str(e)) from e
-    wanted = []  # (digest, old entry)
-    with store.read_txn() as txn:
-        for rec in scan.records:
-            h = rec.header
-            if h.magic != RECORD_MAGIC or h.digest in drop:
-                continue
-            value = txn.get(h.digest, db=store.chunks_db)
-            if value is None:
-                continue
-            e = IndexEntry.decode(value)
-            if e.pack_id == pid and e.offset == rec.offset:
-                wanted.append((h.digest, e))
-    out = []
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
+    with stream:
+        try:
+            scan = scan_pack(stream, check_payloads=False, pack_id=pid)
+        except OSError as e:
+            raise IntegrityError(str(e)) from e
+        wanted = []  # (digest, old entry)
+        with store.read_txn() as txn:
+            for rec in scan.records:
+                h = rec.header
+                if h.magic != RECORD_MAGIC or h.digest in drop:
+                    continue
+                value = txn.get(h.digest, db=store.chunks_db)
+                if value is None:
+                    continue
+                e = IndexEntry.decode(value)
+                if e.pack_id == pid and e.offset == rec.offset:
+                    wanted.append((h.digest, e))
+        out = []
         for d, e in wanted:
             size = record_size(e)
-            raw = os.pread(fd, size, e.offset)
+            stream.seek(e.offset)
+            raw = stream.read(size)
             where = f"pack {pid.hex()} offset {e.offset}"
             hdr = decode_record_header(raw[:RECORD_HEADER_SIZE], where, store.chunk_size)
             if hdr.digest != d or hdr.stored_len != e.stored_len or len(raw) != size:
                 raise IntegrityError(f"{where}: record does not match the index")
             check_payload(hdr, raw[RECORD_HEADER_SIZE:], where)
             out.append((d, e, raw))
-    finally:
-        os.close(fd)
     return out
 
 
@@ -384,6 +385,17 @@ def _repack(store, plan: _Plan, group: list, me, report: GcReport, on_progress) 
         raise
     if not copies:
         return
+    # The new packs are durable where the packs live before the index points at them.
+    try:
+        for w in writers:
+            store.backend.publish(w.pack_id, w.path)
+        store.backend.wait_published([w.pack_id for w in writers])
+        store.check_owner()
+    except BaseException:
+        store.backend.discard([w.pack_id for w in writers])
+        for w in writers:
+            w.discard()
+        raise
     with store.env.begin(write=True) as txn:
         gen = refs.new_gen(txn)
         for w in writers:
@@ -420,6 +432,14 @@ def _repack(store, plan: _Plan, group: list, me, report: GcReport, on_progress) 
     report.new_packs += [w.pack_id.hex() for w in writers]
 
 
+def _remove_packs(store, pack_ids: list) -> list:
+    """Remove packs through the store's backend; what it refused stays doomed, for the next gc."""
+    failed = store.backend.delete(pack_ids)
+    for pid, why in failed:
+        log.warning("gc: pack %s of %s was not deleted (%s); the next gc tries again", pid.hex(), store.location, why)
+    return failed
+
+
 def _finish(pack: PackWriter) -> None:
     pack.seal()
     pack.sync()
@@ -440,14 +460,12 @@ def _unlink_doomed(store, reg: Registry, me: str, report: GcReport) -> None:
         if gen > limit:
             report.waiting.append(pid.hex())
             continue
-        path = store.pack_path(pid)
-        try:
-            os.unlink(path)
-            fsync_dir(os.path.dirname(path))
-        except FileNotFoundError:
-            pass
         ready.append(pid)
-        report.unlinked.append(pid.hex())
+    if ready:
+        store.check_owner()  # never delete for a store whose lease another host took over
+    failed = {pid for pid, _ in _remove_packs(store, ready)}
+    ready = [pid for pid in ready if pid not in failed]
+    report.unlinked += [pid.hex() for pid in ready]
     if ready:
         with store.env.begin(write=True) as txn:
             for pid in ready:

@@ -24,7 +24,7 @@ import time
 from chunkstore.config import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, StoreConfig
 from chunkstore.errors import IntegrityError, NotAStoreError, StoreError
 from chunkstore.lock import WriterLock
-from chunkstore.pack import iter_pack_paths, read_pack_header
+from chunkstore.backend import LocalPackBackend
 from chunkstore.rebuild import RebuildReport, rebuild_store
 from chunkstore.refs import has_counts
 from chunkstore.store import check_config, require_config, refuse_url
@@ -126,9 +126,11 @@ def _recreate_config(path: str) -> dict:
     votes: collections.Counter = collections.Counter()
     where: dict[str, list[str]] = collections.defaultdict(list)
     unreadable = []
-    for pack in iter_pack_paths(path):
+    packs = LocalPackBackend(path)
+    for pack_id, _ in packs.list():
+        pack = packs.name(pack_id)
         try:
-            settings = read_pack_header(pack).settings()
+            settings = packs.header(pack_id).settings()
         except (IntegrityError, OSError) as e:
             unreadable.append(f"{pack}: {e}")
             continue
