@@ -121,6 +121,8 @@ def collect(store, max_unused: float = DEFAULT_MAX_UNUSED, max_repack: int | Non
         me = session.registration
         reg = Registry(store)
         _reap(store, reg, me.id, report)
+        if store.backend.remote:
+            _sweep_unknown(store, reg, report)
         plan = _plan(store, reg, _limit(reg.entries(), me.id), max_unused, max_repack, report)
         if on_total:
             on_total(sum(plan.infos[p].size for p in plan.repack))
@@ -181,6 +183,23 @@ def _reap(store, reg: Registry, me: str, report: GcReport) -> None:
                             report.orphans_killed += 1
         reg.reap(entry)
         report.reaped.append(entry.id)
+
+
+def _sweep_unknown(store, reg: Registry, report: GcReport) -> None:
+    """A bucket's pack objects that no index entry, doomed list or running session names:
+    uploads of sessions that failed after their PUT (the endpoint died mid-backup) and whose
+    abort could not delete them.  Listed first, then the registry, then the index: a pack
+    seen here is in its session's registration already (it is written before the pack),
+    and a session that ended since has committed it or removed it."""
+    listed = [pid for pid, _ in store.backend.list()]
+    writing = {p for e in reg.entries() if e.live for p in e.packs}
+    with store.read_txn() as txn:
+        unknown = [pid for pid in listed if pid not in writing and txn.get(pid, db=store.packs_db) is None
+                   and txn.get(pid, db=store.refs.doomed_db) is None]
+    if unknown:
+        store.check_owner()
+        failed = {pid for pid, _ in _remove_packs(store, unknown)}
+        report.leftover_packs += [pid.hex() for pid in unknown if pid not in failed]
 
 
 # -- 2. plan ------------------------------------------------------------------

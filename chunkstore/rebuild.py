@@ -81,14 +81,15 @@ class _Commit:
         return len(self.streams) == self.parts
 
 
-def rebuild_store(path: str, wait: float = 0.0, derive=None) -> RebuildReport:
+def rebuild_store(path: str, wait: float = 0.0, derive=None, backend=None, s3=None, lease=None) -> RebuildReport:
     """Recreate ``STORE/index`` from the packs: chunk index, packs, metadata.
 
     ``derive(store)``, given by the layer above, returns a function
     ``finish(txn, gen_floor)`` run last in the rebuild's transaction: it
     recomputes what the replayed databases imply (the reference counts,
     engine/references.py); ``gen_floor`` is the lifecycle generation the
-    rebuilt index must not go below."""
+    rebuilt index must not go below.  ``backend``: where the packs are (default: ``path``'s
+    packs/); ``s3`` and ``lease``: a store in a bucket, whose cache ``path`` is (attach)."""
     cfg = StoreConfig.load(path)
     lock = WriterLock(path)
     lock.acquire(wait, "rebuild")
@@ -107,7 +108,8 @@ def rebuild_store(path: str, wait: float = 0.0, derive=None) -> RebuildReport:
             except FileNotFoundError:
                 pass
             fsync_dir(index)
-        store = ChunkStore(path, cfg, _open_env(path, create=True))
+        store = ChunkStore(path, cfg, _open_env(path, create=True), backend=backend)
+        store.s3, store.lease = s3, lease
         try:
             _rebuild(store, report, derive(store) if derive else None)
         finally:
@@ -134,6 +136,7 @@ def _rebuild(store: ChunkStore, report: RebuildReport, finish=None) -> None:
     chain = _chain(commits, report)
     if not report.complete:
         _keep_previous(store, report)
+    store.check_owner()
     _replace(store, entries, packs, chain, commits, report, copies, finish)
 
 

@@ -42,6 +42,7 @@ from chunkstore.refs import ChunkRefs, mark_counted
 from chunkstore.lock import LOCKS_DIR
 from chunkstore.readonly import EMPTY, ReadOnlyTxn, is_denied, open_read_only, refuse_write, store_is_writable
 from chunkstore.registry import SESSIONS_DIR
+from chunkstore.s3settings import is_store_url
 from chunkstore.session import WriteSession
 
 INDEX_DIR = "index"
@@ -64,8 +65,10 @@ class ChunkStore:
         self.backend = backend if backend is not None else LocalPackBackend(path)
         # What names the store in messages: its directory, or its s3:// URL.
         self.location = path if backend is None else backend.location
-        # The owner lease of a store in a bucket (chunkstore/lease.py), held by its writers.
+        # The owner lease of a store in a bucket (chunkstore/lease.py), held by its writers,
+        # and what else such a store knows (chunkstore/s3store.py S3Context); None when local.
         self.lease = None
+        self.s3 = None
         self.config = config
         self.env = env
         # A store on a read-only mount (see chunkstore/readonly.py): readers only.
@@ -87,8 +90,13 @@ class ChunkStore:
     # -- opening ---------------------------------------------------------------
 
     @classmethod
-    def init(cls, path: str, **settings) -> "ChunkStore":
-        """Create a store in an empty (or missing) directory."""
+    def init(cls, path: str, cache: str | None = None, s3_settings=None, object_lock_days: float | None = None,
+             **settings) -> "ChunkStore":
+        """Create a store in an empty (or missing) directory, or at ``s3://BUCKET/PREFIX``
+        with its cache directory ``cache`` (chunkstore/s3store.py)."""
+        if is_store_url(path):
+            from chunkstore.s3store import init_s3
+            return init_s3(cls, path, cache, s3_settings, object_lock_days, settings)
         refuse_url(path)
         if os.path.exists(path):
             if not os.path.isdir(path):
@@ -114,7 +122,12 @@ class ChunkStore:
         return store
 
     @classmethod
-    def open(cls, path: str) -> "ChunkStore":
+    def open(cls, path: str, cache: str | None = None, s3_settings=None) -> "ChunkStore":
+        """Open the store in directory ``path``, or at ``s3://BUCKET/PREFIX`` through the
+        cache directory ``cache`` that ``init`` or ``attach`` made."""
+        if is_store_url(path):
+            from chunkstore.s3store import open_s3
+            return open_s3(cls, path, cache, s3_settings)
         refuse_url(path)
         require_config(path)
         cfg = StoreConfig.load(path)
@@ -158,8 +171,15 @@ class ChunkStore:
         return None if handle is EMPTY else handle
 
     def close(self) -> None:
+        if self.lease is not None:
+            self.lease.stop()
         self.backend.close()
         self.env.close()
+
+    def take_lease(self, take_over: bool = False) -> None:
+        """A writer of a store in a bucket holds its lease from its first write session on."""
+        if self.s3 is not None and self.lease is None:
+            self.lease = self.s3.take_lease(take_over)
 
     def check_owner(self) -> None:
         """Called before every LMDB commit of a writer: on a store in a bucket, the
@@ -271,6 +291,7 @@ class ChunkStore:
         disk, a VM) besides the shared store lock."""
         if self.read_only:
             raise refuse_write(self.path)
+        self.take_lease()
         return WriteSession(self, wait, purpose, kind, chains)
 
 
@@ -279,7 +300,7 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 def refuse_url(path: str) -> None:
     """Stores are local directories; ``s3://b/x`` would otherwise become ``./s3:/b/x``."""
-    if not _URL.match(path or ""):
+    if not _URL.match(path or "") or is_store_url(path):
         return
     scheme = path.split("://", 1)[0]
     if scheme.lower() == "vddk":
@@ -287,8 +308,8 @@ def refuse_url(path: str) -> None:
                             "restore TARGET; STORE, a directory, comes first (blockvault backup STORE SOURCE ...)")
     if scheme.lower() == "file":
         raise StoreUrlError(f"{path}: give the store as a path ({path.split('://', 1)[1] or '/'}), not a URL")
-    raise StoreUrlError(f"{path}: a store must be a local directory; {scheme}:// stores (object storage, remote "
-                        "file systems) are not supported yet; mount the file system and give its path")
+    raise StoreUrlError(f"{path}: a store must be a local directory or s3://BUCKET/PREFIX; {scheme}:// stores "
+                        "are not supported yet; mount the file system and give its path")
 
 
 def require_config(path: str) -> None:

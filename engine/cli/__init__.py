@@ -87,6 +87,16 @@ def version() -> str:
 # -- parser ---------------------------------------------------------------------
 
 
+def add_store_options(sub) -> None:
+    """The options of a store in a bucket, for every command whose STORE add_store_arg made
+    (added last, so they never take an option name a command already uses)."""
+    from engine.cli.common import add_s3_options
+    for parser in set(sub.choices.values()):
+        if any(a.dest == "store" and not a.option_strings and getattr(a, "_s3_store", False)
+               for a in parser._actions):
+            add_s3_options(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="blockvault", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -99,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in VERB_MODULES:
         module.register(sub)
     register_vsphere(sub)
+    add_store_options(sub)
     return p
 
 
