@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -288,6 +287,6 @@ class S3PackBackend(PackBackend):
 
 
 def clear_tmp(tmp_dir: str) -> None:
-    """Downloads are unnamed files; a directory of named left-overs (none expected) goes."""
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    """The directory of downloads.  They are unnamed files (O_TMPFILE), so nothing is ever
+    left in it, and another process of this host may be downloading there right now."""
     os.makedirs(tmp_dir, mode=0o700, exist_ok=True)

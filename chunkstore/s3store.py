@@ -162,12 +162,16 @@ def context_for(url: str, cache: str | None, settings: S3Settings | None) -> S3C
     return S3Context(location, settings, cache, doc["host_id"])
 
 
-def prepare_new_cache(cache: str) -> None:
+def check_new_cache(cache: str) -> None:
     if os.path.exists(cache):
         if not os.path.isdir(cache):
             raise StoreExistsError(f"cache {cache} exists and is not a directory")
         if os.listdir(cache):
             raise StoreExistsError(f"cache {cache} is not empty; give a new or empty --cache directory")
+
+
+def prepare_new_cache(cache: str) -> None:
+    check_new_cache(cache)
     os.makedirs(cache, mode=safefs.DIR_MODE, exist_ok=True)
     os.chmod(cache, safefs.DIR_MODE)
 
@@ -190,6 +194,7 @@ def init_s3(cls, url: str, cache: str | None, settings: S3Settings | None, objec
     location = parse_store_url(url)
     settings = settings or S3Settings.resolve()
     cache = cache or default_cache(location)
+    check_new_cache(cache)  # before the bucket is touched: a refused init changes nothing
     bucket = Bucket(location, settings)
     if not bucket.exists():
         bucket.create(object_lock=bool(object_lock_days))
@@ -218,6 +223,7 @@ def init_s3(cls, url: str, cache: str | None, settings: S3Settings | None, objec
         made = True
         ctx = S3Context(location, settings, cache, host_id, bucket)
         store = _with_backend(cls, ctx, create=False)
+        store.backend.retain_days = object_lock_days or None
         try:
             store.take_lease()
         except BaseException:
@@ -306,7 +312,26 @@ def prepare_attach(url: str, cache: str | None, settings: S3Settings | None, tak
             os.close(fd)
         os.replace(tmp, os.path.join(cache, CONFIG_FILE))
         write_cache_file(cache, location.url, settings.endpoint, host_id)
+        days = _lock_days_of(bucket)
+        if days:
+            _write_lock_days(cache, days)
     except BaseException:
         lease.stop()
         raise
     return ctx, lease
+
+
+def _lock_days_of(bucket) -> float | None:
+    """The retention the store writes its packs with, read off its newest pack: the days are
+    not in config.json (the same document as a local store's), and a new host must keep
+    writing with them."""
+    if not bucket.object_lock():
+        return None
+    newest = None
+    for info in bucket.list("packs/"):
+        if newest is None or info.last_modified > newest.last_modified:
+            newest = info
+    until = bucket.retention(newest.key) if newest is not None else None
+    if until is None:
+        return None
+    return max(round((until - newest.last_modified) / 86400, 3), 0.001)

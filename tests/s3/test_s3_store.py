@@ -307,3 +307,77 @@ def test_a_lease_held_by_another_host_refuses_writers_with_exit_4_naming_the_hol
     assert pack_objects(ceph, s3_store_url) == before
     proc = cli(s3env, "attach", s3_store_url, "--cache", str(tmp_path / "other"), "--take-over")
     assert proc.returncode == 4 and "backup-host-2 4242" in proc.stderr   # not expired: no take-over
+    # with no lease in the bucket, the writer takes it (and readers need none)
+    client = ceph.client()
+    client.delete_object(Bucket=bucket, Key=f"{prefix}/lease")
+    assert cli(s3env, "list", s3_store_url, "--cache", cache).returncode == 0
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/lease")
+    proc = cli(s3env, "backup", s3_store_url, img, "--disk", "d", "--cache", cache)
+    assert proc.returncode == 0, proc.stderr
+    taken = json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/lease")["Body"].read())
+    with open(os.path.join(cache, "cache.json")) as f:
+        assert taken["host_id"] == json.load(f)["host_id"]
+
+
+# -- the metadata pack: its upload gates the LMDB commit -----------------------------------------
+
+
+def test_a_metadata_pack_whose_upload_fails_commits_nothing(s3_store_url, ceph, tmp_path):
+    """The bucket starts refusing pack uploads exactly when the commit hands over its metadata
+    pack (a bucket policy: reads and the lease still work): the chunk packs are in the bucket,
+    the metadata pack is not, so the LMDB commit must not happen."""
+    from chunkstore.errors import StoreError
+    from chunkstore.pack import METADATA_MAGIC, PACK_HEADER
+    from chunkstore.s3settings import S3Settings
+    settings = S3Settings(endpoint=ceph.endpoint, region=ceph.region, access_key=ceph.access_key,
+                          secret_key=ceph.secret_key, connect_timeout=5.0, read_timeout=30.0, max_attempts=2)
+    bucket, prefix = s3_store_url[len("s3://"):].split("/", 1)
+    deny = {"Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject",
+                                                     "Resource": f"arn:aws:s3:::{bucket}/{prefix}/packs/*"}]}
+    client = ceph.client()
+    cache = str(tmp_path / "cache")
+    img = str(tmp_path / "disk.img")
+    make_sparse(img, 4 << 20)
+    write_at(img, 0, rng(3).bytes(2 << 20))
+    repo = Repository.init(s3_store_url, cache=cache, s3_settings=settings)
+    backend = repo.store.backend
+    publish = backend.publish
+    refused = []
+
+    def publish_refused_from_the_metadata_pack_on(pack_id, path):
+        with open(path, "rb") as f:
+            f.seek(PACK_HEADER.size)
+            if f.read(4) == METADATA_MAGIC and not refused:
+                backend.wait_published(list(backend._uploads))   # the chunk packs went out first
+                client.put_bucket_policy(Bucket=bucket, Policy=json.dumps(deny))
+                refused.append(pack_id)
+        publish(pack_id, path)
+
+    backend.publish = publish_refused_from_the_metadata_pack_on
+    try:
+        with pytest.raises(StoreError) as err:
+            backup_image(repo, img, "d", "full")
+        assert refused and "nothing" in str(err.value)
+    finally:
+        repo.close()
+        client.delete_bucket_policy(Bucket=bucket)
+    assert f"{prefix}/packs/{refused[0].hex()[:2]}/{refused[0].hex()}.pack" not in pack_objects(ceph, s3_store_url)
+    listing = run_cli("list", s3_store_url, "--cache", cache, "--json", env={**os.environ, **ceph.env()})
+    assert listing.returncode == 0, listing.stderr
+    assert json.loads(listing.stdout)["backups"] == []
+
+
+# -- object lock --------------------------------------------------------------------------------
+
+
+def test_object_lock_on_ceph_16_is_refused_by_the_self_test_and_leaves_no_store(s3_bucket_name, s3env, tmp_path,
+                                                                                 ceph):
+    """Ceph 16.2 ignores If-None-Match on a versioned bucket (object lock needs versioning): a
+    second create of a key replaces the first.  init must find that out and make no store."""
+    url = f"s3://{s3_bucket_name}-locked/store"      # init makes the bucket, with object lock
+    cache = str(tmp_path / "cache")
+    proc = cli(s3env, "init", url, "--cache", cache, "--object-lock", "1")
+    assert proc.returncode == 1 and "ignores If-None-Match" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not os.path.exists(cache)
+    listed = ceph.client().list_objects_v2(Bucket=f"{s3_bucket_name}-locked", Prefix="store/")
+    assert [o["Key"] for o in listed.get("Contents", ())] == []
