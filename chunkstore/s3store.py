@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 
 from chunkstore import safefs
 from chunkstore.config import CONFIG_FILE, StoreConfig, fsync_dir
@@ -216,7 +217,7 @@ def init_s3(cls, url: str, cache: str | None, settings: S3Settings | None, objec
         write_cache_file(cache, location.url, settings.endpoint, host_id)
         if object_lock_days:
             _write_lock_days(cache, object_lock_days)
-        retain = None  # config.json is never locked: a store must stay deletable by its owner at the end
+        retain = time.time() + object_lock_days * 86400 if object_lock_days else None
         if not bucket.put_new(CONFIG_FILE, body, retain_until=retain):
             raise StoreExistsError(f"{location.url} is already a store (another init made its {CONFIG_FILE} just "
                                    "now)")
