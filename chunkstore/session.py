@@ -523,8 +523,8 @@ class _Sealer:
                 pack.seal()
                 pack.sync()
                 pack.close()
-                pack.synced = True
                 self.session.store.backend.publish(pack.pack_id, pack.path)  # an upload starts (S3)
+                pack.synced = True   # after publish: a checkpoint waits for the upload of every synced pack
                 self.session._sealed(pack)
             except BaseException as e:  # reported to writers and to commit
                 self.session._sealer_failed(e)
