@@ -55,6 +55,7 @@ class PreparedBackup:
     manifest: Manifest
     new_segments: dict[bytes, bytes]
     started: float = 0.0  # when the work began; record.time is the point's time (--time)
+    timed: bool = True    # False: the record keeps the duration it has (a copied point, engine/copy.py)
 
 
 def check_point_time(at: float, latest, what: str) -> None:
@@ -188,7 +189,8 @@ def commit_backups(repo: Repository, session, prepared: list[PreparedBackup], mo
     pairs: a VM backup's record."""
     finished = time.time()
     for p in prepared:
-        p.record.stats["duration"] = round(finished - (p.started or p.record.time), 6)
+        if p.timed:
+            p.record.stats["duration"] = round(finished - (p.started or p.record.time), 6)
     writes = []
     with repo.store.read_txn() as txn:
         for p in prepared:

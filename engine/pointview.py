@@ -1,10 +1,12 @@
 """PointView: one backup point as a file, read a chunk at a time.
 
 Every reader of a point that does not write a whole disk (the NBD export of
-``blockvault serve``, ``mount``, file-level restore, later ``copy``) goes
-through this one read path.  A point is a synthetic full with one manifest,
-so a read at any offset needs only that manifest, the segment covering the
-offset and the chunks the read touches:
+``blockvault serve``, ``mount``, file-level restore) goes through this one
+read path; the readers of whole points (restore, ``copy``) walk the same
+manifest and segments in windows and read records in large spans instead.
+A point is a synthetic full with one manifest, so a read at any offset
+needs only that manifest, the segment covering the offset and the chunks
+the read touches:
 
 * the manifest is read once, when the view is opened;
 * a segment (the digests of 1024 consecutive chunks) is loaded the first

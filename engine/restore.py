@@ -53,15 +53,15 @@ class _Span:
     items: list  # (offset in span, entry, digest, [disk offsets])
 
 
-def _spans(entries: list[tuple[IndexEntry, bytes, list[int]]]) -> list[_Span]:
-    """Group chunk records into contiguous pack reads of at most SPAN_BYTES."""
+def _spans(entries: list[tuple[IndexEntry, bytes, list[int]]], limit: int = SPAN_BYTES) -> list[_Span]:
+    """Group chunk records into contiguous pack reads of at most ``limit`` bytes (engine/copy.py too)."""
     entries.sort(key=lambda e: (e[0].pack_id, e[0].offset))
     spans: list[_Span] = []
     for entry, digest, offsets in entries:
         rec_len = RECORD_HEADER_SIZE + entry.stored_len
         last = spans[-1] if spans else None
         if (last is not None and last.pack_id == entry.pack_id
-                and last.offset + last.length == entry.offset and last.length + rec_len <= SPAN_BYTES):
+                and last.offset + last.length == entry.offset and last.length + rec_len <= limit):
             last.items.append((last.length, entry, digest, offsets))
             last.length += rec_len
         else:

@@ -12,8 +12,10 @@ from engine.sources import opened_source
 from engine.vsphere.vmcatalog import VmBackupRecord, VmCatalog, disk_backup_name
 
 
-def vm_backup(store: str, vm: str, images: dict[int, str], at: float, mode: str = "full") -> str:
-    """Back up ``images`` (device key -> image path) as the next VM@N at unix time ``at``; its id."""
+def vm_backup(store: str, vm: str, images: dict[int, str], at: float, mode: str = "full",
+              config: dict | None = None, change_ids: dict[int, str] | None = None) -> str:
+    """Back up ``images`` (device key -> image path) as the next VM@N at unix time ``at``; its id.
+    ``config`` is the VM record's configuration, ``change_ids`` each disk's changeId (default none)."""
     with Repository.open(store) as repo:
         vms = VmCatalog(repo.store)
         with repo.store.writer(purpose=f"test VM backup of {vm}") as session, \
@@ -24,19 +26,20 @@ def vm_backup(store: str, vm: str, images: dict[int, str], at: float, mode: str 
             backup_id = f"{vm}@{seq}"
             prepared, docs = [], []
             for key, path in sorted(images.items()):
+                change_id = (change_ids or {}).get(key)
                 with opened_source(path) as disk:
-                    p = backup_disk(repo, session, pool, 2, disk, disk_backup_name(vm, key), mode,
+                    p = backup_disk(repo, session, pool, 2, disk, disk_backup_name(vm, key), mode, change_id=change_id,
                                     metadata={"source": {"kind": "vsphere", "vm": vm, "device_key": key},
                                               "vm_backup": backup_id}, at=at)
                 prepared.append(p)
                 docs.append({"device_key": key, "label": f"Hard disk {key}", "backup": p.record.id,
-                             "kind": p.record.kind, "capacity": p.record.size, "file": path, "change_id": None,
+                             "kind": p.record.kind, "capacity": p.record.size, "file": path, "change_id": change_id,
                              "transport": "test", "bytes_read": p.record.stats["bytes_read"],
                              "new_chunks": p.record.stats["new_chunks"],
                              "stored_bytes": p.record.stats["stored_bytes"], "warnings": [], "read": "allocated"})
             record = VmBackupRecord(vm=vm, seq=seq, time=at, kind=mode,
                                     base=prev.id if prev and mode != "full" else None, disks=docs,
-                                    config={}, source={"server": "test:443", "vm": vm, "moref": "vm-1"},
+                                    config=config or {}, source={"server": "test:443", "vm": vm, "moref": "vm-1"},
                                     snapshot={"name": "blockvault-backup", "moref": "snapshot-1", "removed": True})
             commit_backups(repo, session, prepared, more=[(vms, record)])
     return backup_id

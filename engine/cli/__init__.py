@@ -12,7 +12,7 @@ Every failure goes through ``fail``.
 
 One module per verb group (``store_cmd``: init, stats, rebuild; ``backup_cmd``,
 ``list_cmd``, ``restore_cmd``, ``files_cmd``, ``verify_cmd``, ``retention_cmd`` (protect, note,
-delete, forget), ``gc_cmd``, ``demo_cmd``; ``access_cmd`` (serve, mount, umount); ``vsphere`` in
+delete, forget), ``gc_cmd``, ``copy_cmd``, ``demo_cmd``; ``access_cmd`` (serve, mount, umount); ``vsphere`` in
 engine/vsphere/cli.py), each with ``register(sub)``; this module builds the
 parser from them and owns the one failure path.
 """
@@ -34,7 +34,7 @@ import lmdb  # noqa: E402
 
 from chunkstore import StoreError  # noqa: E402
 from engine import clilog, signals  # noqa: E402
-from engine.cli import (access_cmd, backup_cmd, demo_cmd, files_cmd, gc_cmd, list_cmd,  # noqa: E402
+from engine.cli import (access_cmd, backup_cmd, copy_cmd, demo_cmd, files_cmd, gc_cmd, list_cmd,  # noqa: E402
                         restore_cmd, retention_cmd, store_cmd, verify_cmd)
 from engine.commandline import (EXIT_DAMAGED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_LOCKED,  # noqa: E402,F401
                                 EXIT_OK, EXIT_USAGE, CommandLineError, Parser, common_options,
@@ -42,8 +42,8 @@ from engine.commandline import (EXIT_DAMAGED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT
 from engine.vsphere.cli import register as register_vsphere  # noqa: E402
 
 # The order of ``blockvault --help`` (after ``init``).
-VERB_MODULES = (backup_cmd, list_cmd, restore_cmd, files_cmd, verify_cmd, retention_cmd, gc_cmd, store_cmd,
-                demo_cmd, access_cmd)
+VERB_MODULES = (backup_cmd, list_cmd, restore_cmd, files_cmd, verify_cmd, retention_cmd, gc_cmd, copy_cmd,
+                store_cmd, demo_cmd, access_cmd)
 
 EPILOG = """\
 examples:
@@ -55,6 +55,7 @@ examples:
   blockvault verify /backup/store --json
   blockvault forget /backup/store --all --keep-daily 7 --keep-weekly 4 --keep-monthly 6 --dry-run
   blockvault protect /backup/store web01-disk0@12
+  blockvault copy /backup/store /offsite/store --all   # the off-site copy: only what it lacks
   blockvault rebuild /backup/store     # index lost or damaged: recreate it from the packs
   blockvault demo                      # try it all on a generated sparse image
 

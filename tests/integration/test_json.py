@@ -48,7 +48,7 @@ def test_the_document_covers_every_command():
     commands = {"init", "backup", "list", "restore", "verify", "stats", "gc", "rebuild", "rebuild-index",
                 "rebuild --config", "demo", "vsphere vms", "vsphere backup", "vsphere list", "vsphere restore", "error",
                 "protect", "delete", "forget", "files partitions", "files ls", "files get", "serve", "mount",
-                "umount"}
+                "umount", "copy"}
     assert commands <= set(SECTIONS), commands - set(SECTIONS)
     for name in SECTIONS:
         jsonshape.expand(SECTIONS, name)  # every shape a table names exists
@@ -121,6 +121,19 @@ def test_store_commands_match_the_document(tmp_path, image):
     recreated, _ = run_json("rebuild", "--config", store)
     assert_shape(recreated, "rebuild --config")
     assert recreated["changed"] is False and recreated["chunk_size"] == CS
+
+    # copy into a new store, and its copies listed with their origin.
+    other = str(tmp_path / "other")
+    assert run_cli("init", other, "--chunk-size", "64K").returncode == 0
+    copied, _ = run_json("copy", store, other, "--all")
+    assert_shape(copied, "copy")
+    assert [c["copied_to"] for c in copied["copied"]] == ["d@1", "d@2"] and copied["stats"]["chunks_sent"] > 0
+    planned, _ = run_json("copy", store, other, "--all", "--dry-run")
+    assert_shape(planned, "copy")
+    assert planned["copied"] == [] and planned["stats"] is None and len(planned["skipped"]) == 2
+    listing, _ = run_json("list", other)
+    assert_shape(listing, "list")
+    assert [b["metadata"]["copied_from"]["id"] for b in listing["backups"]] == ["d@1", "d@2"]
 
     # gc, with something to do: a point of new data, released as delete/forget release one.
     write_at(image, 0, rng(9).bytes(4 * CS))
