@@ -33,17 +33,19 @@ order (docs/FORMAT.md "gc order"):
 
 from __future__ import annotations
 
-import os
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from chunkstore.config import fsync_dir
 from chunkstore.errors import IntegrityError
 from chunkstore.index import IndexEntry, PackInfo
-from chunkstore.pack import PACK_HEADER, RECORD_HEADER_SIZE, RECORD_MAGIC, PackWriter, check_payload, decode_record_header, scan_pack
+from chunkstore.pack import (PACK_HEADER, RECORD_HEADER_SIZE, RECORD_MAGIC, PackWriter, check_payload, decode_record_header,
+                             scan_backend_pack, scan_pack)
 from chunkstore.refs import pack_u64, record_bytes, record_size, u64
 from chunkstore.registry import Registry
+
+log = logging.getLogger("blockvault.gc")
 
 DEFAULT_MAX_UNUSED = 0.05
 PACK_FRAME = PACK_HEADER.size + RECORD_HEADER_SIZE  # a pack's header and trailer
@@ -122,6 +124,8 @@ def collect(store, max_unused: float = DEFAULT_MAX_UNUSED, max_repack: int | Non
         me = session.registration
         reg = Registry(store)
         _reap(store, reg, me.id, report)
+        if store.backend.remote:
+            _sweep_unknown(store, reg, report)
         plan = _plan(store, reg, _limit(reg.entries(), me.id), max_unused, max_repack, report)
         if on_total:
             on_total(sum(plan.infos[p].size for p in plan.repack))
@@ -176,7 +180,7 @@ def _leftovers(store, reg: Registry, me: str) -> list:
 def _orphans(store, txn, pack_id: bytes) -> list:
     refs = store.refs
     try:
-        scan = scan_pack(store.pack_path(pack_id), check_payloads=False)
+        scan = scan_backend_pack(store.backend, pack_id, check_payloads=False)
     except (OSError, IntegrityError):
         return []
     out = []
@@ -197,12 +201,9 @@ def _orphans(store, txn, pack_id: bytes) -> list:
 def _reap(store, reg: Registry, me: str, report: GcReport) -> None:
     refs = store.refs
     for entry, unknown, orphans in _leftovers(store, reg, me):
-        for pack_id in unknown:
-            path = store.pack_path(pack_id)
-            if os.path.exists(path):
-                os.unlink(path)
-                fsync_dir(os.path.dirname(path))
-                report.leftover_packs.append(pack_id.hex())
+        present = [pack_id for pack_id in unknown if store.backend.size(pack_id) is not None]
+        failed = {pid for pid, _ in _remove_packs(store, present)}
+        report.leftover_packs += [pid.hex() for pid in present if pid not in failed]
         if orphans:  # checkpointed packs: their unreferenced chunks die now
             with store.env.begin(write=True) as txn:
                 for d, e in orphans:
@@ -218,12 +219,29 @@ def _preview_reap(store, reg: Registry, report: GcReport) -> tuple[list, int]:
     orphans = []
     for entry, unknown, found in _leftovers(store, reg, ""):
         report.reaped.append(entry.id)
-        report.leftover_packs += [p.hex() for p in unknown if os.path.exists(store.pack_path(p))]
+        report.leftover_packs += [p.hex() for p in unknown if store.backend.size(p) is not None]
         orphans += found
     report.orphans_killed = len(orphans)
     with store.read_txn() as txn:
         stamp = store.refs.gen(txn) + 1
     return orphans, stamp
+
+
+def _sweep_unknown(store, reg: Registry, report: GcReport) -> None:
+    """A bucket's pack objects that no index entry, doomed list or running session names:
+    uploads of sessions that failed after their PUT (the endpoint died mid-backup) and whose
+    abort could not delete them.  Listed first, then the registry, then the index: a pack
+    seen here is in its session's registration already (it is written before the pack),
+    and a session that ended since has committed it or removed it."""
+    listed = [pid for pid, _ in store.backend.list()]
+    writing = {p for e in reg.entries() if e.live for p in e.packs}
+    with store.read_txn() as txn:
+        unknown = [pid for pid in listed if pid not in writing and txn.get(pid, db=store.packs_db) is None
+                   and txn.get(pid, db=store.refs.doomed_db) is None]
+    if unknown:
+        store.check_owner()
+        failed = {pid for pid, _ in _remove_packs(store, unknown)}
+        report.leftover_packs += [pid.hex() for pid in unknown if pid not in failed]
 
 
 # -- 2. plan ------------------------------------------------------------------
@@ -378,73 +396,67 @@ def _read_between_dead(store, plan: _Plan, pid: bytes) -> list:
         pos = max(pos, offset + size)
     if pos < end:
         gaps.append((pos, end))
-    path = store.pack_path(pid)
     out = []
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        raise IntegrityError(str(e)) from e
-    try:
-        with store.read_txn() as txn:
-            for start, stop in gaps:
-                buf = os.pread(fd, stop - start, start)
-                if len(buf) != stop - start:
-                    raise IntegrityError(f"pack {pid.hex()}: shorter than the index says")
-                view, at = memoryview(buf), 0
-                while at < len(buf):
-                    where = f"pack {pid.hex()} offset {start + at}"
-                    hdr = decode_record_header(view[at:at + RECORD_HEADER_SIZE], where, store.chunk_size)
-                    size = RECORD_HEADER_SIZE + hdr.stored_len
-                    if hdr.magic != RECORD_MAGIC or at + size > len(buf):
-                        raise IntegrityError(f"{where}: not a chunk record inside the pack's records")
-                    value = txn.get(hdr.digest, db=store.chunks_db) if hdr.digest not in drop else None
-                    if value is not None:
-                        e = IndexEntry.decode(value)
-                        if e.pack_id == pid and e.offset == start + at:
-                            if e.stored_len != hdr.stored_len:
-                                raise IntegrityError(f"{where}: record does not match the index")
-                            check_payload(hdr, view[at + RECORD_HEADER_SIZE:at + size], where)
-                            out.append((hdr.digest, e, view[at:at + size]))  # a view: the gap is held once
-                    at += size
-    finally:
-        os.close(fd)
+    with store.read_txn() as txn:
+        for start, stop in gaps:
+            try:
+                buf = store.backend.read(pid, start, stop - start)  # short: IntegrityError
+            except OSError as e:
+                raise IntegrityError(str(e)) from e
+            view, at = memoryview(buf), 0
+            while at < len(buf):
+                where = f"pack {pid.hex()} offset {start + at}"
+                hdr = decode_record_header(view[at:at + RECORD_HEADER_SIZE], where, store.chunk_size)
+                size = RECORD_HEADER_SIZE + hdr.stored_len
+                if hdr.magic != RECORD_MAGIC or at + size > len(buf):
+                    raise IntegrityError(f"{where}: not a chunk record inside the pack's records")
+                value = txn.get(hdr.digest, db=store.chunks_db) if hdr.digest not in drop else None
+                if value is not None:
+                    e = IndexEntry.decode(value)
+                    if e.pack_id == pid and e.offset == start + at:
+                        if e.stored_len != hdr.stored_len:
+                            raise IntegrityError(f"{where}: record does not match the index")
+                        check_payload(hdr, view[at + RECORD_HEADER_SIZE:at + size], where)
+                        out.append((hdr.digest, e, view[at:at + size]))  # a view: the gap is held once
+                at += size
     return out
 
 
 def _read_scanned(store, plan: _Plan, pid: bytes) -> list:
     """_read_live from a scan of the pack (which steps over damage)."""
-    path = store.pack_path(pid)
     drop = {d for d, _ in plan.removable[pid]}
     try:
-        scan = scan_pack(path, check_payloads=False)
+        stream = store.backend.open_stream(pid)
     except OSError as e:  # unreadable (gone, EIO): skipped like a damaged pack, verify reports it
         raise IntegrityError(str(e)) from e
-    wanted = []  # (digest, old entry)
-    with store.read_txn() as txn:
-        for rec in scan.records:
-            h = rec.header
-            if h.magic != RECORD_MAGIC or h.digest in drop:
-                continue
-            value = txn.get(h.digest, db=store.chunks_db)
-            if value is None:
-                continue
-            e = IndexEntry.decode(value)
-            if e.pack_id == pid and e.offset == rec.offset:
-                wanted.append((h.digest, e))
-    out = []
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
+    with stream:
+        try:
+            scan = scan_pack(stream, check_payloads=False, pack_id=pid)
+        except OSError as e:
+            raise IntegrityError(str(e)) from e
+        wanted = []  # (digest, old entry)
+        with store.read_txn() as txn:
+            for rec in scan.records:
+                h = rec.header
+                if h.magic != RECORD_MAGIC or h.digest in drop:
+                    continue
+                value = txn.get(h.digest, db=store.chunks_db)
+                if value is None:
+                    continue
+                e = IndexEntry.decode(value)
+                if e.pack_id == pid and e.offset == rec.offset:
+                    wanted.append((h.digest, e))
+        out = []
         for d, e in wanted:
             size = record_size(e)
-            raw = os.pread(fd, size, e.offset)
+            stream.seek(e.offset)
+            raw = stream.read(size)
             where = f"pack {pid.hex()} offset {e.offset}"
             hdr = decode_record_header(raw[:RECORD_HEADER_SIZE], where, store.chunk_size)
             if hdr.digest != d or hdr.stored_len != e.stored_len or len(raw) != size:
                 raise IntegrityError(f"{where}: record does not match the index")
             check_payload(hdr, raw[RECORD_HEADER_SIZE:], where)
             out.append((d, e, raw))
-    finally:
-        os.close(fd)
     return out
 
 
@@ -531,6 +543,17 @@ def _repack(store, plan: _Plan, group: list, me, report: GcReport, on_progress) 
         raise
     if not copies:
         return
+    # The new packs are durable where the packs live before the index points at them.
+    try:
+        for w in writers:
+            store.backend.publish(w.pack_id, w.path)
+        store.backend.wait_published([w.pack_id for w in writers])
+        store.check_owner()
+    except BaseException:
+        store.backend.discard([w.pack_id for w in writers])
+        for w in writers:
+            w.discard()
+        raise
     with store.env.begin(write=True) as txn:
         gen = refs.new_gen(txn)
         for w in writers:
@@ -570,6 +593,14 @@ def _repack(store, plan: _Plan, group: list, me, report: GcReport, on_progress) 
     report.new_packs += [w.pack_id.hex() for w in writers]
 
 
+def _remove_packs(store, pack_ids: list) -> list:
+    """Remove packs through the store's backend; what it refused stays doomed, for the next gc."""
+    failed = store.backend.delete(pack_ids)
+    for pid, why in failed:
+        log.warning("gc: pack %s of %s was not deleted (%s); the next gc tries again", pid.hex(), store.location, why)
+    return failed
+
+
 def _finish(pack: PackWriter) -> None:
     pack.seal()
     pack.sync()
@@ -585,45 +616,18 @@ def _unlink_doomed(store, reg: Registry, me: str, report: GcReport) -> None:
     limit = _limit(reg.entries(), me)
     with store.read_txn() as txn:
         doomed = [(bytes(k), u64(v)) for k, v in txn.cursor(db=refs.doomed_db)]
-    ready, by_dir = [], defaultdict(list)
+    ready = []
     for pid, gen in doomed:
         if gen > limit:
             report.waiting.append(pid.hex())
             continue
-        path = store.pack_path(pid)
-        by_dir[os.path.dirname(path)].append(path)
         ready.append(pid)
-    # Every unlink is durable before its doomed entry goes (a lost unlink would
-    # bring back a pack the index no longer knows), as when each unlink was
-    # followed by its own directory fsync; but each directory is synced once,
-    # after its unlinks, and the directories are done concurrently: the journal
-    # commits concurrent fsyncs together, where one after the other they were
-    # most of gc's wall time.
-    unlink_and_sync(by_dir)
+    if ready:
+        store.check_owner()  # never delete for a store whose lease another host took over
+    failed = {pid for pid, _ in _remove_packs(store, ready)}
+    ready = [pid for pid in ready if pid not in failed]
     report.unlinked += [pid.hex() for pid in ready]
     if ready:
         with store.env.begin(write=True) as txn:
             for pid in ready:
                 txn.delete(pid, db=refs.doomed_db)
-
-
-def unlink_and_sync(by_dir: dict) -> None:
-    """Unlink the files of each directory (``{dir: [paths]}``; gone already is fine),
-    then fsync the directory; directories concurrently, the first error raised."""
-    def one(item):
-        d, paths = item
-        for path in paths:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        fsync_dir(d)
-    items = sorted(by_dir.items())
-    if len(items) <= 1:
-        for item in items:
-            one(item)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(min(16, len(items)), thread_name_prefix="bv-gc-unlink") as pool:
-        for _ in pool.map(one, items):
-            pass

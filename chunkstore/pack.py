@@ -342,21 +342,39 @@ def _next_good_record(f, start: int, size: int, path: str, check_payloads: bool)
     return None
 
 
-def scan_pack(path: str, check_payloads: bool = True) -> PackScan:
+def scan_pack(source, check_payloads: bool = True, pack_id: bytes | None = None) -> PackScan:
     """Walk a pack from its header to its trailer, salvaging what damage spares.
 
+    ``source`` is a pack file's path or a seekable binary stream of the whole
+    pack (``PackBackend.open_stream``; its ``name`` names it in messages, and
+    ``pack_id`` stands in for the file name when the header is bad).
     A bad pack header is reported and the records are read anyway (the pack
     id is also the file name).  After a bad record the scan searches forward
     for the next good record header and goes on from there, reporting the
     range it skipped in ``lost``; a bad range that runs to the end of the
     file is a torn tail (``torn_at``), what a crash leaves in an unsealed pack.
     """
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(PACK_HEADER.size)
-        try:
-            pack_id = decode_pack_header(head, path).pack_id
-        except IntegrityError as e:
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return _scan(f, os.path.getsize(source), str(source), pack_id, check_payloads)
+    size = source.seek(0, os.SEEK_END)
+    source.seek(0)
+    return _scan(source, size, str(getattr(source, "name", "pack")), pack_id, check_payloads)
+
+
+def scan_backend_pack(backend, pack_id: bytes, check_payloads: bool = True) -> PackScan:
+    """scan_pack over one pack of a PackBackend (chunkstore/backend.py)."""
+    with backend.open_stream(pack_id) as f:
+        return scan_pack(f, check_payloads, pack_id)
+
+
+def _scan(f, size: int, path: str, known_id: bytes | None, check_payloads: bool) -> PackScan:
+    head = f.read(PACK_HEADER.size)
+    try:
+        pack_id = decode_pack_header(head, path).pack_id
+    except IntegrityError as e:
+        pack_id = known_id
+        if pack_id is None:
             name = os.path.basename(path)[:-len(".pack")]
             try:
                 pack_id = bytes.fromhex(name)
@@ -364,29 +382,29 @@ def scan_pack(path: str, check_payloads: bool = True) -> PackScan:
                 raise e from None
             if len(pack_id) != 16:
                 raise
-            header_problem = str(e)
-        else:
-            header_problem = ""
-        scan = PackScan(pack_id=pack_id, size=size, records=[], header_problem=header_problem)
-        pos = PACK_HEADER.size
-        while pos < size:
-            try:
-                hdr = _good_record_at(f, pos, size, path, check_payloads)
-            except IntegrityError as e:
-                resume = _next_good_record(f, pos + 1, size, path, check_payloads)
-                if resume is None:
-                    scan.torn_at, scan.problem = pos, str(e)
-                    break
-                scan.lost.append((pos, resume, str(e), _digest_at(f, pos, path)))
-                pos = resume
-                continue
-            if hdr.magic == TRAILER_MAGIC:
-                scan.sealed = True
-                if hdr.raw_len != len(scan.records):
-                    scan.problem = f"trailer counts {hdr.raw_len} records, found {len(scan.records)}"
+        header_problem = str(e)
+    else:
+        header_problem = ""
+    scan = PackScan(pack_id=pack_id, size=size, records=[], header_problem=header_problem)
+    pos = PACK_HEADER.size
+    while pos < size:
+        try:
+            hdr = _good_record_at(f, pos, size, path, check_payloads)
+        except IntegrityError as e:
+            resume = _next_good_record(f, pos + 1, size, path, check_payloads)
+            if resume is None:
+                scan.torn_at, scan.problem = pos, str(e)
                 break
-            scan.records.append(ScannedRecord(pos, hdr))
-            pos += RECORD_HEADER_SIZE + hdr.stored_len
+            scan.lost.append((pos, resume, str(e), _digest_at(f, pos, path)))
+            pos = resume
+            continue
+        if hdr.magic == TRAILER_MAGIC:
+            scan.sealed = True
+            if hdr.raw_len != len(scan.records):
+                scan.problem = f"trailer counts {hdr.raw_len} records, found {len(scan.records)}"
+            break
+        scan.records.append(ScannedRecord(pos, hdr))
+        pos += RECORD_HEADER_SIZE + hdr.stored_len
     return scan
 
 

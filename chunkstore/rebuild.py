@@ -31,7 +31,7 @@ from chunkstore.index import CHUNKS_DB, IndexEntry, PackInfo
 from chunkstore.lock import WriterLock
 from chunkstore.metadata import OP_PUT, decode_metadata, metadata_part
 from chunkstore.pack import (METADATA_MAGIC, RECORD_HEADER_SIZE, RECORD_MAGIC, check_payload, decode_record_header,
-                             iter_pack_paths, read_pack_header, scan_pack)
+                             scan_pack)
 from chunkstore.readonly import refuse_write, store_is_writable
 from chunkstore.registry import Registry
 from chunkstore.session import LAST_COMMIT, OWN_DBS, RESERVED_COMMIT, _U64
@@ -81,14 +81,15 @@ class _Commit:
         return len(self.streams) == self.parts
 
 
-def rebuild_store(path: str, wait: float = 0.0, derive=None) -> RebuildReport:
+def rebuild_store(path: str, wait: float = 0.0, derive=None, backend=None, s3=None, lease=None) -> RebuildReport:
     """Recreate ``STORE/index`` from the packs: chunk index, packs, metadata.
 
     ``derive(store)``, given by the layer above, returns a function
     ``finish(txn, gen_floor)`` run last in the rebuild's transaction: it
     recomputes what the replayed databases imply (the reference counts,
     engine/references.py); ``gen_floor`` is the lifecycle generation the
-    rebuilt index must not go below."""
+    rebuilt index must not go below.  ``backend``: where the packs are (default: ``path``'s
+    packs/); ``s3`` and ``lease``: a store in a bucket, whose cache ``path`` is (attach)."""
     cfg = StoreConfig.load(path)
     lock = WriterLock(path)
     lock.acquire(wait, "rebuild")
@@ -107,7 +108,8 @@ def rebuild_store(path: str, wait: float = 0.0, derive=None) -> RebuildReport:
             except FileNotFoundError:
                 pass
             fsync_dir(index)
-        store = ChunkStore(path, cfg, _open_env(path, create=True))
+        store = ChunkStore(path, cfg, _open_env(path, create=True), backend=backend)
+        store.s3, store.lease = s3, lease
         try:
             _rebuild(store, report, derive(store) if derive else None)
         finally:
@@ -130,10 +132,11 @@ def rebuild_index(store: ChunkStore, wait: float = 0.0, derive=None) -> RebuildR
 
 
 def _rebuild(store: ChunkStore, report: RebuildReport, finish=None) -> None:
-    entries, packs, commits, copies = _scan(store.path, store.config, report)
+    entries, packs, commits, copies = _scan(store.backend, store.config, report)
     chain = _chain(commits, report)
     if not report.complete:
         _keep_previous(store, report)
+    store.check_owner()
     _replace(store, entries, packs, chain, commits, report, copies, finish)
 
 
@@ -154,7 +157,7 @@ def _keep_previous(store: ChunkStore, report: RebuildReport) -> None:
     report.previous_index = where
 
 
-def _scan(path: str, cfg: StoreConfig, report: RebuildReport):
+def _scan(backend, cfg: StoreConfig, report: RebuildReport):
     entries: dict[bytes, IndexEntry] = {}
     packs: dict[bytes, PackInfo] = {}
     commits: dict[int, _Commit] = {}
@@ -162,62 +165,86 @@ def _scan(path: str, cfg: StoreConfig, report: RebuildReport):
     lost: list[tuple[str, bytes | None]] = []
     codec = Codec(cfg.compression_level)
     dlen = 32 if cfg.digest == "sha256" else 16
-    for pack_path in iter_pack_paths(path):
-        try:
-            try:
-                owner = read_pack_header(pack_path).store_id.hex()
-            except IntegrityError:
-                owner = cfg.store_id  # a bad header: scan_pack reports it and reads the records anyway
-            if owner != cfg.store_id:
-                raise IntegrityError(f"belongs to store {owner}, not to this store ({cfg.store_id})")
-            scan = scan_pack(pack_path)
-        except (IntegrityError, OSError) as e:
-            report.unreadable.append(f"{pack_path}: {e}")
-            continue
-        report.packs += 1
-        if scan.torn_at is not None:
-            report.torn.append(f"{pack_path}@{scan.torn_at}: {scan.problem}")
-        if scan.header_problem:
-            report.bad_headers.append(scan.header_problem)
-        lost += [(f"{pack_path}@{start}-{end}: {problem}", digest) for start, end, problem, digest in scan.lost]
-        good_end = scan.torn_at if scan.torn_at is not None else scan.size
-        metadata = [rec for rec in scan.records if rec.header.magic == METADATA_MAGIC]
-        packs[scan.pack_id] = PackInfo(good_end, len(scan.records), scan.sealed, bool(metadata))
-        for rec in scan.records:
-            h = rec.header
-            if h.magic == METADATA_MAGIC:
-                continue
-            elif h.magic == RECORD_MAGIC and len(h.digest) == dlen:
-                if h.digest in entries:
-                    report.duplicates += 1
-                    copies.setdefault(h.digest, []).append(
-                        IndexEntry(scan.pack_id, rec.offset, h.stored_len, h.raw_len, h.codec))
+    for pack_id, scan, stream in _scanned_packs(backend, cfg, report):
+        pack_path = backend.name(pack_id)
+        with stream:
+            report.packs += 1
+            if scan.torn_at is not None:
+                report.torn.append(f"{pack_path}@{scan.torn_at}: {scan.problem}")
+            if scan.header_problem:
+                report.bad_headers.append(scan.header_problem)
+            lost += [(f"{pack_path}@{start}-{end}: {problem}", digest) for start, end, problem, digest in scan.lost]
+            good_end = scan.torn_at if scan.torn_at is not None else scan.size
+            metadata = [rec for rec in scan.records if rec.header.magic == METADATA_MAGIC]
+            packs[scan.pack_id] = PackInfo(good_end, len(scan.records), scan.sealed, bool(metadata))
+            for rec in scan.records:
+                h = rec.header
+                if h.magic == METADATA_MAGIC:
                     continue
-                entries[h.digest] = IndexEntry(scan.pack_id, rec.offset, h.stored_len, h.raw_len, h.codec)
-        if metadata:
-            _read_metadata(pack_path, metadata, codec, commits, report)
+                elif h.magic == RECORD_MAGIC and len(h.digest) == dlen:
+                    if h.digest in entries:
+                        report.duplicates += 1
+                        copies.setdefault(h.digest, []).append(
+                            IndexEntry(scan.pack_id, rec.offset, h.stored_len, h.raw_len, h.codec))
+                        continue
+                    entries[h.digest] = IndexEntry(scan.pack_id, rec.offset, h.stored_len, h.raw_len, h.codec)
+            if metadata:
+                _read_metadata(stream, pack_path, metadata, codec, commits, report)
     report.chunks = len(entries)
     for text, digest in lost:
         (report.superseded if digest in entries else report.lost).append(text)
     return entries, packs, commits, copies
 
 
-def _read_metadata(pack_path: str, records, codec: Codec, commits: dict, report: RebuildReport) -> None:
-    with open(pack_path, "rb") as f:
-        for rec in records:
-            where = f"{pack_path}@{rec.offset}"
+def _scanned_packs(backend, cfg: StoreConfig, report: RebuildReport):
+    """(pack id, its scan, its open stream) of every pack of the store, the unreadable ones reported.
+
+    A remote backend (chunkstore/s3backend.py) fetches several packs at once
+    (``prefetch``); a local one reads them in order."""
+    def one(pack_id):
+        pack_path = backend.name(pack_id)
+        stream = None
+        try:
             try:
-                f.seek(rec.offset)
-                hdr = decode_record_header(f.read(RECORD_HEADER_SIZE), where)
-                payload = f.read(hdr.stored_len)
-                check_payload(hdr, payload, where)
-                raw = codec.decode(hdr.codec, payload, hdr.raw_len) if hdr.stored_len else b""
-            except (IntegrityError, OSError) as e:
-                report.unreadable.append(f"{where}: {e}")
-                continue
-            part = metadata_part(hdr)
-            commit = commits.setdefault(part.commit, _Commit(part.commit, part.follows, part.time, part.parts))
-            commit.streams[part.part] = raw
+                owner = backend.header(pack_id).store_id.hex()
+            except IntegrityError:
+                owner = cfg.store_id  # a bad header: scan_pack reports it and reads the records anyway
+            if owner != cfg.store_id:
+                raise IntegrityError(f"belongs to store {owner}, not to this store ({cfg.store_id})")
+            stream = backend.open_stream(pack_id)
+            return pack_id, scan_pack(stream, pack_id=pack_id), stream
+        except (IntegrityError, OSError) as e:
+            if stream is not None:
+                stream.close()
+            return pack_id, f"{pack_path}: {e}", None
+
+    ids = [pid for pid, _ in backend.list()]
+    if not backend.remote:
+        ids.sort()
+    prefetch = getattr(backend, "prefetch", None)
+    results = prefetch(ids, one) if prefetch is not None else map(one, ids)
+    for pack_id, scan, stream in results:
+        if stream is None:
+            report.unreadable.append(scan)
+            continue
+        yield pack_id, scan, stream
+
+
+def _read_metadata(f, pack_path: str, records, codec: Codec, commits: dict, report: RebuildReport) -> None:
+    for rec in records:
+        where = f"{pack_path}@{rec.offset}"
+        try:
+            f.seek(rec.offset)
+            hdr = decode_record_header(f.read(RECORD_HEADER_SIZE), where)
+            payload = f.read(hdr.stored_len)
+            check_payload(hdr, payload, where)
+            raw = codec.decode(hdr.codec, payload, hdr.raw_len) if hdr.stored_len else b""
+        except (IntegrityError, OSError) as e:
+            report.unreadable.append(f"{where}: {e}")
+            continue
+        part = metadata_part(hdr)
+        commit = commits.setdefault(part.commit, _Commit(part.commit, part.follows, part.time, part.parts))
+        commit.streams[part.part] = raw
 
 
 def _chain(commits: dict[int, _Commit], report: RebuildReport) -> list[int]:

@@ -34,6 +34,7 @@ keeps the index entry committed first (``_put_chunks``).
 
 from __future__ import annotations
 
+import logging
 import queue
 import struct
 import threading
@@ -285,6 +286,8 @@ class WriteSession:
             ids = {p.pack_id for p in synced}
             moved = {d: e for d, e in self.pending.items() if e.pack_id in ids}
         store = self.store
+        store.backend.wait_published(ids)  # the entries point into the bucket, not the spool
+        store.check_owner()
         with CommitLock(store.path), store.env.begin(write=True) as txn:
             self._put_chunks(txn, moved)
             for pack in synced:
@@ -399,6 +402,9 @@ class WriteSession:
         for pack in self._packs:
             if not pack.synced:  # not reached by the sealer: cannot happen unless it failed
                 raise StoreError(f"pack {pack.pack_id.hex()} was never synced; nothing committed")
+        # Step 2 of FORMAT.md "Commit order" where packs live elsewhere (a bucket):
+        # every chunk pack durable there before the metadata naming its chunks exists.
+        store.backend.wait_published([p.pack_id for p in self._packs])
         # From the number's reservation to the LMDB commit no other session
         # commits, so ``follows`` names the commit just before this one and
         # the commits form one chain, however sessions interleave.
@@ -408,6 +414,8 @@ class WriteSession:
             if writes:
                 number, follows = self._reserve_commit()
                 self._write_metadata(iter_metadata_records(writes, number, follows, time.time(), store.codec))
+                store.backend.wait_published([p.pack_id for p in self._packs if p.metadata])
+            store.check_owner()  # a store in a bucket: its lease is still ours
             self._commit_index(extra, writes, number, after)
         self.committed = True
         self._holds.release()
@@ -469,12 +477,12 @@ class WriteSession:
             self._fail(e)
             raise
 
-    @staticmethod
-    def _finish_metadata_pack(pack: PackWriter) -> None:
+    def _finish_metadata_pack(self, pack: PackWriter) -> None:
         pack.seal()
         pack.sync()
         pack.close()
         pack.synced = True
+        self.store.backend.publish(pack.pack_id, pack.path)
 
     def abort(self) -> None:
         """Delete the packs nothing references; checkpointed ones stay for GC."""
@@ -482,6 +490,11 @@ class WriteSession:
             self._closed = True
         if self._sealer is not None:
             self._sealer.stop(discard=True)
+        try:
+            self.store.backend.discard([p.pack_id for p in self._packs])
+        except Exception as e:  # what went out stays for gc (its registration names it)
+            logging.getLogger("blockvault.store").warning("could not remove the uploaded packs of an aborted "
+                                                          "session: %s", e)
         for pack in self._packs:
             pack.discard()
         self._packs.clear()
@@ -510,7 +523,8 @@ class _Sealer:
                 pack.seal()
                 pack.sync()
                 pack.close()
-                pack.synced = True
+                self.session.store.backend.publish(pack.pack_id, pack.path)  # an upload starts (S3)
+                pack.synced = True   # after publish: a checkpoint waits for the upload of every synced pack
                 self.session._sealed(pack)
             except BaseException as e:  # reported to writers and to commit
                 self.session._sealer_failed(e)

@@ -24,24 +24,25 @@ import logging
 import os
 import re
 import struct
-import threading
 
 import lmdb
 
 from chunkstore import safefs
+from chunkstore.backend import LocalPackBackend, PackBackend
 from chunkstore.badmarks import BAD_DB
 from chunkstore.codec import Codec
 from chunkstore.config import CONFIG_FILE, FORMAT_VERSION, StoreConfig, fsync_dir
 from chunkstore.digest import Digester
 from chunkstore.errors import (ChunkNotFound, ConfigMismatchError, FormatVersionError, IndexDamagedError, IntegrityError,
-                               NotAStoreError, StoreExistsError, StoreUrlError, UnsafePathError)
+                               NotAStoreError, StoreExistsError, StoreUrlError)
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry
 from chunkstore.pack import (MAX_PAYLOAD, RECORD_HEADER_SIZE, check_payload, decode_record_header, iter_pack_paths,
-                             pack_relpath, read_pack_header)
+                             pack_relpath)
 from chunkstore.refs import ChunkRefs, mark_counted
 from chunkstore.lock import LOCKS_DIR
 from chunkstore.readonly import EMPTY, ReadOnlyTxn, is_denied, open_read_only, refuse_write, store_is_writable
 from chunkstore.registry import SESSIONS_DIR
+from chunkstore.s3settings import is_store_url
 from chunkstore.session import WriteSession
 
 INDEX_DIR = "index"
@@ -58,8 +59,16 @@ MAX_READ = MAX_PAYLOAD + RECORD_HEADER_SIZE  # see read_span
 class ChunkStore:
     """A content-addressed store of chunks.  Thread-safe for reads."""
 
-    def __init__(self, path: str, config: StoreConfig, env: lmdb.Environment):
+    def __init__(self, path: str, config: StoreConfig, env: lmdb.Environment, backend: PackBackend | None = None):
         self.path = path
+        # Where the sealed packs live (chunkstore/backend.py): this directory, or a bucket.
+        self.backend = backend if backend is not None else LocalPackBackend(path)
+        # What names the store in messages: its directory, or its s3:// URL.
+        self.location = path if backend is None else backend.location
+        # The owner lease of a store in a bucket (chunkstore/lease.py), held by its writers,
+        # and what else such a store knows (chunkstore/s3store.py S3Context); None when local.
+        self.lease = None
+        self.s3 = None
         self.config = config
         self.env = env
         # A store on a read-only mount (see chunkstore/readonly.py): readers only.
@@ -69,8 +78,6 @@ class ChunkStore:
         self.chunk_size = config.chunk_size
         self.store_id = bytes.fromhex(config.store_id)
         self._dbs: dict[bytes, object] = {}
-        self._fds: dict[bytes, int] = {}
-        self._fd_lock = threading.Lock()
         self.chunks_db = self.db(CHUNKS_DB)
         self.packs_db = self.db(PACKS_DB)
         self.meta_db = self.db(META_DB)
@@ -83,8 +90,13 @@ class ChunkStore:
     # -- opening ---------------------------------------------------------------
 
     @classmethod
-    def init(cls, path: str, **settings) -> "ChunkStore":
-        """Create a store in an empty (or missing) directory."""
+    def init(cls, path: str, cache: str | None = None, s3_settings=None, object_lock_days: float | None = None,
+             **settings) -> "ChunkStore":
+        """Create a store in an empty (or missing) directory, or at ``s3://BUCKET/PREFIX``
+        with its cache directory ``cache`` (chunkstore/s3store.py)."""
+        if is_store_url(path):
+            from chunkstore.s3store import init_s3
+            return init_s3(cls, path, cache, s3_settings, object_lock_days, settings)
         refuse_url(path)
         if os.path.exists(path):
             if not os.path.isdir(path):
@@ -110,14 +122,19 @@ class ChunkStore:
         return store
 
     @classmethod
-    def open(cls, path: str) -> "ChunkStore":
+    def open(cls, path: str, cache: str | None = None, s3_settings=None) -> "ChunkStore":
+        """Open the store in directory ``path``, or at ``s3://BUCKET/PREFIX`` through the
+        cache directory ``cache`` that ``init`` or ``attach`` made."""
+        if is_store_url(path):
+            from chunkstore.s3store import open_s3
+            return open_s3(cls, path, cache, s3_settings)
         refuse_url(path)
         require_config(path)
         cfg = StoreConfig.load(path)
         # Before LMDB opens (and may truncate) index/lock.mdb, and before a
         # writer follows packs/XX anywhere: a store holds no links.
         safefs.check_tree(path, STORE_FILES, (INDEX_DIR, PACKS_DIR, LOCKS_DIR, SESSIONS_DIR), PACKS_DIR)
-        check_config(path, cfg)
+        check_config(path, cfg, LocalPackBackend(path))
         if not os.path.isdir(os.path.join(path, INDEX_DIR)):
             raise NotAStoreError(f"{path}: store index directory '{INDEX_DIR}' is missing; run "
                                  f"'blockvault rebuild {path}' to recreate the index from the packs")
@@ -154,11 +171,21 @@ class ChunkStore:
         return None if handle is EMPTY else handle
 
     def close(self) -> None:
-        with self._fd_lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        if self.lease is not None:
+            self.lease.stop()
+        self.backend.close()
         self.env.close()
+
+    def take_lease(self, take_over: bool = False) -> None:
+        """A writer of a store in a bucket holds its lease from its first write session on."""
+        if self.s3 is not None and self.lease is None:
+            self.lease = self.s3.take_lease(take_over)
+
+    def check_owner(self) -> None:
+        """Called before every LMDB commit of a writer: on a store in a bucket, the
+        lease must still be ours (LeaseLost otherwise); a local store's locks suffice."""
+        if self.lease is not None:
+            self.lease.check()
 
     def __enter__(self) -> "ChunkStore":
         return self
@@ -193,26 +220,8 @@ class ChunkStore:
     def pack_path(self, pack_id: bytes) -> str:
         return os.path.join(self.path, pack_relpath(pack_id))
 
-    def _pack_fd(self, pack_id: bytes) -> int:
-        fd = self._fds.get(pack_id)
-        if fd is None:
-            with self._fd_lock:
-                fd = self._fds.get(pack_id)
-                if fd is None:
-                    try:
-                        fd = safefs.open_file(self.pack_path(pack_id), os.O_RDONLY, "pack file")
-                    except UnsafePathError as e:  # damage as far as readers go: verify reports it per chunk
-                        raise IntegrityError(f"store {self.path}: {e}") from None
-                    except FileNotFoundError:
-                        raise IntegrityError(
-                            f"store {self.path}: pack {pack_id.hex()} is missing "
-                            f"({pack_relpath(pack_id)}); run 'blockvault verify' to see what it affects"
-                        ) from None
-                    self._fds[pack_id] = fd
-        return fd
-
     def read_span(self, pack_id: bytes, offset: int, length: int) -> bytes:
-        """Raw bytes of a pack (several adjacent records at once); GIL released by pread.
+        """Raw bytes of a pack (several adjacent records at once), from its backend.
 
         Callers read at most 8 MiB or one record at once; a longer read comes
         from a damaged index entry and is refused before its buffer exists."""
@@ -220,12 +229,7 @@ class ChunkStore:
             raise IntegrityError(f"store {self.path}: pack {pack_id.hex()}: a read of {length} bytes at offset "
                                  f"{offset} is larger than any record; the index is damaged: run "
                                  "'blockvault rebuild-index'")
-        data = os.pread(self._pack_fd(pack_id), length, offset)
-        if len(data) != length:
-            raise IntegrityError(
-                f"store {self.path}: pack {pack_id.hex()} ends before offset {offset + length}"
-            )
-        return data
+        return self.backend.read(pack_id, offset, length)
 
     def decode_chunk(self, span, at: int, entry: IndexEntry, digest: bytes, check_digest: bool = True) -> bytes:
         """The raw chunk whose record starts at ``span[at]``, checked at every level."""
@@ -287,6 +291,7 @@ class ChunkStore:
         disk, a VM) besides the shared store lock."""
         if self.read_only:
             raise refuse_write(self.path)
+        self.take_lease()
         return WriteSession(self, wait, purpose, kind, chains)
 
 
@@ -295,7 +300,7 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 def refuse_url(path: str) -> None:
     """Stores are local directories; ``s3://b/x`` would otherwise become ``./s3:/b/x``."""
-    if not _URL.match(path or ""):
+    if not _URL.match(path or "") or is_store_url(path):
         return
     scheme = path.split("://", 1)[0]
     if scheme.lower() == "vddk":
@@ -303,8 +308,8 @@ def refuse_url(path: str) -> None:
                             "restore TARGET; STORE, a directory, comes first (blockvault backup STORE SOURCE ...)")
     if scheme.lower() == "file":
         raise StoreUrlError(f"{path}: give the store as a path ({path.split('://', 1)[1] or '/'}), not a URL")
-    raise StoreUrlError(f"{path}: a store must be a local directory; {scheme}:// stores (object storage, remote "
-                        "file systems) are not supported yet; mount the file system and give its path")
+    raise StoreUrlError(f"{path}: a store must be a local directory or s3://BUCKET/PREFIX; {scheme}:// stores "
+                        "are not supported yet; mount the file system and give its path")
 
 
 def require_config(path: str) -> None:
@@ -316,14 +321,16 @@ def require_config(path: str) -> None:
             f"'blockvault rebuild --config {path}' to recreate it from the settings in the pack headers")
 
 
-def check_config(path: str, cfg: StoreConfig, packs: int = 3) -> None:
+def check_config(path: str, cfg: StoreConfig, backend: PackBackend | None = None, packs: int = 3) -> None:
     """Compare config.json with the first few pack headers (each carries the
     store's settings): an edited or swapped config.json would otherwise make
     every chunk hash to the wrong digest and every restore fail obscurely."""
+    backend = backend if backend is not None else LocalPackBackend(path)
     mine = {"store_id": cfg.store_id, "chunk_size": cfg.chunk_size, "digest": cfg.digest, "seed": cfg.seed}
-    for pack in itertools.islice(iter_pack_paths(path), packs):
+    for pack_id, _ in itertools.islice(backend.list(), packs):
+        pack = backend.name(pack_id)
         try:
-            theirs = read_pack_header(pack).settings()
+            theirs = backend.header(pack_id).settings()
         except (IntegrityError, OSError):
             continue  # a damaged header is verify's business
         differ = [k for k in mine if theirs[k] != mine[k]]

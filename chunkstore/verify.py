@@ -12,7 +12,6 @@ the check goes on with the rest.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ from chunkstore.errors import IntegrityError
 from chunkstore.index import IndexEntry, PackInfo
 from chunkstore.metadata import metadata_part
 from chunkstore.pack import (METADATA_MAGIC, PACK_HEADER, RECORD_HEADER_SIZE, TRAILER_MAGIC, decode_pack_header,
-                             decode_record_header, iter_pack_paths, scan_pack)
+                             decode_record_header, scan_backend_pack, scan_pack)
+from chunkstore.backend import pack_id_of
 from chunkstore.registry import PathRegistry
 from chunkstore.session import LAST_COMMIT, RESERVED_COMMIT, meta_number
 from chunkstore.store import ChunkStore
@@ -115,38 +115,34 @@ def verify_chunks(store: ChunkStore, workers: int = 2,
     with store.read_txn() as txn:
         infos = {bytes(k): PackInfo.decode(v) for k, v in txn.cursor(db=store.packs_db)}
     # A commit's metadata pack holds no indexed chunk, and only it can rebuild that commit.
-    missing |= {p for p, info in infos.items() if info.metadata and not os.path.exists(store.pack_path(p))}
+    backend = store.backend
+    missing |= {p for p, info in infos.items() if info.metadata and backend.size(p) is None}
     report.missing_packs = sorted(p.hex() for p in missing)
     for pack_id, info in sorted(infos.items()):
-        if pack_id not in missing and os.path.exists(store.pack_path(pack_id)):
+        if pack_id not in missing and backend.size(pack_id) is not None:
             problem = check_pack_frame(store, pack_id, info, report)
             if not problem and info.metadata:
-                problem = metadata_pack_problem(store.pack_path(pack_id))
+                problem = metadata_pack_problem(store, pack_id)
             if problem:
                 report.bad_packs[pack_id.hex()] = problem
     # Packs being written by running sessions are not left-overs.  Listed in
     # this order: a pack file seen is in its session's registration already
     # (chunkstore/registry.py), and a session that ended since has either
     # committed its packs (known to the index read last) or deleted them.
-    paths = list(iter_pack_paths(store.path))
+    listed = list(backend.list_named())
     writing = {p for e in PathRegistry(store.path).entries() if e.live for p in e.packs}
     with store.read_txn() as txn:
         known_packs = {bytes(k) for k, _ in txn.cursor(db=store.packs_db)}
         # Replaced by gc and waiting for their last reader (chunkstore/gc.py): not left-overs.
         doomed = {bytes(k) for k, _ in txn.cursor(db=store.refs.doomed_db)}
-    for path in paths:
-        name = os.path.basename(path)[:-5]
-        try:
-            pid = bytes.fromhex(name)
-        except ValueError:
-            continue
-        if pid not in known_packs and pid not in doomed and pid not in writing and os.path.exists(path):
-            report.unreferenced_packs.append(path)
+    for pid, name in listed:
+        if pid not in known_packs and pid not in doomed and pid not in writing and backend.present(pid, name):
+            report.unreferenced_packs.append(name)
     report.metadata_lost = metadata_lost(store, report.unreferenced_packs)
     return report
 
 
-def metadata_pack_problem(path: str) -> str:
+def metadata_pack_problem(store: ChunkStore, pack_id: bytes) -> str:
     """What is wrong with a commit's metadata records ("" when nothing).
 
     No index entry points into a metadata pack, so the chunk checks never
@@ -155,7 +151,7 @@ def metadata_pack_problem(path: str) -> str:
     scanned whole, every record's payload checked.  Such a pack was synced
     before its commit, so a torn tail is damage too, not a crash's leftover."""
     try:
-        scan = scan_pack(path)
+        scan = scan_backend_pack(store.backend, pack_id)
     except (IntegrityError, OSError) as e:
         return f"metadata pack unreadable: {e}"
     if scan.lost:
@@ -214,9 +210,11 @@ def metadata_lost(store: ChunkStore, unreferenced: list[str]) -> str | None:
     with store.read_txn() as txn:
         reserved = max(meta_number(txn, store.meta_db, RESERVED_COMMIT), meta_number(txn, store.meta_db, LAST_COMMIT))
     newer: set[int] = set()
-    for path in unreferenced:
+    for name in unreferenced:
         try:
-            scan = scan_pack(path, check_payloads=False)
+            pid = pack_id_of(name)
+            with store.backend.open_named(pid, name) as f:
+                scan = scan_pack(f, check_payloads=False, pack_id=pid)
         except (IntegrityError, OSError):
             continue
         newer |= {n for n in (metadata_part(r.header).commit for r in scan.records
@@ -225,7 +223,7 @@ def metadata_lost(store: ChunkStore, unreferenced: list[str]) -> str | None:
         return None
     return (f"the packs hold {len(newer)} commit(s) of backups this index does not know (numbers "
             f"{min(newer)}..{max(newer)}; the index knows {reserved}): the index was lost, emptied or replaced "
-            f"by an older copy; metadata lost: run 'blockvault rebuild {store.path}'")
+            f"by an older copy; metadata lost: run 'blockvault rebuild {store.location}'")
 
 
 def _verify_batch(store: ChunkStore, groups: dict[bytes, list], workers: int, report: ChunkVerifyReport,
@@ -263,7 +261,7 @@ def _verify_batch(store: ChunkStore, groups: dict[bytes, list], workers: int, re
     with ThreadPoolExecutor(workers, thread_name_prefix="bv-verify") as pool:
         futures = deque()
         for pack_id, items in groups.items():
-            if pack_id not in missing and not os.path.exists(store.pack_path(pack_id)):
+            if pack_id not in missing and store.backend.size(pack_id) is None:
                 missing.add(pack_id)
             for span in _split(items):
                 futures.append(pool.submit(check_span, pack_id, span))

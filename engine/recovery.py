@@ -24,7 +24,7 @@ import time
 from chunkstore.config import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, StoreConfig
 from chunkstore.errors import IntegrityError, NotAStoreError, StoreError
 from chunkstore.lock import WriterLock
-from chunkstore.pack import iter_pack_paths, read_pack_header
+from chunkstore.backend import LocalPackBackend
 from chunkstore.rebuild import RebuildReport, rebuild_store
 from chunkstore.refs import has_counts
 from chunkstore.store import check_config, require_config, refuse_url
@@ -41,7 +41,9 @@ def _derive(store):
     return lambda txn, gen_floor: recount(repo, txn, gen_floor)
 
 
-def rebuild(path: str, wait: float = 0.0) -> RebuildReport:
+def rebuild(path: str, wait: float = 0.0, cache: str | None = None, s3_settings=None) -> RebuildReport:
+    if s3_settings is not None:  # a store in a bucket: its cache's index, rebuilt from the bucket's packs
+        return attach(path, cache, s3_settings)[0]
     refuse_url(path)
     require_config(path)
     cfg = StoreConfig.load(path)
@@ -52,6 +54,23 @@ def rebuild(path: str, wait: float = 0.0) -> RebuildReport:
         logging.getLogger("blockvault.store").warning(
             "store %s upgraded from format version %d to %d by the rebuild", path, cfg.version, FORMAT_VERSION)
     return report
+
+
+def attach(url: str, cache: str | None, settings, take_over: bool = False) -> tuple[RebuildReport, dict]:
+    """``blockvault attach``: this host's cache of a store in a bucket, made from the bucket alone
+    (config.json, then the index rebuilt over the bucket's packs), the lease taken."""
+    from chunkstore.s3store import prepare_attach
+    started = time.monotonic()
+    ctx, lease = prepare_attach(url, cache, settings, take_over)
+    backend = ctx.backend()
+    try:
+        report = rebuild_store(ctx.cache, 0.0, _derive, backend=backend, s3=ctx, lease=lease)
+    finally:
+        lease.stop()
+        backend.close()
+    doc = {"store": ctx.url, "cache": os.path.abspath(ctx.cache), "host_id": ctx.host_id,
+           "seconds": round(time.monotonic() - started, 3), **rebuild_doc(report)}
+    return report, doc
 
 
 def rebuild_doc(report: RebuildReport) -> dict:
@@ -126,9 +145,11 @@ def _recreate_config(path: str) -> dict:
     votes: collections.Counter = collections.Counter()
     where: dict[str, list[str]] = collections.defaultdict(list)
     unreadable = []
-    for pack in iter_pack_paths(path):
+    packs = LocalPackBackend(path)
+    for pack_id, _ in packs.list():
+        pack = packs.name(pack_id)
         try:
-            settings = read_pack_header(pack).settings()
+            settings = packs.header(pack_id).settings()
         except (IntegrityError, OSError) as e:
             unreadable.append(f"{pack}: {e}")
             continue

@@ -28,8 +28,9 @@ class Repository:
         return cls(ChunkStore.init(path, **settings))
 
     @classmethod
-    def open(cls, path: str) -> "Repository":
-        return cls(ChunkStore.open(path))
+    def open(cls, path: str, **where) -> "Repository":
+        """``where``: ``cache`` and ``s3_settings`` of a store in a bucket (ChunkStore.open)."""
+        return cls(ChunkStore.open(path, **where))
 
     def close(self) -> None:
         self.store.close()

@@ -34,7 +34,7 @@ def store_stats(repo: Repository) -> dict:
         return round(a / b, 3) if b else None
 
     return {
-        "store": store.path,
+        "store": store.location,
         "chunk_size": store.chunk_size,
         "digest": store.config.digest,
         "compression_level": store.config.compression_level,

@@ -42,6 +42,7 @@ class VerifyReport:
     affected: dict = field(default_factory=dict)              # digest → {backup id: [offsets]}
     marks: badmarks.MarkResult | None = None
     store_path: str = ""
+    pack_name: object = None   # the store backend's name(pack_id): a path, or an s3:// URL
     count_drift: list = field(default_factory=list)          # stored reference counts the manifests contradict
     counts_checked: bool = False                             # False on a format-2 store (it keeps none)
 
@@ -89,10 +90,12 @@ class VerifyReport:
     def _pack(self, pack_id: str | None = None, path: str | None = None) -> dict:
         """Every pack list reports a pack the same way: its id and its file's absolute path."""
         if pack_id is None:
-            pack_id = os.path.basename(path)[:-len(".pack")]
+            pack_id = path.rsplit("/", 1)[-1][:-len(".pack")]
+        elif self.pack_name is not None:
+            path = self.pack_name(bytes.fromhex(pack_id))
         else:
             path = os.path.join(self.store_path, pack_relpath(bytes.fromhex(pack_id)))
-        return {"id": pack_id, "path": os.path.abspath(path)}
+        return {"id": pack_id, "path": path if "://" in path else os.path.abspath(path)}
 
 
 def verify_repository(repo: Repository, workers: int = 2,
@@ -105,7 +108,8 @@ def verify_repository(repo: Repository, workers: int = 2,
     store = repo.store
     started = time.time()
     with Registry(store).register("verify", "verify"):  # gc unlinks nothing it is reading
-        report = VerifyReport(verify_chunks(store, workers, on_total, on_progress), store_path=store.path)
+        report = VerifyReport(verify_chunks(store, workers, on_total, on_progress), store_path=store.path,
+                              pack_name=store.backend.name)
         with store.read_txn() as txn:
             marked = set(badmarks.all_marks(store, txn))
         _check_manifests(repo, report, set(report.chunks.corrupt) | marked)

@@ -101,6 +101,16 @@ class _VersionAction(argparse.Action):
 # -- parser ---------------------------------------------------------------------
 
 
+def add_store_options(sub) -> None:
+    """The options of a store in a bucket, for every command whose STORE add_store_arg made
+    (added last, so they never take an option name a command already uses)."""
+    from engine.cli.common import add_s3_options
+    for parser in set(sub.choices.values()):
+        if any(a.dest == "store" and not a.option_strings and getattr(a, "_s3_store", False)
+               for a in parser._actions):
+            add_s3_options(parser)
+
+
 class _Skipped:
     """Stands in for the parser of a verb that is not being run: every call is
     accepted and ignored, so a module's ``register`` runs unchanged."""
@@ -171,9 +181,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         only = _OnlyVerb(sub, verb)
         _register(only)
         if only.found:
+            add_store_options(sub)
             return p
     p, sub = _top_parser()
     _register(sub)
+    add_store_options(sub)
     return p
 
 

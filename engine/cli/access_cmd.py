@@ -18,7 +18,7 @@ import stat
 import tempfile
 
 from engine import argtypes, clilog
-from engine.cli.common import count, open_repo
+from engine.cli.common import count, open_repo, add_store_arg
 from engine.commandline import EXIT_OK, add_command, emit
 from engine.errors import ServeError, UsageError
 from engine.progress import human_bytes
@@ -161,7 +161,7 @@ def cmd_umount(args) -> int:
 
 
 def _point_args(sp) -> None:
-    sp.add_argument("store", metavar="STORE")
+    add_store_arg(sp)
     sp.add_argument("backup", metavar="DISK@N", help="backup id: db01@3, db01@latest, db01@-1, db01@2026-11-30")
     sp.add_argument("--writable", action="store_true",
                     help="accept writes into a temporary copy-on-write overlay (nbdkit's cow filter); they are "

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from engine import argtypes, clilog, swapped
-from engine.cli.common import count, open_repo, progress_for, seconds
+from engine.cli.common import count, open_repo, progress_for, seconds, add_store_arg
 from engine.commandline import EXIT_OK, add_command, emit
 from engine.progress import human_bytes
 
@@ -43,7 +43,7 @@ def register(sub) -> None:
              "  blockvault backup /backup/store 'vddk://vc.lab:443/vm-42?disk=[ds1] web01/web01.vmdk"
              "&snapshot=snapshot-7&thumbprint=AA:BB:..' --disk web01-disk0\n"
              "  blockvault backup /backup/store imported.img --disk db02 --time 2026-11-30T23:30:00+01:00   # its recorded time")
-    sp.add_argument("store", metavar="STORE")
+    add_store_arg(sp)
     sp.add_argument("source", metavar="SOURCE",
                     help="raw image (file or block device), hosted .vmdk (flat, sparse, streamOptimized), "
                          "or vddk://HOST[:PORT]/VM-MOREF?disk=...&snapshot=... (see README)")

@@ -13,10 +13,55 @@ def progress_for(args, label: str, finishing: str = "syncing") -> Progress:
     return Progress(label, enabled=False if (args.json or args.quiet) else None, finishing=finishing)
 
 
+def add_store_arg(sp) -> None:
+    """STORE and the options of a store in a bucket, the same for every command that takes STORE."""
+    action = sp.add_argument("store", metavar="STORE", help="the store: a directory, or s3://BUCKET/PREFIX")
+    action._s3_store = True  # engine/cli/__init__.py add_store_options adds the S3 options once all are known
+
+
+def add_s3_options(sp) -> None:
+    """--endpoint, --cache, --credentials, --ca-file; where a command already has one of
+    these for something else (backup's vSphere --credentials, mount's --cache SIZE) the
+    S3 option is spelled --s3-credentials, --s3-cache (both spellings elsewhere)."""
+    g = sp.add_argument_group("a store in a bucket (s3://BUCKET/PREFIX)",
+                              "secrets only from BLOCKVAULT_S3_ACCESS_KEY_ID / BLOCKVAULT_S3_SECRET_ACCESS_KEY "
+                              "(or AWS_*, ~/.aws) or --credentials FILE, never on the command line")
+    taken = set(sp._option_string_actions)
+
+    def opt(name, **kw):
+        names = [f"--s3-{name}"] + ([f"--{name}"] if f"--{name}" not in taken else [])
+        g.add_argument(*names[::-1], dest=f"s3_{name.replace('-', '_')}", **kw)
+    opt("endpoint", metavar="URL", help="the S3 endpoint, e.g. http://127.0.0.1:7480 (default: "
+        "BLOCKVAULT_S3_ENDPOINT, else AWS)")
+    opt("cache", metavar="DIR", help="this host's cache of the store: index, locks, upload spool (default: "
+        "$BLOCKVAULT_CACHE/BUCKET/PREFIX or ~/.cache/blockvault/s3/BUCKET/PREFIX)")
+    opt("credentials", metavar="FILE", help="a file of 'key = value' lines: access_key_id, secret_access_key, "
+        "region, endpoint (mode 0600)")
+    opt("ca-file", metavar="FILE", help="PEM certificates to verify the endpoint's TLS with")
+
+
+def s3_settings(args):
+    """The S3Settings of the command's options (None for a local store)."""
+    from chunkstore.s3settings import S3Settings, is_store_url
+    if not is_store_url(getattr(args, "store", "") or ""):
+        for opt in ("endpoint", "cache", "credentials", "ca_file"):
+            if getattr(args, f"s3_{opt}", None):
+                from engine.errors import UsageError
+                raise UsageError(f"--{opt.replace('_', '-')} is for a store in a bucket (s3://BUCKET/PREFIX); "
+                                 f"{args.store} is a local directory")
+        return None
+    return S3Settings.resolve(args.s3_endpoint, args.s3_credentials, args.s3_ca_file)
+
+
+def store_kwargs(args) -> dict:
+    settings = s3_settings(args)
+    return {} if settings is None else {"cache": args.s3_cache, "s3_settings": settings}
+
+
 def open_repo(args):
     """The store named by ``args.store``; imported late so ``--help`` stays fast."""
     from engine.repository import Repository
-    return Repository.open(args.store)
+    return Repository.open(args.store, **store_kwargs(args))
 
 
 def seconds(t: float) -> str:

@@ -16,7 +16,7 @@ import stat
 import time
 
 from engine import clilog
-from engine.cli.common import count, open_repo, seconds
+from engine.cli.common import count, open_repo, seconds, add_store_arg
 from engine.commandline import EXIT_OK, add_command, common_options, emit, print_table, printable
 from engine.errors import FileLevelError, UsageError
 from engine.progress import human_bytes
@@ -207,7 +207,7 @@ def cmd_get(args) -> int:
 
 
 def _common(sp) -> None:
-    sp.add_argument("store", metavar="STORE")
+    add_store_arg(sp)
     sp.add_argument("backup", metavar="ID",
                     help="a disk backup (web01-disk0@3, @latest, @-1, @2026-11-30) or a VM backup (web01@3; "
                          "with several disks add --disk KEY)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from engine import argtypes, clilog
-from engine.cli.common import count, open_repo, progress_for, seconds
+from engine.cli.common import count, open_repo, progress_for, seconds, add_store_arg
 from engine.commandline import EXIT_OK, add_command, emit
 from engine.progress import human_bytes
 
@@ -57,7 +57,7 @@ def cmd_gc(args) -> int:
 
 def register(sub) -> None:
     sp = add_command(sub, "gc", cmd_gc, "reclaim the space of dead chunks (beside running backups)", EXAMPLES)
-    sp.add_argument("store", metavar="STORE")
+    add_store_arg(sp)
     sp.add_argument("--max-unused", type=argtypes.unused_share, default=0.05, metavar="SHARE",
                     help="repack packs while dead bytes exceed this share of the stored bytes (default 5%%; "
                          "packs holding nothing live are always deleted)")

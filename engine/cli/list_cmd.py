@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from chunkstore.errors import StoreError
-from engine.cli.common import open_repo, warn_bad_records
+from engine.cli.common import open_repo, warn_bad_records, add_store_arg
 from engine.commandline import EXIT_OK, add_command, emit, print_table, printable
 from engine.progress import human_bytes
 
@@ -49,5 +49,5 @@ def unique_bytes(repo, txn, record) -> int | None:
 
 def register(sub) -> None:
     sp = add_command(sub, "list", cmd_list, "list backups", "blockvault list /backup/store --disk db01")
-    sp.add_argument("store", metavar="STORE")
+    add_store_arg(sp)
     sp.add_argument("--disk", help="only this disk")

@@ -7,7 +7,7 @@ import time
 
 from engine import argtypes, clilog, swapped
 from engine.cli import rollback_cmd
-from engine.cli.common import open_repo, progress_for, seconds
+from engine.cli.common import open_repo, progress_for, seconds, add_store_arg
 from engine.commandline import EXIT_OK, add_command, emit
 from engine.progress import human_bytes
 
@@ -47,7 +47,7 @@ def register(sub) -> None:
              "  blockvault restore /backup/store db01@3 /dev/vg0/db01 --force    # a block device, in place\n"
              "  blockvault restore /backup/store db01@3 'vddk://vc.lab/vm-77?disk=[ds1] new/new.vmdk' --force\n"
              + rollback_cmd.EXAMPLES)
-    sp.add_argument("store", metavar="STORE")
+    add_store_arg(sp)
     sp.add_argument("backup", metavar="DISK@N",
                     help="backup id: db01@3, db01@latest, db01@-1 (the one before the latest), "
                          "db01@2026-11-30 (the last of that day)")

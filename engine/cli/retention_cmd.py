@@ -4,7 +4,7 @@ flags, and removing points (engine/pointflags.py, engine/forget.py)."""
 from __future__ import annotations
 
 from engine import argtypes, clilog
-from engine.cli.common import open_repo
+from engine.cli.common import open_repo, add_store_arg
 from engine.commandline import EXIT_OK, add_command, emit
 
 
@@ -172,14 +172,14 @@ def register(sub) -> None:
             ("unprotect", "let forget and delete remove a point again",
              "blockvault unprotect /backup/store db01@12")):
         sp = add_command(sub, name, cmd_protect, text, example)
-        sp.add_argument("store", metavar="STORE")
+        add_store_arg(sp)
         sp.add_argument("id", metavar="ID", help="DISK@N or VM@N (also @latest, @-1, @YYYY-MM-DD)")
         _which(sp)
         _wait(sp)
     sp = add_command(sub, "note", cmd_note, "attach a note to a point (shown by list), or remove it",
                      "blockvault note /backup/store db01@12 'before the upgrade to PostgreSQL 17'\n"
                      "  blockvault note /backup/store db01@12 --clear")
-    sp.add_argument("store", metavar="STORE")
+    add_store_arg(sp)
     sp.add_argument("id", metavar="ID", help="DISK@N or VM@N (also @latest, @-1, @YYYY-MM-DD)")
     sp.add_argument("text", metavar="TEXT", nargs="?",
                     help="one line of printable text, at most 1000 characters (no control characters)")
@@ -190,7 +190,7 @@ def register(sub) -> None:
     sp = add_command(sub, "delete", cmd_delete, "remove points by id (a VM backup with its disk backups)",
                      "blockvault delete /backup/store db01@3 db01@4\n"
                      "  blockvault delete /backup/store web01@2 --vm --dry-run")
-    sp.add_argument("store", metavar="STORE")
+    add_store_arg(sp)
     sp.add_argument("ids", metavar="ID", nargs="+", help="DISK@N or VM@N (also @-1, @YYYY-MM-DD)")
     _which(sp)
     _removal_options(sp)
@@ -208,7 +208,7 @@ def register(sub) -> None:
         "what no rule keeps is removed.  --keep-within runs first.  Protected points and the newest point "
         "of each chain are always kept.  An empty policy is refused.  Exit codes: 0 done (also when nothing "
         "was to be removed), 1 error, 2 usage (an empty policy), 4 another writer holds the store.")
-    sp.add_argument("store", metavar="STORE")
+    add_store_arg(sp)
     which = sp.add_mutually_exclusive_group()
     which.add_argument("--disk", help="only this disk's chain")
     which.add_argument("--vm", help="only this VM's chain")

@@ -7,15 +7,21 @@ import logging
 
 from chunkstore.config import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, DIGEST_KINDS
 from engine import argtypes
-from engine.cli.common import open_repo, warn_bad_records
+from engine.cli.common import add_store_arg, open_repo, s3_settings, store_kwargs, warn_bad_records
 from engine.commandline import EXIT_DAMAGED, EXIT_OK, add_command, emit
 from engine.progress import human_bytes
 
 
 def cmd_init(args) -> int:
     from engine.repository import Repository
+    where = store_kwargs(args)
+    if args.object_lock is not None:
+        if not where:
+            from engine.errors import UsageError
+            raise UsageError("--object-lock is for a store in a bucket (s3://BUCKET/PREFIX)")
+        where["object_lock_days"] = args.object_lock
     repo = Repository.init(args.store, chunk_size=args.chunk_size, digest=args.digest,
-                           compression_level=args.compression_level)
+                           compression_level=args.compression_level, **where)
     with repo:
         cfg = repo.store.config
         doc = {"store": args.store, "chunk_size": cfg.chunk_size, "digest": cfg.digest,
@@ -58,7 +64,7 @@ def cmd_rebuild(args) -> int:
         doc = recovery.recreate_config(args.store, args.wait)
         emit(args, doc, recovery.config_text(doc))
         return EXIT_OK
-    report = recovery.rebuild(args.store, args.wait)
+    report = recovery.rebuild(args.store, args.wait, **store_kwargs(args))
     doc = recovery.rebuild_doc(report)
     if not report.complete:
         doc["ok"] = False
@@ -68,11 +74,27 @@ def cmd_rebuild(args) -> int:
     return EXIT_OK if report.complete else EXIT_DAMAGED
 
 
+def cmd_attach(args) -> int:
+    from chunkstore.s3settings import is_store_url
+    from engine import recovery
+    from engine.errors import UsageError
+    if not is_store_url(args.store):
+        raise UsageError(f"attach takes a store in a bucket (s3://BUCKET/PREFIX), not {args.store}")
+    report, doc = recovery.attach(args.store, args.s3_cache, s3_settings(args), args.take_over)
+    if not report.complete:
+        doc["ok"] = False
+        doc["error"] = {"code": "damaged", "exit_code": EXIT_DAMAGED, "message": recovery.damage_message(report)}
+        logging.getLogger("blockvault.rebuild").error(doc["error"]["message"])
+    emit(args, doc, f"attached {doc['store']} in {doc['seconds']:.1f} s; cache {doc['cache']}\n"
+                    + recovery.rebuild_text(doc))
+    return EXIT_OK if report.complete else EXIT_DAMAGED
+
+
 def register_init(sub) -> None:
     """``init`` comes first in --help; the other store verbs after the daily ones."""
     sp = add_command(sub, "init", cmd_init, "create a new store in an empty directory",
              "blockvault init /backup/store --chunk-size 1M")
-    sp.add_argument("store", metavar="STORE")
+    add_store_arg(sp)
     sp.add_argument("--chunk-size", type=argtypes.chunk_size, default=f"{DEFAULT_CHUNK_SIZE >> 10}K",
                     help="fixed chunk size, a power of two from 64K to 8M (default %(default)s)")
     sp.add_argument("--digest", choices=DIGEST_KINDS, default="xxh3-128",
@@ -80,18 +102,28 @@ def register_init(sub) -> None:
                          "tenants); default %(default)s")
     sp.add_argument("--compression-level", type=argtypes.compression_level, default=DEFAULT_COMPRESSION_LEVEL,
                     help="zstd level, -7 to 22 (default %(default)s)")
+    sp.add_argument("--object-lock", type=float, metavar="DAYS",
+                    help="s3:// only: a new bucket with versioning and object lock; every pack is written "
+                         "with a COMPLIANCE retention of DAYS days")
 
 
 def register(sub) -> None:
+    sp = add_command(sub, "attach", cmd_attach, "make this host's cache of a store in a bucket, from the bucket alone",
+                     "blockvault attach s3://backups/site1 --endpoint http://127.0.0.1:7480 --cache /var/cache/bv\n"
+                     "  blockvault attach s3://backups/site1 --take-over   # the old host is gone, its lease expired")
+    add_store_arg(sp)
+    sp.add_argument("--take-over", action="store_true",
+                    help="take the store's lease from another host whose lease has expired")
+
     sp = add_command(sub, "stats", cmd_stats, "space used and saved", "blockvault stats /backup/store")
-    sp.add_argument("store", metavar="STORE")
+    add_store_arg(sp)
 
     for name, text in (("rebuild", "recreate the store's index (backups, manifests, chunk index) from the packs"),
                        ("rebuild-index", "the old name of 'rebuild'")):
         sp = add_command(sub, name, cmd_rebuild, text,
                  f"blockvault {name} /backup/store            # index lost, damaged or truncated\n"
                  f"  blockvault {name} --config /backup/store   # config.json lost or edited")
-        sp.add_argument("store", metavar="STORE")
+        add_store_arg(sp)
         sp.add_argument("--config", action="store_true",
                         help="recreate config.json from the settings in the pack headers instead "
                              "(a differing one is kept as config.json.replaced-TIME)")

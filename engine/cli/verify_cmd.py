@@ -7,7 +7,7 @@ import logging
 import time
 
 from engine import argtypes, clilog
-from engine.cli.common import count, open_repo, progress_for, seconds
+from engine.cli.common import count, open_repo, progress_for, seconds, add_store_arg
 from engine.commandline import EXIT_DAMAGED, EXIT_OK, add_command, emit, printable
 from engine.progress import human_bytes
 
@@ -79,5 +79,5 @@ def cmd_verify(args) -> int:
 def register(sub) -> None:
     sp = add_command(sub, "verify", cmd_verify, "read and check every chunk; report what damage affects",
              "blockvault verify /backup/store --json")
-    sp.add_argument("store", metavar="STORE")
+    add_store_arg(sp)
     sp.add_argument("--threads", type=argtypes.threads, default=None, help="worker threads, 1-256 (default 2)")

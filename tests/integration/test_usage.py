@@ -100,7 +100,7 @@ def test_wait_inf_is_accepted(populated):
     assert proc.returncode == 0 and proc.stdout.strip() == "d@2", proc.stderr
 
 
-@pytest.mark.parametrize("url", ["s3://bucket/backups", "sftp://host/srv/store", "S3://b", "gs://b/x"])
+@pytest.mark.parametrize("url", ["sftp://host/srv/store", "gs://b/x"])
 @pytest.mark.parametrize("command", [
     ["init", "{url}"], ["backup", "{url}", "{img}", "--disk", "d"], ["list", "{url}"],
     ["restore", "{url}", "d@1", "{out}"], ["verify", "{url}"], ["stats", "{url}"], ["rebuild-index", "{url}"],
@@ -208,3 +208,19 @@ def test_no_article_slips_in_messages(populated, tmp_path):
     assert proc.returncode == 1 and "an incremental backup of disk 'fresh' needs" in proc.stderr
     proc = run_cli("backup", store, img, "--disk", "fresh", "--mode", "differential")
     assert "a differential backup of disk 'fresh' needs an earlier full backup" in proc.stderr
+
+
+@pytest.mark.parametrize("url,needle", [("S3://b", "not a valid bucket name"), ("s3://bucket/backups/", "no trailing '/'"),
+                                        ("s3://AKIA123:hunter2@bucket/x", "must not carry credentials")])
+@pytest.mark.parametrize("command", [
+    ["init", "{url}"], ["backup", "{url}", "{img}", "--disk", "d"], ["list", "{url}"],
+    ["restore", "{url}", "d@1", "{out}"], ["verify", "{url}"], ["attach", "{url}"],
+], ids=lambda v: " ".join(v[:2]) if isinstance(v, list) else v)
+def test_bad_s3_store_urls_are_usage_errors_and_make_nothing(populated, tmp_path, command, url, needle):
+    _, img = populated
+    work = tmp_path / "cwd"
+    work.mkdir()
+    args = [a.format(url=url, img=img, out=str(tmp_path / "out.img")) for a in command]
+    proc = _usage_error(args, needle, cwd=str(work))
+    assert "hunter2" not in proc.stderr
+    assert os.listdir(work) == [] and not os.path.exists(tmp_path / "out.img")

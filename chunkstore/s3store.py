@@ -1,0 +1,338 @@
+"""Opening a store that lives in a bucket: ``s3://BUCKET/PREFIX`` plus a cache directory.
+
+The bucket is the store (config.json, every pack, the lease); the cache
+directory is laid out like a local store (config.json copy, index/, lock,
+locks/, sessions/) with ``packs/`` as the upload spool and ``cache.json``
+naming the store and this host::
+
+    {"url": "s3://bucket/prefix", "endpoint": "http://...", "host_id": "<32 hex>"}
+
+``host_id`` is random, made when the cache is made (init, attach): it is the
+owner id of the lease (chunkstore/lease.py).  Writers take the lease when
+their first write session opens and check it before every LMDB commit;
+readers take nothing, but refuse a cache whose store another host has taken
+over (its index is stale: ``blockvault attach`` rebuilds it).  Credentials are
+never written anywhere: they come from the environment or ``--credentials``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+from chunkstore import safefs
+from chunkstore.config import CONFIG_FILE, StoreConfig, fsync_dir
+from chunkstore.errors import (ConfigMismatchError, LeaseHeld, NotAStoreError, ObjectMissing, StoreExistsError)
+from chunkstore.s3settings import S3Location, S3Settings, parse_store_url
+
+CACHE_FILE = "cache.json"
+TMP_DIR = "tmp"       # whole-pack downloads (unnamed files) of chunkstore/s3backend.py
+ENV_CACHE = "BLOCKVAULT_CACHE"
+ENV_LEASE_TTL = "BLOCKVAULT_LEASE_TTL"   # seconds a lease lives unrenewed (default chunkstore/lease.py LEASE_TTL)
+
+
+def default_cache(location: S3Location) -> str:
+    """``$BLOCKVAULT_CACHE/<bucket>/<prefix, / as ~>`` or the same under ~/.cache/blockvault/s3."""
+    base = os.environ.get(ENV_CACHE) or os.path.join(os.path.expanduser("~"), ".cache", "blockvault", "s3")
+    return os.path.join(base, location.bucket, location.prefix.replace("/", "~") or "~")
+
+
+def holder_name() -> str:
+    return f"{socket.gethostname()} {os.getpid()}"
+
+
+class S3Context:
+    """What an open S3 store knows beyond a local one: its bucket, cache and host id."""
+
+    def __init__(self, location: S3Location, settings: S3Settings, cache: str, host_id: str, bucket=None):
+        from chunkstore.s3bucket import Bucket
+        self.location = location
+        self.settings = settings
+        self.cache = cache
+        self.host_id = host_id
+        self.bucket = bucket if bucket is not None else Bucket(location, settings)
+
+    @property
+    def url(self) -> str:
+        return self.location.url
+
+    def backend(self, retain_days: float | None = None):
+        from chunkstore.s3backend import S3PackBackend, clear_tmp
+        tmp = os.path.join(self.cache, TMP_DIR)
+        clear_tmp(tmp)
+        return S3PackBackend(self.bucket, tmp, retain_days=retain_days)
+
+    def take_lease(self, take_over: bool = False):
+        from chunkstore.lease import LEASE_TTL, Lease
+        ttl = float(os.environ.get(ENV_LEASE_TTL) or LEASE_TTL)
+        lease = Lease.acquire(self.bucket, self.host_id, holder_name(), take_over=take_over, ttl=ttl)
+        lease.start_renewing()
+        return lease
+
+    def check_not_taken_over(self) -> None:
+        """A reader's check: the lease, if any, names this cache's host."""
+        from chunkstore.lease import LEASE_KEY, decode
+        info = self.bucket.head(LEASE_KEY)
+        if info is None:
+            return
+        try:
+            doc = decode(self.bucket.get(LEASE_KEY), info.last_modified)
+        except ObjectMissing:
+            return
+        if doc.get("host_id") != self.host_id:
+            raise LeaseHeld(f"store {self.url} is now owned by {doc.get('holder')} (another host took its lease); "
+                            f"this cache ({self.cache}) may miss its latest backups: run 'blockvault attach "
+                            f"{self.url} --cache {self.cache}' to rebuild it from the bucket",
+                            holder=str(doc.get("holder")), host_id=str(doc.get("host_id")))
+
+
+def read_cache_file(cache: str) -> dict | None:
+    try:
+        with open(os.path.join(cache, CACHE_FILE), encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise NotAStoreError(f"{cache}: {CACHE_FILE} cannot be read ({e}); run 'blockvault attach' with a new "
+                             "--cache directory") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("url"), str) or not isinstance(doc.get("host_id"), str):
+        raise NotAStoreError(f"{cache}: {CACHE_FILE} is not a cache description; run 'blockvault attach' with a "
+                             "new --cache directory")
+    return doc
+
+
+def write_cache_file(cache: str, url: str, endpoint: str | None, host_id: str) -> None:
+    body = json.dumps({"url": url, "endpoint": endpoint or "", "host_id": host_id}, indent=1) + "\n"
+    tmp = os.path.join(cache, CACHE_FILE + ".tmp")
+    fd = safefs.create_file(tmp, "cache file") if not os.path.exists(tmp) else os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, body.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, os.path.join(cache, CACHE_FILE))
+    fsync_dir(cache)
+
+
+def remote_config(bucket) -> bytes:
+    """The bucket's config.json; NotAStoreError when the bucket holds no store."""
+    try:
+        data = bucket.get(CONFIG_FILE)
+    except ObjectMissing:
+        raise NotAStoreError(f"{bucket.url} is not a blockvault store (no {CONFIG_FILE} in the bucket at "
+                             f"{bucket.settings.endpoint_name}); check the URL, or run 'blockvault init "
+                             f"{bucket.url}' to make one") from None
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or not all(k in doc for k in _SAME):
+            raise ValueError("fields missing")
+    except ValueError as e:
+        raise NotAStoreError(f"{bucket.url}: its {CONFIG_FILE} is not a blockvault store config ({e})") from None
+    return data
+
+
+_SAME = ("store_id", "chunk_size", "digest", "seed")
+
+
+def check_cache_config(ctx: S3Context, local: StoreConfig) -> None:
+    """The cache's copy of config.json must be the bucket's (another store at this URL since?)."""
+    theirs = json.loads(remote_config(ctx.bucket))
+    mine = json.loads(local.to_json())
+    if theirs["store_id"] != mine["store_id"]:
+        raise ConfigMismatchError(f"{ctx.cache} is the cache of store {mine['store_id']}, but {ctx.url} now holds "
+                                  f"store {theirs['store_id']}: run 'blockvault attach {ctx.url}' with a new --cache "
+                                  "directory")
+    if any(theirs[k] != mine[k] for k in _SAME):
+        raise ConfigMismatchError(f"{ctx.cache}/{CONFIG_FILE} disagrees with the bucket's {CONFIG_FILE} of {ctx.url}:"
+                                  f" run 'blockvault attach {ctx.url} --cache {ctx.cache}' to refresh the cache")
+
+
+def context_for(url: str, cache: str | None, settings: S3Settings | None) -> S3Context:
+    """The S3Context of an existing cache of ``url``; NotAStoreError when there is none."""
+    location = parse_store_url(url)
+    settings = settings or S3Settings.resolve()
+    cache = cache or default_cache(location)
+    doc = read_cache_file(cache)
+    if doc is None:
+        raise NotAStoreError(f"{url}: no cache of this store at {cache} (this host has not attached it): run "
+                             f"'blockvault attach {url} --cache {cache}' to build one from the bucket")
+    if doc["url"] != location.url:
+        raise NotAStoreError(f"{cache} is the cache of {doc['url']}, not of {location.url}: give another --cache")
+    return S3Context(location, settings, cache, doc["host_id"])
+
+
+def check_new_cache(cache: str) -> None:
+    if os.path.exists(cache):
+        if not os.path.isdir(cache):
+            raise StoreExistsError(f"cache {cache} exists and is not a directory")
+        if os.listdir(cache):
+            raise StoreExistsError(f"cache {cache} is not empty; give a new or empty --cache directory")
+
+
+def prepare_new_cache(cache: str) -> None:
+    check_new_cache(cache)
+    os.makedirs(cache, mode=safefs.DIR_MODE, exist_ok=True)
+    os.chmod(cache, safefs.DIR_MODE)
+
+
+def _with_backend(cls, ctx: S3Context, create: bool):
+    from chunkstore.store import _open_env
+    cfg = StoreConfig.load(ctx.cache)
+    store = cls(ctx.cache, cfg, _open_env(ctx.cache, create=create), backend=ctx.backend())
+    store.s3 = ctx
+    store.location = ctx.url
+    return store
+
+
+def init_s3(cls, url: str, cache: str | None, settings: S3Settings | None, object_lock_days: float | None,
+            store_settings: dict):
+    """``blockvault init s3://...``: bucket (made if absent), self-test, cache, config.json, lease."""
+    import uuid
+    from chunkstore.s3bucket import Bucket
+    from chunkstore.s3check import check_conditional_writes
+    location = parse_store_url(url)
+    settings = settings or S3Settings.resolve()
+    cache = cache or default_cache(location)
+    check_new_cache(cache)  # before the bucket is touched: a refused init changes nothing
+    bucket = Bucket(location, settings)
+    if not bucket.exists():
+        bucket.create(object_lock=bool(object_lock_days))
+    elif object_lock_days and not bucket.object_lock():
+        raise StoreExistsError(f"bucket {location.bucket} exists without object lock; --object-lock needs a bucket "
+                               "made with it: give a new bucket name (init creates it)")
+    check_conditional_writes(bucket)
+    if bucket.head(CONFIG_FILE) is not None:
+        raise StoreExistsError(f"{location.url} is already a store (its {CONFIG_FILE} exists); use it, or "
+                               f"'blockvault attach {location.url}' on a new host")
+    prepare_new_cache(cache)
+    made = False
+    try:
+        local = cls.init(cache, **store_settings)
+        local.close()
+        with open(os.path.join(cache, CONFIG_FILE), "rb") as f:
+            body = f.read()
+        host_id = uuid.uuid4().hex
+        write_cache_file(cache, location.url, settings.endpoint, host_id)
+        if object_lock_days:
+            _write_lock_days(cache, object_lock_days)
+        retain = time.time() + object_lock_days * 86400 if object_lock_days else None
+        if not bucket.put_new(CONFIG_FILE, body, retain_until=retain):
+            raise StoreExistsError(f"{location.url} is already a store (another init made its {CONFIG_FILE} just "
+                                   "now)")
+        made = True
+        ctx = S3Context(location, settings, cache, host_id, bucket)
+        store = _with_backend(cls, ctx, create=False)
+        store.backend.retain_days = object_lock_days or None
+        try:
+            store.take_lease()
+        except BaseException:
+            store.close()
+            raise
+        return store
+    finally:
+        if not made:
+            import shutil
+            shutil.rmtree(cache, ignore_errors=True)
+
+
+def open_s3(cls, url: str, cache: str | None, settings: S3Settings | None):
+    """An S3 store through its cache.  Readers stop here; writers take the lease at their first session."""
+    ctx = context_for(url, cache, settings)
+    store = _with_backend(cls, ctx, create=False)
+    try:
+        check_cache_config(ctx, store.config)
+        ctx.check_not_taken_over()
+        store.backend.retain_days = _read_lock_days(ctx.cache)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+LOCK_FILE = "object-lock.json"
+
+
+def _write_lock_days(cache: str, days: float) -> None:
+    with open(os.path.join(cache, LOCK_FILE), "w") as f:
+        json.dump({"days": days}, f)
+
+
+def _read_lock_days(cache: str) -> float | None:
+    try:
+        with open(os.path.join(cache, LOCK_FILE)) as f:
+            return float(json.load(f)["days"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def prepare_attach(url: str, cache: str | None, settings: S3Settings | None, take_over: bool):
+    """``blockvault attach``: the cache made (or refreshed) from the bucket, the lease taken.
+    Returns (S3Context, lease); the caller rebuilds the index over the bucket's packs."""
+    import uuid
+    from chunkstore.s3bucket import Bucket
+    from chunkstore.s3check import check_conditional_writes
+    location = parse_store_url(url)
+    settings = settings or S3Settings.resolve()
+    cache = cache or default_cache(location)
+    bucket = Bucket(location, settings)
+    if not bucket.exists():
+        from chunkstore.errors import NoSuchBucket
+        raise NoSuchBucket(f"bucket {location.bucket} does not exist at {settings.endpoint_name}: check the URL "
+                           "and the endpoint")
+    body = remote_config(bucket)
+    check_conditional_writes(bucket)
+    doc = read_cache_file(cache) if os.path.isdir(cache) else None
+    if doc is not None and doc["url"] != location.url:
+        raise StoreExistsError(f"{cache} is the cache of {doc['url']}, not of {location.url}: give another --cache")
+    if doc is None:
+        prepare_new_cache(cache)
+    host_id = doc["host_id"] if doc else uuid.uuid4().hex
+    ctx = S3Context(location, settings, cache, host_id, bucket)
+    try:
+        lease = ctx.take_lease(take_over)
+    except BaseException:
+        if doc is None:  # the cache this attach made goes again
+            import shutil
+            shutil.rmtree(cache, ignore_errors=True)
+        raise
+    try:
+        for sub in ("packs", "index"):
+            safefs.make_dir(os.path.join(cache, sub), "store directory")
+        tmp = os.path.join(cache, CONFIG_FILE + ".tmp")
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        fd = safefs.create_file(tmp, "store config")
+        try:
+            os.write(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, os.path.join(cache, CONFIG_FILE))
+        write_cache_file(cache, location.url, settings.endpoint, host_id)
+        days = _lock_days_of(bucket)
+        if days:
+            _write_lock_days(cache, days)
+    except BaseException:
+        lease.stop()
+        raise
+    return ctx, lease
+
+
+def _lock_days_of(bucket) -> float | None:
+    """The retention the store writes its packs with, read off its newest pack: the days are
+    not in config.json (the same document as a local store's), and a new host must keep
+    writing with them."""
+    if not bucket.object_lock():
+        return None
+    newest = None
+    for info in bucket.list("packs/"):
+        if newest is None or info.last_modified > newest.last_modified:
+            newest = info
+    until = bucket.retention(newest.key) if newest is not None else None
+    if until is None:
+        return None
+    return max(round((until - newest.last_modified) / 86400, 3), 0.001)
