@@ -4,7 +4,8 @@
 #   tools/install.sh --test   also the test tools: pytest, qemu-utils, the Go
 #                             toolchain and govmomi (vcsim), restic, borg, zstd,
 #                             and sfdisk, sgdisk, mkfs.ext4, mkfs.vfat + mtools,
-#                             mkntfs + ntfscp, mkfs.exfat, cryptsetup for the file-level tests
+#                             mkntfs + ntfscp, mkfs.exfat, cryptsetup for the file-level tests,
+#                             and Ceph (mon, osd, radosgw) for the S3 tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -20,6 +21,8 @@ if [ "$want_test" = 1 ]; then
   # serve and mount (issue 11): nbdkit with its Python plugin, nbdinfo/nbdcopy/nbdfuse, fusermount3,
   # and libnbd's Python binding for the tests
   apt_packages+=(nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd fuse3)
+  # S3 stores (issue 12): a real single-node Ceph with radosgw, started by tools/ceph-s3.sh
+  apt_packages+=(ceph-mon ceph-osd radosgw ceph-common curl)
 fi
 
 missing=()
