@@ -65,3 +65,59 @@ class IndexDamagedError(IntegrityError):
 
 class ConfigMismatchError(StoreError):
     """config.json disagrees with the settings every pack header carries."""
+
+
+# --- object storage (chunkstore/s3bucket.py, lease.py, s3check.py) ----------------------------
+# Messages name the endpoint and the bucket, never a key or secret.
+
+class S3Error(StoreError):
+    """An S3 request failed (after its bounded retries)."""
+
+
+class EndpointUnavailable(S3Error):
+    """The endpoint did not answer (connection refused, reset or timed out) after retries."""
+
+
+class EndpointFull(S3Error):
+    """An upload was accepted but never answered: a full Ceph cluster holds writes this way."""
+
+
+class AccessDenied(S3Error):
+    """The endpoint refused the credentials or the request."""
+
+
+class NoSuchBucket(S3Error):
+    """The bucket does not exist."""
+
+
+class ObjectMissing(S3Error):
+    """An object the store needs is not in the bucket."""
+
+    exit_code = 3
+
+
+class ObjectLocked(S3Error):
+    """Object lock (a COMPLIANCE retention) forbids deleting the object until its date."""
+
+
+class EndpointUnsafe(S3Error):
+    """The endpoint ignores conditional writes (If-None-Match / If-Match): two writers could
+    overwrite each other's objects, so the store refuses to run there."""
+
+
+class LeaseHeld(S3Error):
+    """Another host holds the store's lease (it owns the bucket's store)."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, holder: str = "", age: float = 0.0, host_id: str = ""):
+        super().__init__(message)
+        self.holder = holder
+        self.age = age
+        self.host_id = host_id
+
+
+class LeaseLost(S3Error):
+    """The lease was taken over while this command ran: it must stop before committing."""
+
+    exit_code = 4

@@ -1,0 +1,402 @@
+"""One bucket (and a key prefix in it) as the store's object space.
+
+The store needs few S3 operations, but needs them exactly: an atomic create-if-absent
+(``If-None-Match: *``) for packs and config.json, a compare-and-swap (``If-Match``) for
+the lease, ranged reads, listings, batched deletes, and object lock.  This module is the
+one place that talks to boto3, so the endpoint quirks live here and nowhere else:
+
+* Ceph 16 does not understand boto3's default ``aws-chunked`` bodies with trailing
+  checksums (uploads over HTTPS fail), so checksums are sent only where S3 requires them.
+* Ceph 16 compares a PUT's ``If-Match`` with the ETag *unquoted*: ETags are kept unquoted.
+* Every wait is bounded: connect and read timeouts, botocore's retries, and one more
+  bounded round of our own for connection failures (a restarting radosgw).
+
+Every failure becomes a StoreError subclass (chunkstore/errors.py) whose message names
+the endpoint and the bucket and says what to check; no message or repr carries a secret.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import base64
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator, Sequence
+
+from chunkstore.errors import (AccessDenied, EndpointFull, EndpointUnavailable, NoSuchBucket, ObjectLocked,
+                               ObjectMissing, S3Error)
+from chunkstore.s3settings import S3Location, S3Settings
+
+log = logging.getLogger("blockvault.s3")
+
+POOL_CONNECTIONS = 32        # uploader and reader pools run up to 16 threads each
+DELETE_BATCH = 1000          # the most keys one DeleteObjects takes
+_CREDENTIAL_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+                     "ExpiredToken", "AllAccessDisabled", "AccountProblem", "403"}
+_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_PRECONDITION_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+_ROUNDS = 2                  # our own rounds around botocore's retries, for connection failures
+_ROUND_PAUSE = 2.0
+
+
+@dataclass
+class _Refused:
+    """An expected refusal (412 on a conditional PUT, 416 on a range past the end)."""
+
+    code: str
+
+
+@dataclass
+class ObjectInfo:
+    key: str                 # relative to the store's prefix
+    size: int
+    etag: str                # unquoted
+    last_modified: float     # unix time
+
+
+def _unquote(etag: str | None) -> str:
+    return (etag or "").strip().strip('"')
+
+
+class _Stream:
+    """A GET body read in pieces, with the transport's errors translated."""
+
+    def __init__(self, bucket: "Bucket", key: str, body):
+        self._bucket, self._key, self._body = bucket, key, body
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._body.read(None if n is None or n < 0 else n)
+        except Exception as exc:  # noqa: BLE001 - urllib3 and botocore raise several unrelated types
+            raise self._bucket._translate(exc, "GET", self._key) from None
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        try:
+            self._body.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection cannot fail the caller
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Bucket:
+    """A store's bucket.  Thread-safe (one boto3 client, which is)."""
+
+    def __init__(self, location: S3Location, settings: S3Settings, list_page_size: int = 1000):
+        import boto3
+        from botocore.config import Config
+        self.location = location
+        self.settings = settings
+        self.url = location.url
+        self.list_page_size = list_page_size
+        self._versioned: bool | None = None
+        self._versioned_lock = threading.Lock()
+        config = Config(
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+            max_pool_connections=POOL_CONNECTIONS,
+            tcp_keepalive=True,
+        )
+        # A session of its own: boto3's default session is not safe to share between threads.
+        session = boto3.session.Session()
+        self._client = session.client(
+            "s3", endpoint_url=settings.endpoint, region_name=settings.region,
+            aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
+            verify=settings.ca_file if settings.ca_file else True, config=config)
+
+    def __repr__(self) -> str:
+        return f"Bucket({self.url!r}, endpoint={self.settings.endpoint_name!r})"
+
+    # --- error translation ------------------------------------------------------------------
+
+    def _where(self) -> str:
+        return f"{self.settings.endpoint_name} (bucket {self.location.bucket})"
+
+    def _translate(self, exc: Exception, op: str, key: str | None = None, waited: float | None = None) -> Exception:
+        """The StoreError a botocore/urllib3 failure means, with a message for a person."""
+        from botocore import exceptions as be
+        what = f"{op} {self.location.key(key)}" if key is not None else op
+        budget = waited if waited is not None else self.settings.connect_timeout * self.settings.max_attempts
+        if isinstance(exc, be.ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "NoSuchBucket":
+                return NoSuchBucket(f"bucket {self.location.bucket} does not exist at {self.settings.endpoint_name}"
+                                    f" ({what})")
+            if code in _MISSING_CODES:
+                return ObjectMissing(f"{self.location.key(key or '')} is missing from bucket "
+                                     f"{self.location.bucket} at {self.settings.endpoint_name}")
+            if code in _CREDENTIAL_CODES:
+                return AccessDenied(f"the S3 endpoint {self._where()} refused {what} ({code}): check "
+                                    "BLOCKVAULT_S3_ACCESS_KEY_ID / BLOCKVAULT_S3_SECRET_ACCESS_KEY (or the "
+                                    "--credentials file) and that this user may use the bucket")
+            return S3Error(f"the S3 endpoint {self._where()} failed {what}: {code or status} "
+                           f"{err.get('Message') or ''}".rstrip() + f" (after up to {self.settings.max_attempts} "
+                           "attempts)")
+        if isinstance(exc, be.ReadTimeoutError) and op == "PUT":
+            return EndpointFull(f"the S3 endpoint {self._where()} took the upload {what} but did not answer within "
+                                f"{self.settings.read_timeout:g} s ({self.settings.max_attempts} attempts): a full "
+                                "Ceph cluster holds writes this way; check its free space (ceph df) and run the "
+                                "command again")
+        if isinstance(exc, (be.ConnectionError, be.HTTPClientError, be.ResponseStreamingError, OSError)) or \
+                type(exc).__module__.startswith("urllib3"):
+            return EndpointUnavailable(f"the S3 endpoint {self._where()} did not answer within {budget:.0f} s "
+                                       f"({what}: {type(exc).__name__}); check that it runs and is reachable, "
+                                       "then run the command again")
+        if isinstance(exc, be.NoCredentialsError):
+            return AccessDenied(f"no S3 credentials for {self._where()}: set BLOCKVAULT_S3_ACCESS_KEY_ID and "
+                                "BLOCKVAULT_S3_SECRET_ACCESS_KEY, or pass --credentials FILE")
+        if isinstance(exc, be.BotoCoreError):
+            return S3Error(f"the S3 request {what} to {self._where()} failed: {type(exc).__name__}")
+        return exc
+
+    def _call(self, op: str, method: str, key: str | None = None, absorb: frozenset = frozenset(), **kwargs):
+        """One client call, with one more bounded round of retries for connection failures
+        (botocore's own retries are spent within seconds; a radosgw restart takes longer).
+        An S3 error code in ``absorb`` is an expected answer: returned as ``_Refused``."""
+        from botocore import exceptions as be
+        started = time.monotonic()
+        for attempt in range(_ROUNDS):
+            try:
+                return getattr(self._client, method)(**kwargs)
+            except (be.EndpointConnectionError, be.ConnectionClosedError) as exc:
+                if attempt == _ROUNDS - 1:
+                    raise self._translate(exc, op, key, time.monotonic() - started) from None
+                log.info("S3 %s %s: %s; retrying in %.0f s", op, key or "", type(exc).__name__, _ROUND_PAUSE)
+                time.sleep(_ROUND_PAUSE)
+            except be.ClientError as exc:
+                if self._code(exc) in absorb:
+                    return _Refused(self._code(exc))
+                raise self._translate(exc, op, key, time.monotonic() - started) from None
+            except Exception as exc:  # noqa: BLE001 - translated or re-raised
+                translated = self._translate(exc, op, key, time.monotonic() - started)
+                if translated is exc:
+                    raise
+                raise translated from None
+
+    @staticmethod
+    def _code(exc: Exception) -> str:
+        from botocore import exceptions as be
+        if isinstance(exc, be.ClientError):
+            return str(exc.response.get("Error", {}).get("Code")
+                       or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        return ""
+
+    # --- the bucket -------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        from botocore import exceptions as be
+        try:
+            self._client.head_bucket(Bucket=self.location.bucket)
+            return True
+        except be.ClientError as exc:
+            if self._code(exc) in {"404", "NoSuchBucket", "NotFound"}:
+                return False
+            raise self._translate(exc, "HEAD bucket") from None
+        except Exception as exc:  # noqa: BLE001
+            raise self._translate(exc, "HEAD bucket") from None
+
+    def create(self, object_lock: bool = False) -> None:
+        """Make the bucket (no LocationConstraint: Ceph takes the default placement).
+        ``object_lock``: with versioning and object lock, so put_new can write retentions."""
+        from botocore import exceptions as be
+        kwargs = {"Bucket": self.location.bucket}
+        if object_lock:
+            kwargs["ObjectLockEnabledForBucket"] = True
+        try:
+            self._client.create_bucket(**kwargs)
+        except be.ClientError as exc:
+            if self._code(exc) != "BucketAlreadyOwnedByYou":
+                if self._code(exc) == "BucketAlreadyExists":
+                    raise AccessDenied(f"bucket {self.location.bucket} at {self.settings.endpoint_name} already "
+                                       "exists and belongs to another user: choose another name") from None
+                raise self._translate(exc, "CREATE bucket") from None
+        except Exception as exc:  # noqa: BLE001
+            raise self._translate(exc, "CREATE bucket") from None
+        if object_lock:
+            self._call("PUT versioning", "put_bucket_versioning", Bucket=self.location.bucket,
+                       VersioningConfiguration={"Status": "Enabled"})
+            self._call("PUT object-lock", "put_object_lock_configuration", Bucket=self.location.bucket,
+                       ObjectLockConfiguration={"ObjectLockEnabled": "Enabled"})
+            self._versioned = True
+
+    def versioned(self) -> bool:
+        """Whether the bucket keeps versions (object lock implies it): deletes must then name
+        the version, or they only hide the object behind a delete marker and free nothing."""
+        with self._versioned_lock:
+            if self._versioned is None:
+                doc = self._call("GET versioning", "get_bucket_versioning", Bucket=self.location.bucket)
+                self._versioned = doc.get("Status") in ("Enabled", "Suspended")
+            return self._versioned
+
+    def object_lock(self) -> bool:
+        """Whether the bucket has object lock enabled."""
+        from botocore import exceptions as be
+        try:
+            doc = self._client.get_object_lock_configuration(Bucket=self.location.bucket)
+        except be.ClientError as exc:
+            if self._code(exc) in {"ObjectLockConfigurationNotFoundError", "404", "InvalidRequest"}:
+                return False
+            raise self._translate(exc, "GET object-lock") from None
+        except Exception as exc:  # noqa: BLE001
+            raise self._translate(exc, "GET object-lock") from None
+        return doc.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+
+    # --- objects ----------------------------------------------------------------------------
+
+    def put_new(self, key: str, body: bytes | BinaryIO, retain_until: float | None = None) -> bool:
+        """Create ``key`` unless it exists (``If-None-Match: *``).  True: created; False: an
+        object was there already (412) and is left unchanged.  A PUT retried after a lost
+        answer can meet its own first attempt and say False: callers that care compare content.
+        ``retain_until``: a COMPLIANCE retention until that unix time (object-lock bucket)."""
+        kwargs = {"Bucket": self.location.bucket, "Key": self.location.key(key), "Body": body, "IfNoneMatch": "*"}
+        if retain_until is not None:
+            kwargs["ObjectLockMode"] = "COMPLIANCE"
+            kwargs["ObjectLockRetainUntilDate"] = datetime.datetime.fromtimestamp(retain_until, datetime.timezone.utc)
+            if isinstance(body, (bytes, bytearray, memoryview)):
+                # S3 requires a body checksum on a PUT that sets a retention
+                kwargs["ContentMD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+        return not isinstance(self._call("PUT", "put_object", key, absorb=_PRECONDITION_CODES, **kwargs), _Refused)
+
+    def put_if_match(self, key: str, body: bytes, etag: str) -> bool:
+        """Replace ``key`` only if its ETag is still ``etag`` (compare-and-swap); False on 412."""
+        answer = self._call("PUT", "put_object", key, absorb=_PRECONDITION_CODES | _MISSING_CODES,
+                            Bucket=self.location.bucket, Key=self.location.key(key), Body=body, IfMatch=_unquote(etag))
+        return not isinstance(answer, _Refused)
+
+    def get(self, key: str) -> bytes:
+        doc = self._call("GET", "get_object", key, Bucket=self.location.bucket, Key=self.location.key(key))
+        with _Stream(self, key, doc["Body"]) as body:
+            return body.read()
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of ``key``; fewer where the object ends first
+        (b"" at or past its end): the caller decides whether a short read is damage."""
+        if length <= 0:
+            return b""
+        doc = self._call("GET", "get_object", key, absorb=frozenset({"InvalidRange", "416"}),
+                         Bucket=self.location.bucket, Key=self.location.key(key),
+                         Range=f"bytes={offset}-{offset + length - 1}")
+        if isinstance(doc, _Refused):
+            return b""
+        with _Stream(self, key, doc["Body"]) as body:
+            data = body.read()
+        # a server that ignores Range answers 200 with the whole object
+        if doc.get("ResponseMetadata", {}).get("HTTPStatusCode") == 200 and "ContentRange" not in doc:
+            data = data[offset:offset + length]
+        return data
+
+    def open_stream(self, key: str) -> BinaryIO:
+        doc = self._call("GET", "get_object", key, Bucket=self.location.bucket, Key=self.location.key(key))
+        return _Stream(self, key, doc["Body"])  # type: ignore[return-value]
+
+    def head(self, key: str) -> ObjectInfo | None:
+        from botocore import exceptions as be
+        try:
+            doc = self._client.head_object(Bucket=self.location.bucket, Key=self.location.key(key))
+        except be.ClientError as exc:
+            if self._code(exc) in _MISSING_CODES:
+                return None
+            raise self._translate(exc, "HEAD", key) from None
+        except Exception as exc:  # noqa: BLE001
+            raise self._translate(exc, "HEAD", key) from None
+        return ObjectInfo(key, int(doc.get("ContentLength", 0)), _unquote(doc.get("ETag")),
+                          doc["LastModified"].timestamp() if doc.get("LastModified") else 0.0)
+
+    def list(self, subprefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object under PREFIX/subprefix, keys relative to PREFIX, page by page."""
+        base = self.location.key("") if self.location.prefix else ""
+        kwargs = {"Bucket": self.location.bucket, "Prefix": base + subprefix, "MaxKeys": self.list_page_size}
+        while True:
+            page = self._call("LIST", "list_objects_v2", subprefix or "", **kwargs)
+            for item in page.get("Contents", ()):
+                yield ObjectInfo(item["Key"][len(base):], int(item["Size"]), _unquote(item.get("ETag")),
+                                 item["LastModified"].timestamp())
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+            kwargs["ContinuationToken"] = token
+
+    def delete(self, keys: Sequence[str]) -> list[tuple[str, str]]:
+        """Delete ``keys`` in batches of 1000; returns the failures as (key, reason).  A key
+        already absent is no failure.  On a versioned bucket the version itself is deleted
+        (object lock then refuses it while its retention runs: 'locked until ...')."""
+        failures: list[tuple[str, str]] = []
+        keys = list(keys)
+        versioned = self.versioned() if keys else False
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start:start + DELETE_BATCH]
+            if versioned:
+                objects = [{"Key": self.location.key(k), "VersionId": v}
+                           for k in batch for v in self._versions(k)]
+            else:
+                objects = [{"Key": self.location.key(k)} for k in batch]
+            if not objects:
+                continue
+            doc = self._call("DELETE", "delete_objects", None, Bucket=self.location.bucket,
+                             Delete={"Objects": objects, "Quiet": True})
+            base = len(self.location.key("")) if self.location.prefix else 0
+            failed: dict[str, str] = {}
+            for err in doc.get("Errors", ()):
+                key = err.get("Key", "")[base:]
+                if err.get("Code") in _MISSING_CODES:
+                    continue
+                failed.setdefault(key, f"{err.get('Code')}: {err.get('Message') or ''}".rstrip(": "))
+            for key, reason in failed.items():
+                until = self.retention(key) if versioned else None
+                if until is not None and until > time.time():
+                    stamp = datetime.datetime.fromtimestamp(until, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+                    reason = f"locked until {stamp}"
+                failures.append((key, reason))
+        return failures
+
+    def _versions(self, key: str) -> list[str]:
+        """The version ids of exactly ``key`` (and of its delete markers)."""
+        full = self.location.key(key)
+        found: list[str] = []
+        kwargs = {"Bucket": self.location.bucket, "Prefix": full}
+        while True:
+            page = self._call("LIST versions", "list_object_versions", key, **kwargs)
+            for item in list(page.get("Versions", ())) + list(page.get("DeleteMarkers", ())):
+                if item["Key"] == full:
+                    found.append(item["VersionId"])
+            if not page.get("IsTruncated"):
+                return found
+            kwargs["KeyMarker"] = page.get("NextKeyMarker")
+            kwargs["VersionIdMarker"] = page.get("NextVersionIdMarker")
+
+    def retention(self, key: str) -> float | None:
+        """The COMPLIANCE/GOVERNANCE retain-until time of ``key``; None when it has none."""
+        from botocore import exceptions as be
+        try:
+            doc = self._client.get_object_retention(Bucket=self.location.bucket, Key=self.location.key(key))
+        except be.ClientError as exc:
+            if self._code(exc) in {"NoSuchObjectLockConfiguration", "ObjectLockConfigurationNotFoundError",
+                                   "InvalidRequest", "404", "NoSuchKey"}:
+                return None
+            raise self._translate(exc, "GET retention", key) from None
+        except Exception as exc:  # noqa: BLE001
+            raise self._translate(exc, "GET retention", key) from None
+        until = doc.get("Retention", {}).get("RetainUntilDate")
+        return until.timestamp() if until else None
+
+    def delete_locked_error(self, key: str, until: float) -> ObjectLocked:
+        """The error for a caller that must fail (not just report) on a locked object."""
+        stamp = datetime.datetime.fromtimestamp(until, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return ObjectLocked(f"{self.location.key(key)} in bucket {self.location.bucket} is locked until {stamp} "
+                            "(object lock, COMPLIANCE): it cannot be deleted before then")
