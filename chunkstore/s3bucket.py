@@ -57,6 +57,19 @@ class ObjectInfo:
     last_modified: float     # unix time
 
 
+def _content_md5(body) -> str:
+    """Content-MD5 of a body (bytes, or a seekable file read and rewound)."""
+    digest = hashlib.md5()
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        digest.update(body)
+    else:
+        start = body.tell()
+        while piece := body.read(1 << 20):
+            digest.update(piece)
+        body.seek(start)
+    return base64.b64encode(digest.digest()).decode()
+
+
 def _unquote(etag: str | None) -> str:
     return (etag or "").strip().strip('"')
 
@@ -264,25 +277,42 @@ class Bucket:
         object was there already (412) and is left unchanged.  A PUT retried after a lost
         answer can meet its own first attempt and say False: callers that care compare content.
         ``retain_until``: a COMPLIANCE retention until that unix time (object-lock bucket)."""
-        kwargs = {"Bucket": self.location.bucket, "Key": self.location.key(key), "Body": body, "IfNoneMatch": "*"}
+        return self.put_new_etag(key, body, retain_until) is not None
+
+    def put_new_etag(self, key: str, body: bytes | BinaryIO, retain_until: float | None = None) -> str | None:
+        """put_new, answering the new object's (unquoted) ETag, or None when it existed."""
+        kwargs = {"IfNoneMatch": "*"}
         if retain_until is not None:
             kwargs["ObjectLockMode"] = "COMPLIANCE"
             kwargs["ObjectLockRetainUntilDate"] = datetime.datetime.fromtimestamp(retain_until, datetime.timezone.utc)
-            if isinstance(body, (bytes, bytearray, memoryview)):
-                # S3 requires a body checksum on a PUT that sets a retention
-                kwargs["ContentMD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
-        return not isinstance(self._call("PUT", "put_object", key, absorb=_PRECONDITION_CODES, **kwargs), _Refused)
+            kwargs["ContentMD5"] = _content_md5(body)   # S3 requires a body digest with a retention
+        return self._put(key, body, _PRECONDITION_CODES, kwargs)
 
     def put_if_match(self, key: str, body: bytes, etag: str) -> bool:
-        """Replace ``key`` only if its ETag is still ``etag`` (compare-and-swap); False on 412."""
-        answer = self._call("PUT", "put_object", key, absorb=_PRECONDITION_CODES | _MISSING_CODES,
-                            Bucket=self.location.bucket, Key=self.location.key(key), Body=body, IfMatch=_unquote(etag))
-        return not isinstance(answer, _Refused)
+        """Replace ``key`` only if its ETag is still ``etag`` (compare-and-swap); False on 412
+        (changed) or when the object is gone."""
+        return self.put_if_match_etag(key, body, etag) is not None
+
+    def put_if_match_etag(self, key: str, body: bytes, etag: str) -> str | None:
+        """put_if_match, answering the new ETag, or None when refused."""
+        return self._put(key, body, _PRECONDITION_CODES | _MISSING_CODES, {"IfMatch": _unquote(etag)})
+
+    def _put(self, key: str, body, absorb: frozenset, conditions: dict) -> str | None:
+        answer = self._call("PUT", "put_object", key, absorb=absorb, Bucket=self.location.bucket,
+                            Key=self.location.key(key), Body=body, **conditions)
+        return None if isinstance(answer, _Refused) else _unquote(answer.get("ETag"))
 
     def get(self, key: str) -> bytes:
+        """The whole object; ObjectMissing when it is not there."""
+        return self.get_with_info(key)[0]
+
+    def get_with_info(self, key: str) -> tuple[bytes, ObjectInfo]:
+        """The whole object and its ETag/size/time from the same response (no HEAD race)."""
         doc = self._call("GET", "get_object", key, Bucket=self.location.bucket, Key=self.location.key(key))
         with _Stream(self, key, doc["Body"]) as body:
-            return body.read()
+            data = body.read()
+        modified = doc.get("LastModified")
+        return data, ObjectInfo(key, len(data), _unquote(doc.get("ETag")), modified.timestamp() if modified else 0.0)
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of ``key``; fewer where the object ends first
