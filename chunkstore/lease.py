@@ -88,7 +88,7 @@ class Lease:
         for _ in range(_ATTEMPTS):
             now = time.time()
             try:
-                data, info = bucket.get_with_info(LEASE_KEY)
+                data, info = bucket.get_with_info(LEASE_KEY, hidden=False)
             except ObjectMissing:
                 etag = bucket.put_new_etag(LEASE_KEY, encode(holder, host_id, now, ttl))
                 if etag is not None:
@@ -143,7 +143,7 @@ class Lease:
 
     def _read(self):
         try:
-            data, info = self.bucket.get_with_info(LEASE_KEY)
+            data, info = self.bucket.get_with_info(LEASE_KEY, hidden=False)
         except ObjectMissing:
             return None, None
         return decode(data, info.last_modified), info

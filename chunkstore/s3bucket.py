@@ -279,8 +279,20 @@ class Bucket:
         ``retain_until``: a COMPLIANCE retention until that unix time (object-lock bucket)."""
         return self.put_new_etag(key, body, retain_until) is not None
 
-    def put_new_etag(self, key: str, body: bytes | BinaryIO, retain_until: float | None = None) -> str | None:
-        """put_new, answering the new object's (unquoted) ETag, or None when it existed."""
+    def put_new_etag(self, key: str, body: bytes | BinaryIO, retain_until: float | None = None,
+                     look_first: bool | None = None) -> str | None:
+        """put_new, answering the new object's (unquoted) ETag, or None when it existed.
+
+        ``look_first`` (default: on a versioned bucket): HEAD the key first and answer None
+        when it has a version.  Ceph 16 ignores ``If-None-Match: *`` in a versioned bucket
+        (every object-lock bucket is one) and would add a second version; the HEAD keeps a
+        second ``init`` or a re-sent pack from doing that, though not atomically (two
+        writers can both pass it), which is why s3check refuses such an endpoint for the
+        lease."""
+        if look_first is None:
+            look_first = self.versioned()
+        if look_first and self.head(key) is not None:
+            return None
         kwargs = {"IfNoneMatch": "*"}
         if retain_until is not None:
             kwargs["ObjectLockMode"] = "COMPLIANCE"
@@ -306,9 +318,10 @@ class Bucket:
         """The whole object; ObjectMissing when it is not there."""
         return self.get_with_info(key)[0]
 
-    def get_with_info(self, key: str) -> tuple[bytes, ObjectInfo]:
-        """The whole object and its ETag/size/time from the same response (no HEAD race)."""
-        doc = self._call("GET", "get_object", key, Bucket=self.location.bucket, Key=self.location.key(key))
+    def get_with_info(self, key: str, hidden: bool = True) -> tuple[bytes, ObjectInfo]:
+        """The whole object and its ETag/size/time from the same response (no HEAD race).
+        ``hidden=False``: only the current version (no fall-back past a delete marker)."""
+        doc = self._get_object("GET", key, hidden)
         with _Stream(self, key, doc["Body"]) as body:
             data = body.read()
         modified = doc.get("LastModified")
@@ -319,9 +332,8 @@ class Bucket:
         (b"" at or past its end): the caller decides whether a short read is damage."""
         if length <= 0:
             return b""
-        doc = self._call("GET", "get_object", key, absorb=frozenset({"InvalidRange", "416"}),
-                         Bucket=self.location.bucket, Key=self.location.key(key),
-                         Range=f"bytes={offset}-{offset + length - 1}")
+        doc = self._get_object("GET", key, True, absorb=frozenset({"InvalidRange", "416"}),
+                               Range=f"bytes={offset}-{offset + length - 1}")
         if isinstance(doc, _Refused):
             return b""
         with _Stream(self, key, doc["Body"]) as body:
@@ -332,25 +344,44 @@ class Bucket:
         return data
 
     def open_stream(self, key: str) -> BinaryIO:
-        doc = self._call("GET", "get_object", key, Bucket=self.location.bucket, Key=self.location.key(key))
-        return _Stream(self, key, doc["Body"])  # type: ignore[return-value]
+        """The object as a stream (``read(n)`` until b"")."""
+        return _Stream(self, key, self._get_object("GET", key, True)["Body"])  # type: ignore[return-value]
+
+    def _get_object(self, op: str, key: str, hidden: bool, absorb: frozenset = frozenset(), method="get_object",
+                    **extra):
+        """GET (or HEAD) ``key``.  On a versioned bucket a key whose current version is a
+        delete marker is read from its newest real version: a plain DELETE (which object
+        lock cannot refuse: it only adds a marker) must not make a locked pack unreadable."""
+        try:
+            return self._call(op, method, key, absorb=absorb, Bucket=self.location.bucket,
+                              Key=self.location.key(key), **extra)
+        except ObjectMissing:
+            if not hidden or not self.versioned():
+                raise
+            versions = self._versions(key, markers=False)
+            if not versions:
+                raise
+            log.warning("%s is hidden by a delete marker in bucket %s; reading its version %s",
+                        self.location.key(key), self.location.bucket, versions[0])
+            return self._call(op, method, key, absorb=absorb, Bucket=self.location.bucket,
+                              Key=self.location.key(key), VersionId=versions[0], **extra)
 
     def head(self, key: str) -> ObjectInfo | None:
-        from botocore import exceptions as be
+        """Size, ETag and time of ``key``; None when it does not exist."""
         try:
-            doc = self._client.head_object(Bucket=self.location.bucket, Key=self.location.key(key))
-        except be.ClientError as exc:
-            if self._code(exc) in _MISSING_CODES:
-                return None
-            raise self._translate(exc, "HEAD", key) from None
-        except Exception as exc:  # noqa: BLE001
-            raise self._translate(exc, "HEAD", key) from None
+            doc = self._get_object("HEAD", key, True, method="head_object")
+        except ObjectMissing:
+            return None
         return ObjectInfo(key, int(doc.get("ContentLength", 0)), _unquote(doc.get("ETag")),
                           doc["LastModified"].timestamp() if doc.get("LastModified") else 0.0)
 
     def list(self, subprefix: str = "") -> Iterator[ObjectInfo]:
-        """Every object under PREFIX/subprefix, keys relative to PREFIX, page by page."""
+        """Every object under PREFIX/subprefix, keys relative to PREFIX, page by page (on a
+        versioned bucket: every key with a real version, also one hidden by a delete marker)."""
         base = self.location.key("") if self.location.prefix else ""
+        if self.versioned():
+            yield from self._list_versions(base, subprefix)
+            return
         kwargs = {"Bucket": self.location.bucket, "Prefix": base + subprefix, "MaxKeys": self.list_page_size}
         while True:
             page = self._call("LIST", "list_objects_v2", subprefix or "", **kwargs)
@@ -361,6 +392,21 @@ class Bucket:
             if not page.get("IsTruncated") or not token:
                 return
             kwargs["ContinuationToken"] = token
+
+    def _list_versions(self, base: str, subprefix: str) -> Iterator[ObjectInfo]:
+        kwargs = {"Bucket": self.location.bucket, "Prefix": base + subprefix, "MaxKeys": self.list_page_size}
+        last = None
+        while True:
+            page = self._call("LIST versions", "list_object_versions", subprefix or "", **kwargs)
+            for item in page.get("Versions", ()):   # by key, newest version first
+                if item["Key"] != last:
+                    last = item["Key"]
+                    yield ObjectInfo(item["Key"][len(base):], int(item["Size"]), _unquote(item.get("ETag")),
+                                     item["LastModified"].timestamp())
+            if not page.get("IsTruncated"):
+                return
+            kwargs["KeyMarker"] = page.get("NextKeyMarker")
+            kwargs["VersionIdMarker"] = page.get("NextVersionIdMarker")
 
     def delete(self, keys: Sequence[str]) -> list[tuple[str, str]]:
         """Delete ``keys`` in batches of 1000; returns the failures as (key, reason).  A key
@@ -395,14 +441,14 @@ class Bucket:
                 failures.append((key, reason))
         return failures
 
-    def _versions(self, key: str) -> list[str]:
-        """The version ids of exactly ``key`` (and of its delete markers)."""
+    def _versions(self, key: str, markers: bool = True) -> list[str]:
+        """The version ids of exactly ``key``, newest first (and of its delete markers)."""
         full = self.location.key(key)
         found: list[str] = []
         kwargs = {"Bucket": self.location.bucket, "Prefix": full}
         while True:
             page = self._call("LIST versions", "list_object_versions", key, **kwargs)
-            for item in list(page.get("Versions", ())) + list(page.get("DeleteMarkers", ())):
+            for item in list(page.get("Versions", ())) + (list(page.get("DeleteMarkers", ())) if markers else []):
                 if item["Key"] == full:
                     found.append(item["VersionId"])
             if not page.get("IsTruncated"):
@@ -412,16 +458,14 @@ class Bucket:
 
     def retention(self, key: str) -> float | None:
         """The COMPLIANCE/GOVERNANCE retain-until time of ``key``; None when it has none."""
-        from botocore import exceptions as be
+        none = frozenset({"NoSuchObjectLockConfiguration", "ObjectLockConfigurationNotFoundError",
+                          "InvalidRequest"})
         try:
-            doc = self._client.get_object_retention(Bucket=self.location.bucket, Key=self.location.key(key))
-        except be.ClientError as exc:
-            if self._code(exc) in {"NoSuchObjectLockConfiguration", "ObjectLockConfigurationNotFoundError",
-                                   "InvalidRequest", "404", "NoSuchKey"}:
-                return None
-            raise self._translate(exc, "GET retention", key) from None
-        except Exception as exc:  # noqa: BLE001
-            raise self._translate(exc, "GET retention", key) from None
+            doc = self._get_object("GET retention", key, True, absorb=none, method="get_object_retention")
+        except ObjectMissing:
+            return None
+        if isinstance(doc, _Refused):
+            return None
         until = doc.get("Retention", {}).get("RetainUntilDate")
         return until.timestamp() if until else None
 

@@ -28,12 +28,16 @@ def check_conditional_writes(bucket) -> None:
     where = f"the S3 endpoint {bucket.settings.endpoint_name} (bucket {bucket.location.bucket})"
     refuse = ("; a store there could be overwritten by a second host, so blockvault refuses to use it "
               "(use an endpoint that supports conditional writes, e.g. Ceph RGW, MinIO or AWS S3)")
+    if bucket.versioned():
+        refuse = (" (the bucket keeps versions, as object lock requires: Ceph 16 ignores If-None-Match and "
+                  "refuses every If-Match on PUT in such a bucket)" + refuse)
     try:
-        first = bucket.put_new_etag(key, b"selftest 1\n")
+        first = bucket.put_new_etag(key, b"selftest 1\n", look_first=False)
         if first is None:
             raise EndpointUnsafe(f"{where} refused to create a new key with If-None-Match: * (412 for a key "
                                  f"that did not exist){refuse}")
-        if bucket.put_new(key, b"selftest 2\n") or bucket.get(key) != b"selftest 1\n":
+        if bucket.put_new_etag(key, b"selftest 2\n", look_first=False) is not None or \
+                bucket.get(key) != b"selftest 1\n":
             raise EndpointUnsafe(f"{where} ignores If-None-Match: * on PUT (a second create of the same key "
                                  f"replaced the first){refuse}")
         stale = "0" * 32 if first != "0" * 32 else "1" * 32

@@ -55,3 +55,32 @@ def test_the_gateway_itself_is_faithful(ceph, s3_bucket_name):
         check_conditional_writes(Bucket(S3Location(s3_bucket_name, "p"), settings(ceph, gateway.endpoint)))
     finally:
         gateway.close()
+
+
+def test_the_verdict_on_an_object_lock_bucket_matches_the_endpoint(ceph, s3_bucket_name):
+    """Object lock needs versioning, and Ceph 16 ignores If-None-Match (and refuses every
+    If-Match) in a versioned bucket.  The self-test must say so exactly when the endpoint
+    really does it, measured here with the plain client."""
+    import uuid
+
+    from botocore.exceptions import ClientError
+    name = f"bv-lockchk-{uuid.uuid4().hex[:8]}"
+    bucket = Bucket(S3Location(name, "store"), settings(ceph, ceph.endpoint))
+    bucket.create(object_lock=True)
+    raw = ceph.client()
+    raw.put_object(Bucket=name, Key="probe", Body=b"1", IfNoneMatch="*")
+    try:
+        raw.put_object(Bucket=name, Key="probe", Body=b"2", IfNoneMatch="*")
+        ignores = True
+    except ClientError as exc:
+        assert exc.response["Error"]["Code"] == "PreconditionFailed"
+        ignores = False
+    for v in raw.list_object_versions(Bucket=name, Prefix="probe").get("Versions", []):
+        raw.delete_object(Bucket=name, Key="probe", VersionId=v["VersionId"])
+    if ignores:
+        with pytest.raises(EndpointUnsafe) as info:
+            check_conditional_writes(bucket)
+        assert "ignores If-None-Match" in str(info.value) and "keeps versions" in str(info.value)
+    else:
+        check_conditional_writes(bucket)
+    assert raw.list_object_versions(Bucket=name).get("Versions", []) == []
