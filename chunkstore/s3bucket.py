@@ -120,7 +120,7 @@ class Bucket:
             response_checksum_validation="when_required",
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
-            retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": settings.max_attempts, "mode": "standard"},
             max_pool_connections=POOL_CONNECTIONS,
             tcp_keepalive=True,
         )

@@ -172,3 +172,30 @@ def test_a_bucket_that_does_not_exist(ceph):
     assert bucket.exists() is True
     bucket.create()   # again: the bucket is ours already, nothing to do
     assert bucket.put_new("config.json", b"x")
+
+
+def test_an_upload_that_is_never_answered_is_endpoint_full(ceph, s3_bucket_name):
+    """A full Ceph cluster takes a PUT and holds it; the client must give up (read timeout,
+    bounded retries) with the hint, never wait without end.  The gateway in front of the
+    real radosgw holds every PUT the same way."""
+    from chunkstore.errors import EndpointFull
+    from s3proxy import S3Gateway
+    gateway = S3Gateway(ceph.endpoint, ceph.access_key, ceph.secret_key, hang_puts=True)
+    try:
+        bucket = Bucket(S3Location(s3_bucket_name, "store"),
+                        settings(ceph, endpoint=gateway.endpoint, read_timeout=1.0, max_attempts=2))
+        assert Bucket(S3Location(s3_bucket_name, "store"), settings(ceph)).put_new("config.json", b"{}")
+        assert bucket.get("config.json") == b"{}"    # reads pass through the gateway
+        outcome = {}
+        worker = threading.Thread(target=lambda: outcome.update(
+            exc=pytest.raises(EndpointFull, bucket.put_new, "packs/aa/x.pack", b"x" * 1000)), daemon=True)
+        worker.start()
+        worker.join(120)
+        assert not worker.is_alive(), "a hung PUT made the client wait without end"
+    finally:
+        gateway.close()
+    message = str(outcome["exc"].value)
+    assert "ceph df" in message and gateway.endpoint in message and s3_bucket_name in message
+    puts = [path for method, path, _ in gateway.seen if method == "PUT"]
+    assert len(puts) == 2    # max_attempts, then it stops
+    assert Bucket(S3Location(s3_bucket_name, "store"), settings(ceph)).head("packs/aa/x.pack") is None
