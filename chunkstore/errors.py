@@ -78,6 +78,10 @@ class EndpointUnavailable(S3Error):
     """The endpoint did not answer (connection refused, reset or timed out) after retries."""
 
 
+class EndpointUntrusted(S3Error):
+    """The endpoint's TLS certificate is not trusted (or not for that name)."""
+
+
 class EndpointFull(S3Error):
     """An upload was accepted but never answered: a full Ceph cluster holds writes this way."""
 

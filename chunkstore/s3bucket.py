@@ -21,12 +21,14 @@ import datetime
 import hashlib
 import base64
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Sequence
 
-from chunkstore.errors import (AccessDenied, EndpointFull, EndpointUnavailable, NoSuchBucket, ObjectLocked,
+from chunkstore.errors import (AccessDenied, EndpointFull, EndpointUnavailable, EndpointUntrusted, NoSuchBucket,
+                               ObjectLocked,
                                ObjectMissing, S3Error)
 from chunkstore.s3settings import S3Location, S3Settings
 
@@ -161,6 +163,12 @@ class Bucket:
             return S3Error(f"the S3 endpoint {self._where()} failed {what}: {code or status} "
                            f"{err.get('Message') or ''}".rstrip() + f" (after up to {self.settings.max_attempts} "
                            "attempts)")
+        if isinstance(exc, be.SSLError):
+            found = re.search(r"\] ([^(]*?)\s*\(_ssl", str(exc))
+            reason = found.group(1) if found else "the TLS handshake failed"
+            return EndpointUntrusted(f"the TLS certificate of the S3 endpoint {self._where()} is not trusted "
+                                     f"({reason[:160]}): give the CA certificate that signs it (PEM) with --ca-file "
+                                     "FILE or BLOCKVAULT_S3_CA_FILE")
         if isinstance(exc, be.ReadTimeoutError) and op == "PUT":
             return EndpointFull(f"the S3 endpoint {self._where()} took the upload {what} but did not answer within "
                                 f"{self.settings.read_timeout:g} s ({self.settings.max_attempts} attempts): a full "

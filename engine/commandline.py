@@ -136,6 +136,7 @@ def _code_table() -> list[tuple[type, str]]:
         (se.LeaseLost, "lease_lost"),
         (se.EndpointUnavailable, "s3_unavailable"),
         (se.EndpointFull, "s3_full"),
+        (se.EndpointUntrusted, "s3_certificate"),
         (se.AccessDenied, "s3_access_denied"),
         (se.NoSuchBucket, "s3_no_bucket"),
         (se.ObjectMissing, "s3_object_missing"),

@@ -16,8 +16,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tools", "ceph-s3.sh")
-PACKAGES = ("ceph-mon", "ceph-osd", "radosgw", "ceph-authtool", "radosgw-admin", "ceph", "curl")
-INSTALL_HINT = "run tools/install.sh --test (it installs ceph-mon ceph-osd radosgw ceph-common curl)"
+PACKAGES = ("ceph-mon", "ceph-osd", "radosgw", "ceph-authtool", "radosgw-admin", "ceph", "curl", "openssl")
+INSTALL_HINT = "run tools/install.sh --test (it installs ceph-mon ceph-osd radosgw ceph-common curl openssl)"
 PORTS_PER_CLUSTER = 50   # tools/ceph-s3.sh uses BASE..BASE+49
 
 
@@ -60,6 +60,8 @@ class CephCluster:
         self.access_key = ""
         self.secret_key = ""
         self.start_seconds = 0.0
+        self.tls_endpoint = ""      # https://127.0.0.1:BASE+3, its certificate self-signed:
+        self.ca_file = ""           # the CA file that trusts it
 
     def start(self, directory: str, port_base: int) -> "CephCluster":
         missing = missing_tools()
@@ -79,6 +81,8 @@ class CephCluster:
         self.endpoint = values["BLOCKVAULT_S3_ENDPOINT"]
         self.access_key = values["BLOCKVAULT_S3_ACCESS_KEY_ID"]
         self.secret_key = values["BLOCKVAULT_S3_SECRET_ACCESS_KEY"]
+        self.tls_endpoint = open(os.path.join(directory, "tls", "endpoint")).read().strip()
+        self.ca_file = os.path.join(directory, "tls", "cert.pem")
         return self
 
     @property

@@ -6,12 +6,13 @@
 #   tools/ceph-s3.sh env DIR              print the BLOCKVAULT_S3_* lines of a running cluster
 #
 # Every socket is on 127.0.0.1 and every port comes from PORT_BASE (default 17400):
-#   mon msgr2 = BASE, mon v1 = BASE+1, S3 = BASE+2, OSD messenger ports BASE+10..BASE+49.
+#   mon msgr2 = BASE, mon v1 = BASE+1, S3 = BASE+2 (http), BASE+3 (https, a fresh self-signed
+#   certificate for 127.0.0.1 in DIR/tls/cert.pem: the CA file to trust), OSD ports BASE+10..BASE+49.
 # So clusters with PORT_BASEs 50 apart run side by side.  Keep DIR short (under /tmp): the
 # daemons' admin sockets live in DIR/run and a unix socket path is limited to 107 bytes.
 # memstore keeps everything in RAM (about twice the data stored) and nothing survives a stop:
 # a cluster is always made fresh.  Needs the Debian packages ceph-mon ceph-osd radosgw
-# ceph-common curl (tools/install.sh --test).
+# ceph-common curl openssl (tools/install.sh --test).
 # Env: S3_ACCESS_KEY, S3_SECRET_KEY (the user's keys), STORE_GB (memstore size, default 4).
 set -euo pipefail
 
@@ -44,11 +45,11 @@ if [ "$verb" = env ]; then cat "$D/s3.env"; exit 0; fi
 [ "$verb" = up ] || usage
 
 BASE=${3:-17400}
-MON2=$BASE MON1=$((BASE + 1)) RGW=$((BASE + 2))
+MON2=$BASE MON1=$((BASE + 1)) RGW=$((BASE + 2)) RGW_TLS=$((BASE + 3))
 AK=${S3_ACCESS_KEY:-blockvaulttestkey}
 SK=${S3_SECRET_KEY:-blockvaulttestsecret0123456789}
 BYTES=$(( ${STORE_GB:-4} * 1024 * 1024 * 1024 ))
-for tool in ceph-mon ceph-osd radosgw ceph-authtool monmaptool radosgw-admin ceph curl; do
+for tool in ceph-mon ceph-osd radosgw ceph-authtool monmaptool radosgw-admin ceph curl openssl; do
   command -v "$tool" >/dev/null || { echo "ceph-s3: $tool is not installed; run tools/install.sh --test" >&2; exit 1; }
 done
 if [ ${#D} -gt 60 ]; then echo "ceph-s3: $D is too long (admin sockets need a short path, e.g. /tmp/bvceph1)" >&2; exit 2; fi
@@ -56,7 +57,10 @@ if ls "$D"/run/*.pid >/dev/null 2>&1; then echo "ceph-s3: a cluster may still ru
 start=$(date +%s.%N)
 trap 'echo "ceph-s3: start failed (line $LINENO); logs in $D/log" >&2; stop_cluster "$D" >/dev/null 2>&1 || true; exit 1' ERR
 rm -rf "$D"
-mkdir -p "$D"/{mon,osd,run,log,crash,rgw}
+mkdir -p "$D"/{mon,osd,run,log,crash,rgw,tls}
+openssl req -x509 -newkey rsa:2048 -nodes -days 7 -subj "/CN=127.0.0.1" \
+  -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+  -keyout "$D/tls/key.pem" -out "$D/tls/cert.pem" >>"$D/log/setup.log" 2>&1
 FSID=$(cat /proc/sys/kernel/random/uuid)
 export CEPH_CONF="$D/ceph.conf"
 
@@ -106,7 +110,7 @@ osd objectstore = memstore
 memstore device bytes = $BYTES
 
 [client.rgw.a]
-rgw frontends = beast endpoint=127.0.0.1:$RGW
+rgw frontends = beast endpoint=127.0.0.1:$RGW ssl_endpoint=127.0.0.1:$RGW_TLS ssl_certificate=$D/tls/cert.pem ssl_private_key=$D/tls/key.pem
 # deleted objects are reclaimed after 60 s, not 2 h
 rgw gc obj min wait = 60
 rgw gc processor period = 60
@@ -150,6 +154,7 @@ BLOCKVAULT_S3_ACCESS_KEY_ID=$AK
 BLOCKVAULT_S3_SECRET_ACCESS_KEY=$SK
 BLOCKVAULT_S3_REGION=us-east-1
 ENV
+echo "https://127.0.0.1:$RGW_TLS" > "$D/tls/endpoint"
 chmod 600 "$D/s3.env"
 trap - ERR
 awk -v a="$(date +%s.%N)" -v b="$start" -v e="http://127.0.0.1:$RGW" \

@@ -22,7 +22,7 @@ if [ "$want_test" = 1 ]; then
   # and libnbd's Python binding for the tests
   apt_packages+=(nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd fuse3)
   # S3 stores (issue 12): a real single-node Ceph with radosgw, started by tools/ceph-s3.sh
-  apt_packages+=(ceph-mon ceph-osd radosgw ceph-common curl)
+  apt_packages+=(ceph-mon ceph-osd radosgw ceph-common curl openssl)
 fi
 
 missing=()

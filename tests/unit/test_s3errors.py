@@ -11,6 +11,7 @@ from engine.commandline import describe_failure, error_code
     (se.LeaseLost("taken over"), "lease_lost", 4),
     (se.EndpointUnavailable("no answer"), "s3_unavailable", 1),
     (se.EndpointFull("hung"), "s3_full", 1),
+    (se.EndpointUntrusted("self-signed"), "s3_certificate", 1),
     (se.AccessDenied("refused"), "s3_access_denied", 1),
     (se.NoSuchBucket("none"), "s3_no_bucket", 1),
     (se.ObjectMissing("gone"), "s3_object_missing", 3),
