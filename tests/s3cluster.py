@@ -25,6 +25,15 @@ def missing_tools() -> list[str]:
     return [tool for tool in PACKAGES if shutil.which(tool) is None]
 
 
+def missing_message() -> str:
+    """Why the S3 tests cannot run here ("" when they can)."""
+    missing = missing_tools()
+    if not missing:
+        return ""
+    return (f"the S3 tests need a Ceph cluster but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: {INSTALL_HINT}")
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -60,14 +69,13 @@ class CephCluster:
         self.access_key = ""
         self.secret_key = ""
         self.start_seconds = 0.0
+        self._watchdog: subprocess.Popen | None = None
         self.tls_endpoint = ""      # https://127.0.0.1:BASE+3, its certificate self-signed:
         self.ca_file = ""           # the CA file that trusts it
 
     def start(self, directory: str, port_base: int) -> "CephCluster":
-        missing = missing_tools()
-        if missing:
-            raise RuntimeError(f"the S3 tests need a Ceph cluster but {', '.join(missing)} "
-                               f"{'is' if len(missing) == 1 else 'are'} not installed: {INSTALL_HINT}")
+        if missing_message():
+            raise RuntimeError(missing_message())
         self.dir, self.port_base = directory, port_base
         t0 = time.monotonic()
         proc = subprocess.run([SCRIPT, "up", directory, str(port_base)], capture_output=True, text=True,
@@ -77,6 +85,12 @@ class CephCluster:
             log = self._log_tail()
             self.stop()
             raise RuntimeError(f"tools/ceph-s3.sh up failed ({proc.returncode}): {proc.stderr.strip()}\n{log}")
+        # If this process dies without stop() (SIGKILL, a crash), a watchdog of its own brings the
+        # cluster down: memstore daemons left behind would hold their RAM until the machine stops.
+        self._watchdog = subprocess.Popen(
+            ["sh", "-c", 'while kill -0 "$0" 2>/dev/null; do sleep 2; done; exec "$1" down "$2"',
+             str(os.getpid()), SCRIPT, directory],
+            start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         values = dict(line.split("=", 1) for line in open(os.path.join(directory, "s3.env")).read().split())
         self.endpoint = values["BLOCKVAULT_S3_ENDPOINT"]
         self.access_key = values["BLOCKVAULT_S3_ACCESS_KEY_ID"]
@@ -151,3 +165,7 @@ class CephCluster:
     def stop(self) -> None:
         if self.dir and os.path.isdir(self.dir):
             subprocess.run([SCRIPT, "down", self.dir], capture_output=True, timeout=120)
+        if self._watchdog is not None:
+            self._watchdog.terminate()
+            self._watchdog.wait()
+            self._watchdog = None

@@ -20,8 +20,8 @@ usage() { echo "usage: $0 up DIR [PORT_BASE] | down DIR | env DIR" >&2; exit 2; 
 [ $# -ge 2 ] || usage
 verb=$1 D=$2
 
-stop_cluster() {
-  local d=$1 f pid pids=()
+stop_cluster() {   # DIR [keep]: stop the daemons, then remove DIR unless "keep"
+  local d=$1 keep=${2:-} f pid pids=()
   [ -d "$d" ] || { echo "ceph-s3: nothing at $d"; return 0; }
   for f in "$d"/run/*.pid; do
     [ -f "$f" ] || continue
@@ -36,6 +36,7 @@ stop_cluster() {
     for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
     kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
   done
+  if [ "$keep" = keep ]; then echo "ceph-s3: stopped ${#pids[@]} daemon(s), kept $d"; return 0; fi
   case "$d" in /|"") ;; *) rm -rf "$d" ;; esac
   echo "ceph-s3: stopped ${#pids[@]} daemon(s), removed $d"
 }
@@ -55,7 +56,7 @@ done
 if [ ${#D} -gt 60 ]; then echo "ceph-s3: $D is too long (admin sockets need a short path, e.g. /tmp/bvceph1)" >&2; exit 2; fi
 if ls "$D"/run/*.pid >/dev/null 2>&1; then echo "ceph-s3: a cluster may still run in $D; run '$0 down $D' first" >&2; exit 1; fi
 start=$(date +%s.%N)
-trap 'echo "ceph-s3: start failed (line $LINENO); logs in $D/log" >&2; stop_cluster "$D" >/dev/null 2>&1 || true; exit 1' ERR
+trap 'echo "ceph-s3: start failed (line $LINENO); daemons stopped, logs kept in $D/log (remove with: $0 down $D)" >&2; stop_cluster "$D" keep >/dev/null 2>&1 || true; exit 1' ERR
 rm -rf "$D"
 mkdir -p "$D"/{mon,osd,run,log,crash,rgw,tls}
 openssl req -x509 -newkey rsa:2048 -nodes -days 7 -subj "/CN=127.0.0.1" \
