@@ -17,29 +17,24 @@ the endpoint and the bucket and says what to check; no message or repr carries a
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
-import base64
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Sequence
 
-from chunkstore.errors import (AccessDenied, EndpointFull, EndpointUnavailable, EndpointUntrusted, NoSuchBucket,
-                               ObjectLocked,
-                               ObjectMissing, S3Error)
+from chunkstore.errors import AccessDenied, ObjectLocked, ObjectMissing
+from chunkstore.s3failures import (MISSING_CODES, PRECONDITION_CODES, ResponseStream, error_code,
+                                   translate)
 from chunkstore.s3settings import S3Location, S3Settings
 
 log = logging.getLogger("blockvault.s3")
 
 POOL_CONNECTIONS = 32        # uploader and reader pools run up to 16 threads each
 DELETE_BATCH = 1000          # the most keys one DeleteObjects takes
-_CREDENTIAL_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
-                     "ExpiredToken", "AllAccessDisabled", "AccountProblem", "403"}
-_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-_PRECONDITION_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 _ROUNDS = 2                  # our own rounds around botocore's retries, for connection failures
 _ROUND_PAUSE = 2.0
 
@@ -76,34 +71,6 @@ def _unquote(etag: str | None) -> str:
     return (etag or "").strip().strip('"')
 
 
-class _Stream:
-    """A GET body read in pieces, with the transport's errors translated."""
-
-    def __init__(self, bucket: "Bucket", key: str, body):
-        self._bucket, self._key, self._body = bucket, key, body
-
-    def read(self, n: int = -1) -> bytes:
-        try:
-            return self._body.read(None if n is None or n < 0 else n)
-        except Exception as exc:  # noqa: BLE001 - urllib3 and botocore raise several unrelated types
-            raise self._bucket._translate(exc, "GET", self._key) from None
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        try:
-            self._body.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection cannot fail the caller
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
 class Bucket:
     """A store's bucket.  Thread-safe (one boto3 client, which is)."""
 
@@ -138,53 +105,11 @@ class Bucket:
 
     # --- error translation ------------------------------------------------------------------
 
-    def _where(self) -> str:
-        return f"{self.settings.endpoint_name} (bucket {self.location.bucket})"
+    def _failure(self, key: str):
+        return lambda exc: self._translate(exc, "GET", key)
 
     def _translate(self, exc: Exception, op: str, key: str | None = None, waited: float | None = None) -> Exception:
-        """The StoreError a botocore/urllib3 failure means, with a message for a person."""
-        from botocore import exceptions as be
-        what = f"{op} {self.location.key(key)}" if key is not None else op
-        budget = waited if waited is not None else self.settings.connect_timeout * self.settings.max_attempts
-        if isinstance(exc, be.ClientError):
-            err = exc.response.get("Error", {})
-            code = str(err.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code == "NoSuchBucket":
-                return NoSuchBucket(f"bucket {self.location.bucket} does not exist at {self.settings.endpoint_name}"
-                                    f" ({what})")
-            if code in _MISSING_CODES:
-                return ObjectMissing(f"{self.location.key(key or '')} is missing from bucket "
-                                     f"{self.location.bucket} at {self.settings.endpoint_name}")
-            if code in _CREDENTIAL_CODES:
-                return AccessDenied(f"the S3 endpoint {self._where()} refused {what} ({code}): check "
-                                    "BLOCKVAULT_S3_ACCESS_KEY_ID / BLOCKVAULT_S3_SECRET_ACCESS_KEY (or the "
-                                    "--credentials file) and that this user may use the bucket")
-            return S3Error(f"the S3 endpoint {self._where()} failed {what}: {code or status} "
-                           f"{err.get('Message') or ''}".rstrip() + f" (after up to {self.settings.max_attempts} "
-                           "attempts)")
-        if isinstance(exc, be.SSLError):
-            found = re.search(r"\] ([^(]*?)\s*\(_ssl", str(exc))
-            reason = found.group(1) if found else "the TLS handshake failed"
-            return EndpointUntrusted(f"the TLS certificate of the S3 endpoint {self._where()} is not trusted "
-                                     f"({reason[:160]}): give the CA certificate that signs it (PEM) with --ca-file "
-                                     "FILE or BLOCKVAULT_S3_CA_FILE")
-        if isinstance(exc, be.ReadTimeoutError) and op == "PUT":
-            return EndpointFull(f"the S3 endpoint {self._where()} took the upload {what} but did not answer within "
-                                f"{self.settings.read_timeout:g} s ({self.settings.max_attempts} attempts): a full "
-                                "Ceph cluster holds writes this way; check its free space (ceph df) and run the "
-                                "command again")
-        if isinstance(exc, (be.ConnectionError, be.HTTPClientError, be.ResponseStreamingError, OSError)) or \
-                type(exc).__module__.startswith("urllib3"):
-            return EndpointUnavailable(f"the S3 endpoint {self._where()} did not answer within {budget:.0f} s "
-                                       f"({what}: {type(exc).__name__}); check that it runs and is reachable, "
-                                       "then run the command again")
-        if isinstance(exc, be.NoCredentialsError):
-            return AccessDenied(f"no S3 credentials for {self._where()}: set BLOCKVAULT_S3_ACCESS_KEY_ID and "
-                                "BLOCKVAULT_S3_SECRET_ACCESS_KEY, or pass --credentials FILE")
-        if isinstance(exc, be.BotoCoreError):
-            return S3Error(f"the S3 request {what} to {self._where()} failed: {type(exc).__name__}")
-        return exc
+        return translate(exc, op, self.location, self.settings, key, waited)
 
     def _call(self, op: str, method: str, key: str | None = None, absorb: frozenset = frozenset(), **kwargs):
         """One client call, with one more bounded round of retries for connection failures
@@ -210,13 +135,7 @@ class Bucket:
                     raise
                 raise translated from None
 
-    @staticmethod
-    def _code(exc: Exception) -> str:
-        from botocore import exceptions as be
-        if isinstance(exc, be.ClientError):
-            return str(exc.response.get("Error", {}).get("Code")
-                       or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-        return ""
+    _code = staticmethod(error_code)
 
     # --- the bucket -------------------------------------------------------------------------
 
@@ -306,7 +225,7 @@ class Bucket:
             kwargs["ObjectLockMode"] = "COMPLIANCE"
             kwargs["ObjectLockRetainUntilDate"] = datetime.datetime.fromtimestamp(retain_until, datetime.timezone.utc)
             kwargs["ContentMD5"] = _content_md5(body)   # S3 requires a body digest with a retention
-        return self._put(key, body, _PRECONDITION_CODES, kwargs)
+        return self._put(key, body, PRECONDITION_CODES, kwargs)
 
     def put_if_match(self, key: str, body: bytes, etag: str) -> bool:
         """Replace ``key`` only if its ETag is still ``etag`` (compare-and-swap); False on 412
@@ -315,7 +234,7 @@ class Bucket:
 
     def put_if_match_etag(self, key: str, body: bytes, etag: str) -> str | None:
         """put_if_match, answering the new ETag, or None when refused."""
-        return self._put(key, body, _PRECONDITION_CODES | _MISSING_CODES, {"IfMatch": _unquote(etag)})
+        return self._put(key, body, PRECONDITION_CODES | MISSING_CODES, {"IfMatch": _unquote(etag)})
 
     def _put(self, key: str, body, absorb: frozenset, conditions: dict) -> str | None:
         answer = self._call("PUT", "put_object", key, absorb=absorb, Bucket=self.location.bucket,
@@ -330,7 +249,7 @@ class Bucket:
         """The whole object and its ETag/size/time from the same response (no HEAD race).
         ``hidden=False``: only the current version (no fall-back past a delete marker)."""
         doc = self._get_object("GET", key, hidden)
-        with _Stream(self, key, doc["Body"]) as body:
+        with ResponseStream(doc["Body"], self._failure(key)) as body:
             data = body.read()
         modified = doc.get("LastModified")
         return data, ObjectInfo(key, len(data), _unquote(doc.get("ETag")), modified.timestamp() if modified else 0.0)
@@ -344,7 +263,7 @@ class Bucket:
                                Range=f"bytes={offset}-{offset + length - 1}")
         if isinstance(doc, _Refused):
             return b""
-        with _Stream(self, key, doc["Body"]) as body:
+        with ResponseStream(doc["Body"], self._failure(key)) as body:
             data = body.read()
         # a server that ignores Range answers 200 with the whole object
         if doc.get("ResponseMetadata", {}).get("HTTPStatusCode") == 200 and "ContentRange" not in doc:
@@ -353,7 +272,8 @@ class Bucket:
 
     def open_stream(self, key: str) -> BinaryIO:
         """The object as a stream (``read(n)`` until b"")."""
-        return _Stream(self, key, self._get_object("GET", key, True)["Body"])  # type: ignore[return-value]
+        body = self._get_object("GET", key, True)["Body"]
+        return ResponseStream(body, self._failure(key))  # type: ignore[return-value]
 
     def _get_object(self, op: str, key: str, hidden: bool, absorb: frozenset = frozenset(), method="get_object",
                     **extra):
@@ -438,7 +358,7 @@ class Bucket:
             failed: dict[str, str] = {}
             for err in doc.get("Errors", ()):
                 key = err.get("Key", "")[base:]
-                if err.get("Code") in _MISSING_CODES:
+                if err.get("Code") in MISSING_CODES:
                     continue
                 failed.setdefault(key, f"{err.get('Code')}: {err.get('Message') or ''}".rstrip(": "))
             for key, reason in failed.items():

@@ -116,7 +116,7 @@ def test_an_unreadable_lease_is_never_overwritten(bucket):
 
 
 RACER = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     sys.path.insert(0, {root!r})
     from chunkstore.errors import LeaseHeld
     from chunkstore.lease import Lease
@@ -124,11 +124,9 @@ RACER = textwrap.dedent("""
     from chunkstore.s3settings import S3Settings, parse_store_url
     bucket = Bucket(parse_store_url(sys.argv[1]), S3Settings.resolve())
     bucket.head("warm-up")                 # connection made before the start signal
-    start = float(sys.argv[3])
-    if time.time() >= start:
-        print("late")                      # would not have raced: the test must fail, not pass weakly
-        sys.exit(0)
-    while time.time() < start:
+    barrier = sys.argv[3]
+    open(os.path.join(barrier, "ready-" + sys.argv[2]), "w").close()
+    while not os.path.exists(os.path.join(barrier, "go")):
         time.sleep(0.001)
     try:
         Lease.acquire(bucket, sys.argv[2], "racer " + sys.argv[2])
@@ -138,19 +136,24 @@ RACER = textwrap.dedent("""
 """)
 
 
-def test_processes_racing_for_the_lease_exactly_one_wins(ceph, bucket):
+def test_processes_racing_for_the_lease_exactly_one_wins(ceph, bucket, tmp_path):
     script = RACER.format(root=REPO_ROOT)
     env = dict(os.environ, **ceph.env())
     for round_ in range(3):
         store = f"{bucket.url}-{round_}"
         hosts = [uuid.uuid4().hex for _ in range(6)]
-        start = time.time() + 6.0
-        procs = [subprocess.Popen([sys.executable, "-c", script, store, host, str(start)], env=env,
+        barrier = tmp_path / f"round{round_}"
+        barrier.mkdir()
+        procs = [subprocess.Popen([sys.executable, "-c", script, store, host, str(barrier)], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for host in hosts]
+        deadline = time.monotonic() + 120
+        while len(list(barrier.glob("ready-*"))) < len(hosts) and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs if p.poll() is not None]
+            time.sleep(0.05)
+        (barrier / "go").touch()           # all six are waiting: they start together
         results = [p.communicate(timeout=120) for p in procs]
         assert all(p.returncode == 0 for p in procs), [err for _, err in results]
         outs = [out.strip() for out, _ in results]
-        assert "late" not in outs, outs
         winners = [host for host, out in zip(hosts, outs) if out == "won"]
         assert len(winners) == 1, outs
         assert all(out == f"held racer {winners[0]}" for out in outs if out != "won"), outs
