@@ -180,7 +180,14 @@ class Bucket:
         the version, or they only hide the object behind a delete marker and free nothing."""
         with self._versioned_lock:
             if self._versioned is None:
-                doc = self._call("GET versioning", "get_bucket_versioning", Bucket=self.location.bucket)
+                try:
+                    doc = self._call("GET versioning", "get_bucket_versioning", Bucket=self.location.bucket)
+                except AccessDenied:
+                    # a user without s3:GetBucketVersioning: take the bucket as unversioned (the
+                    # conditional headers stay the real guard), say so once
+                    log.warning("may not read the versioning of bucket %s; taking it as unversioned",
+                                self.location.bucket)
+                    doc = {}
                 self._versioned = doc.get("Status") in ("Enabled", "Suspended")
             return self._versioned
 
