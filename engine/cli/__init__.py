@@ -133,6 +133,10 @@ class _OnlyVerb:
     def __init__(self, sub, verb: str):
         self.sub, self.verb, self.found = sub, verb, False
 
+    @property
+    def choices(self):
+        return self.sub.choices
+
     def add_parser(self, name, **kwargs):
         if name != self.verb:
             return _Skipped()
@@ -171,6 +175,7 @@ def _register(sub) -> None:
     for module in VERB_MODULES:
         module.register(sub)
     register_vsphere(sub)
+    add_store_options(sub)
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -181,11 +186,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         only = _OnlyVerb(sub, verb)
         _register(only)
         if only.found:
-            add_store_options(sub)
             return p
     p, sub = _top_parser()
     _register(sub)
-    add_store_options(sub)
     return p
 
 
