@@ -137,7 +137,7 @@ class ManifestBuilder:
     def __init__(self, size: int, chunk_size: int, zero_digest: bytes, hasher: Callable[[bytes], bytes],
                  load_segment: Callable[[bytes], bytes], base: Manifest | None = None,
                  flush: Callable[[dict[bytes, bytes]], None] | None = None,
-                 flush_bytes: int = FLUSH_SEGMENT_BYTES):
+                 flush_bytes: int | None = None):
         self.size = size
         self.chunk_size = chunk_size
         self.zero = zero_digest
@@ -151,7 +151,8 @@ class ManifestBuilder:
         self.new_segments: dict[bytes, bytes] = {}
         self.flushed: set[bytes] = set()   # digests of segments handed to ``flush``
         self.flush = flush
-        self.flush_bytes = flush_bytes
+        # Read at each backup, not bound at import: tests set a small threshold.
+        self.flush_bytes = FLUSH_SEGMENT_BYTES if flush_bytes is None else flush_bytes
         self._held = 0                     # bytes in new_segments
         self._cur = -1
         self._buf: bytearray | None = None
