@@ -178,3 +178,39 @@ def test_segments_committed_early_are_counted_by_the_backups_commit(tmp_path):
     _verify_json(store)
     _restores(store, "a@2", a, out)
     _restores(store, "b@1", b, out)
+
+
+def test_a_killed_backups_early_segments_are_no_count_drift_and_keep_nothing_live(tmp_path):
+    """Segments a killed backup committed early have no count (no manifest
+    names them): verify must not call that drift, and gc reaps the killed
+    backup's chunks regardless (the segments themselves stay: see docs/FORMAT.md)."""
+    store, small, big, out = (str(tmp_path / n) for n in ("store", "small.img", "big.img", "r.img"))
+    assert run_cli("init", store, "--chunk-size", "64K").returncode == 0
+    _one_block_per_segment(small, 8, seed=5)
+    assert run_cli("backup", store, small, "--disk", "a").returncode == 0
+    _, segments_before = _counters(store)
+    _one_block_per_segment(big, 4096, seed=6)
+    proc = subprocess.Popen([sys.executable, "-c", _SMALL_FLUSH, "backup", store, big, "--disk", "d"],
+                            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while _counters(store)[1] == segments_before:
+            assert proc.poll() is None, "the backup ended before its first early commit"
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        assert proc.poll() is None, "the backup ended before it could be killed mid-way"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    _, segments = _counters(store)
+    assert segments > segments_before            # early segments no manifest names
+    _verify_json(store)
+    gc = run_cli("gc", store, "--max-unused", "0", "--json")
+    assert gc.returncode == 0, gc.stderr
+    doc = json.loads(gc.stdout)
+    assert doc["reaped_sessions"] and doc["orphans_killed"] + len(doc["leftover_packs"]) > 0, gc.stdout
+    _verify_json(store)
+    _restores(store, "a@1", small, out)
+    listing = run_cli("list", store)
+    assert "d@" not in listing.stdout, listing.stdout
