@@ -210,6 +210,7 @@ def test_an_early_commit_is_kept_when_the_session_then_aborts(tmp_path):
     from chunkstore.rebuild import rebuild_index
 
     store = _store(tmp_path)
+    store.db(b"segments")  # opened before any write transaction, as the engine's Repository does
     r = rng(5)
     with store.writer() as w:
         ((d, codec, payload),) = _encode_all(store, [r.bytes(CS)])
