@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import lmdb
 
-from chunkstore import badmarks
+from chunkstore import badmarks, residency
 from chunkstore.config import FORMAT_VERSION
 from chunkstore.errors import StoreError
 from chunkstore.index import CHUNKS_DB, IndexEntry, PackInfo
@@ -305,7 +305,9 @@ class WriteSession:
         session's copy is a duplicate like any other."""
         chunks_db, refs = self.store.chunks_db, self.store.refs
         healed = []
+        paced = residency.Paced(self.store.release_map)  # each put a random leaf: chunkstore/residency.py
         for digest, entry in entries.items():
+            paced.step()
             if txn.put(digest, entry.encode(), db=chunks_db, overwrite=False):
                 continue
             old = IndexEntry.decode(txn.get(digest, db=chunks_db))
@@ -347,8 +349,10 @@ class WriteSession:
         (none in the usual case).  Nothing indexes a chunk while the lock is
         held, so what is indexed now is what the LMDB commit will keep."""
         store = self.store
+        paced = residency.Paced(store.release_map)
         with store.read_txn() as txn:
             for digest, entry in self.pending.items():
+                paced.step()
                 value = txn.get(digest, db=store.chunks_db)
                 if value is not None and not self._replaces(txn, digest):
                     self._note_kept(digest, entry, IndexEntry.decode(value))
@@ -475,7 +479,9 @@ class WriteSession:
         backup rewrites hundreds of MiB of segments, which would otherwise be
         held twice at the peak."""
         store = self.store
+        paced = residency.Paced(store.release_map)  # each a random leaf: chunkstore/residency.py
         for i in range(len(writes)):
+            paced.step()
             op, name, key, value = writes[i]
             writes[i] = None
             if op == OP_PUT:

@@ -22,6 +22,7 @@ import native
 import xxhash
 
 from chunkstore.errors import IntegrityError
+from chunkstore.residency import Paced
 
 MANIFESTS_DB = b"manifests"
 SEGMENTS_DB = b"segments"
@@ -231,15 +232,25 @@ class ManifestStore:
     segment against its key, which is the digest of its bytes.  A changed
     byte in either would otherwise restore wrong data with exit 0."""
 
-    def __init__(self, manifests_db, segments_db, hasher: Callable[[bytes], bytes]):
+    def __init__(self, manifests_db, segments_db, hasher: Callable[[bytes], bytes],
+                 release_map: Callable[[], object] = lambda: None):
         self.manifests_db = manifests_db
         self.segments_db = segments_db
         self.hasher = hasher
+        self.release_map = release_map
 
     def segment_writes(self, txn, new_segments: dict[bytes, bytes]) -> list[tuple[bytes, bytes, bytes]]:
         """The segments the store lacks, as (database, key, value) writes for
-        WriteSession.commit's or commit_early's metadata."""
-        return [(SEGMENTS_DB, d, c) for d, c in new_segments.items() if txn.get(d, db=self.segments_db) is None]
+        WriteSession.commit's or commit_early's metadata.  Each lookup is a
+        random leaf of ``segments``, which faults in a folio of the file: the
+        map is released as they go (chunkstore/residency.py ``Paced``)."""
+        paced = Paced(self.release_map)
+        out = []
+        for d, c in new_segments.items():
+            paced.step()
+            if txn.get(d, db=self.segments_db) is None:
+                out.append((SEGMENTS_DB, d, c))
+        return out
 
     def writes(self, txn, key: bytes, manifest: Manifest,
                new_segments: dict[bytes, bytes]) -> list[tuple[bytes, bytes, bytes]]:
