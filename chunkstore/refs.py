@@ -235,10 +235,12 @@ class ChunkRefs:
         with txn.cursor(db=self.packdead_db) as cur:
             return sum(u64(v) for _, v in cur)
 
-    def freed_bytes(self, txn, drops: dict[bytes, int]) -> int:
+    def freed_bytes(self, txn, drops: dict[bytes, int], paced: "residency.Paced | None" = None) -> int:
         """Stored bytes of the chunks whose count would reach 0 if each lost ``drops[d]`` references."""
         total = 0
+        paced = paced or residency.Paced(self.store.release_map)
         for d, n in drops.items():
+            paced.step()
             if self.count(txn, d) <= n:
                 value = txn.get(d, db=self.store.chunks_db)
                 if value is not None and txn.get(d, db=self.dead_db) is None:

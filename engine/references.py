@@ -119,16 +119,19 @@ class References:
             return None
         drops = Counter()
         for m in manifests:
-            drops.update(set(m.segments))
+            for s in dict.fromkeys(m.segments):  # in the manifest's order, as ``add_manifests`` reads them
+                drops[s] += 1
         zero = self.store.digester.zero_digest
         chunk_drops: Counter = Counter()
         segments_db = self.repo.manifests.segments_db
+        paced = residency.Paced(self.store.release_map)
         for s, n in drops.items():
+            paced.step()
             if self.count(txn, s) <= n:
                 content = txn.get(s, db=segments_db)
                 if content is not None:
                     chunk_drops.update(distinct_digests(bytes(content), len(zero), zero))
-        return self.chunks.freed_bytes(txn, chunk_drops)
+        return self.chunks.freed_bytes(txn, chunk_drops, paced)
 
 
 # -- recounting from the manifests --------------------------------------------
@@ -228,10 +231,12 @@ def count_drift(repo, txn) -> list[str]:
     store, refs = repo.store, repo.store.refs
     exp = expected_counts(repo, txn)
     drift: list[str] = []
+    paced = residency.Paced(store.release_map)  # the scans below read whole databases through the map
 
     def compare(db, expected: Counter, what: str) -> None:
         seen = set()
         for k, v in txn.cursor(db=db):
+            paced.step()
             k = bytes(k)
             seen.add(k)
             if expected[k] != u64(v):
@@ -253,6 +258,7 @@ def count_drift(repo, txn) -> list[str]:
     indexed: Counter = Counter()
     with txn.cursor(db=store.chunks_db) as cur:
         for d, value in cur:
+            paced.step()
             d = bytes(d)
             if d not in dead:
                 entry = IndexEntry.decode(value)

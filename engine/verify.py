@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from chunkstore import badmarks
+from chunkstore import badmarks, residency
 from chunkstore.errors import IntegrityError
 from chunkstore.pack import pack_relpath
 from chunkstore.registry import Registry
@@ -129,6 +129,7 @@ def _check_manifests(repo: Repository, report: VerifyReport, watched: set) -> No
     zero = np.frombuffer(store.digester.zero_digest, dtype=np.uint8)
     # Segments are shared between backups: inspect each one once.
     seg_hits: dict[bytes, tuple[int, int, list] | IntegrityError] = {}
+    paced = residency.Paced(store.release_map)  # every segment read through the map: chunkstore/residency.py
     with store.read_txn() as txn:
         for record in repo.catalog.all(txn, bad=report.bad_records):
             report.backups_checked += 1
@@ -137,6 +138,7 @@ def _check_manifests(repo: Repository, report: VerifyReport, watched: set) -> No
                 for s, seg in enumerate(manifest.segments):
                     hits = seg_hits.get(seg)
                     if hits is None:
+                        paced.step()
                         try:
                             content = repo.manifests.segment(txn, seg, record.id)
                             hits = (len(content) // manifest.digest_len,
