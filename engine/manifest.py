@@ -238,6 +238,10 @@ class ManifestStore:
         self.segments_db = segments_db
         self.hasher = hasher
         self.release_map = release_map
+        # Every segment read of every reader (restore, rollback, an NBD export, verify) goes
+        # through ``segment``: a restore of a 4 TiB disk of 100,000 extents read its 1 GiB of
+        # segments through the map and peaked at 1.3 GB RSS, all file pages (residency.Paced).
+        self._paced = Paced(release_map)
 
     def segment_writes(self, txn, new_segments: dict[bytes, bytes]) -> list[tuple[bytes, bytes, bytes]]:
         """The segments the store lacks, as (database, key, value) writes for
@@ -277,6 +281,7 @@ class ManifestStore:
         """The segment ``digest``, checked against its key; with ``manifest``
         and ``index`` also its length and non-zero count against the manifest."""
         name = f"{where + ': ' if where else ''}manifest segment {digest.hex()}"
+        self._paced.step()
         value = txn.get(digest, db=self.segments_db)
         if value is None:
             raise IntegrityError(f"{name} is missing")

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from chunkstore import badmarks, residency
+from chunkstore import badmarks
 from chunkstore.errors import IntegrityError
 from chunkstore.pack import pack_relpath
 from chunkstore.registry import Registry
@@ -129,7 +129,6 @@ def _check_manifests(repo: Repository, report: VerifyReport, watched: set) -> No
     zero = np.frombuffer(store.digester.zero_digest, dtype=np.uint8)
     # Segments are shared between backups: inspect each one once.
     seg_hits: dict[bytes, tuple[int, int, list] | IntegrityError] = {}
-    paced = residency.Paced(store.release_map)  # every segment read through the map: chunkstore/residency.py
     with store.read_txn() as txn:
         for record in repo.catalog.all(txn, bad=report.bad_records):
             report.backups_checked += 1
@@ -137,8 +136,7 @@ def _check_manifests(repo: Repository, report: VerifyReport, watched: set) -> No
                 manifest = repo.manifests.get(txn, record.key, record.id, record)
                 for s, seg in enumerate(manifest.segments):
                     hits = seg_hits.get(seg)
-                    if hits is None:
-                        paced.step()
+                    if hits is None:  # read paced (ManifestStore.segment, chunkstore/residency.py)
                         try:
                             content = repo.manifests.segment(txn, seg, record.id)
                             hits = (len(content) // manifest.digest_len,
