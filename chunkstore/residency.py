@@ -1,4 +1,4 @@
-"""Unmap the pages of the LMDB file a long writer has touched.
+"""Unmap the pages of the LMDB file a long writer (or reader) has touched.
 
 LMDB reads through a shared read-only map of ``data.mdb``.  Linux maps a
 whole page-cache folio at a fault (folios of up to a few MiB on ext4, also
@@ -110,7 +110,9 @@ def file_resident() -> int | None:
 
 
 class Paced:
-    """For one long transaction (one thread): ``step`` once per lookup or
+    """For one long transaction, or one reader of many (engine/manifest.py
+    ``ManifestStore.segment``, from any thread: a racing step only makes a
+    look come a step early or late): ``step`` once per lookup or
     read; every ``every`` steps it looks at the file-backed resident set and
     calls ``release`` (a store's ``release_map``) once that grew by
     ``budget`` since the last release (this process's, by any caller: what
