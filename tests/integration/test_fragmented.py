@@ -182,11 +182,11 @@ def test_a_backups_memory_does_not_grow_with_the_segments_it_rewrites(tmp_path):
 
 @pytest.mark.slow
 def test_removing_a_fragmented_point_does_not_grow_with_its_segments(tmp_path):
-    """A delete reads every segment of the point twice, for the bytes it
-    frees (References.unique_bytes) and to count its chunks down
-    (release_manifest).  Both mapped all of them: 69 and 195 MB peak RSS
-    for 2,048 and 8,192 segments; read in order, the map released as they
-    go (chunkstore/residency.py Paced): 35 and 38 MB."""
+    """A delete reads every segment of the point to count its chunks down
+    (References.release_manifest; a dry run reads them for unique_bytes).
+    That mapped all of them: 68 and 198 MB peak RSS for 2,048 and 8,192
+    segments; read in order, the map released as they go
+    (chunkstore/residency.py Paced): 36 and 38 MB."""
     peaks = []
     for n in (2048, 8192):
         img, store = str(tmp_path / f"{n}.img"), str(tmp_path / f"{n}-store")
