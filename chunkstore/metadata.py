@@ -15,10 +15,22 @@ import struct
 from dataclasses import dataclass
 from typing import Iterator
 
-from chunkstore.errors import IntegrityError
+from chunkstore.errors import IntegrityError, StoreError
+from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB
+from chunkstore.refs import REFS_DBS
 from chunkstore.pack import METADATA_FIELD, METADATA_MAGIC, METADATA_PART, RECORD_HEADER, RecordHeader, check64
 
 OP_PUT, OP_DELETE = 1, 2
+# One write of the layer above for a commit: (database name, key, value); a
+# value of None deletes the key.
+MetadataWrite = tuple[bytes, bytes, "bytes | None"]
+# Keys of the ``meta`` database: the number of the last committed commit, and
+# the highest number handed out (a commit that wrote its metadata records and
+# then died keeps its number: the next commit gets a new one).
+LAST_COMMIT = b"commit.last"
+RESERVED_COMMIT = b"commit.reserved"
+OWN_DBS = (CHUNKS_DB, PACKS_DB, META_DB, b"bad", *REFS_DBS)  # b"bad": chunkstore/badmarks.py
+U64 = struct.Struct("<Q")
 # op, database name length, key length, value length
 METADATA_ENTRY = struct.Struct("<BBHI")
 
@@ -30,6 +42,24 @@ class MetadataPart:
     part: int
     parts: int
     time: float
+
+
+def meta_number(txn, db, key: bytes) -> int:
+    value = txn.get(key, db=db)
+    return U64.unpack(bytes(value))[0] if value is not None else 0
+
+
+def take_writes(metadata: Sequence[MetadataWrite]) -> list:
+    """``metadata`` as (op, database, key, value), checked; a list is emptied
+    (taken over: each write is dropped once LMDB holds it, see WriteSession._apply)."""
+    writes = [(OP_DELETE if v is None else OP_PUT, bytes(n), bytes(k), b"" if v is None else bytes(v))
+              for n, k, v in metadata]
+    if isinstance(metadata, list):
+        metadata.clear()
+    for _, name, _, _ in writes:
+        if name in OWN_DBS:
+            raise StoreError(f"metadata may not write chunkstore's own database {name.decode()!r}")
+    return writes
 
 
 def encode_metadata(writes) -> bytes:

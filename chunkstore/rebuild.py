@@ -29,12 +29,11 @@ from chunkstore.config import StoreConfig, fsync_dir
 from chunkstore.errors import IntegrityError
 from chunkstore.index import CHUNKS_DB, IndexEntry, PackInfo
 from chunkstore.lock import WriterLock
-from chunkstore.metadata import OP_PUT, decode_metadata, metadata_part
+from chunkstore.metadata import LAST_COMMIT, OP_PUT, OWN_DBS, RESERVED_COMMIT, U64, decode_metadata, metadata_part
 from chunkstore.pack import (METADATA_MAGIC, RECORD_HEADER_SIZE, RECORD_MAGIC, check_payload, decode_record_header,
                              scan_pack)
 from chunkstore.readonly import refuse_write, store_is_writable
 from chunkstore.registry import Registry
-from chunkstore.session import LAST_COMMIT, OWN_DBS, RESERVED_COMMIT, _U64
 from chunkstore.store import DATA_FILE, INDEX_DIR, ChunkStore, _open_env, index_file_problem
 
 
@@ -315,8 +314,8 @@ def _replace(store: ChunkStore, entries, packs, chain: list[int], commits: dict,
                 else:
                     txn.delete(key, db=handle)
         if chain:
-            txn.put(LAST_COMMIT, _U64.pack(chain[-1]), db=store.meta_db)
-            txn.put(RESERVED_COMMIT, _U64.pack(max(commits)), db=store.meta_db)
+            txn.put(LAST_COMMIT, U64.pack(chain[-1]), db=store.meta_db)
+            txn.put(RESERVED_COMMIT, U64.pack(max(commits)), db=store.meta_db)
         if finish is not None:
             report.derived = finish(txn, gen_floor)
         for name in sorted(touched):

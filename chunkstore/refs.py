@@ -31,6 +31,7 @@ from __future__ import annotations
 import struct
 from typing import Iterable
 
+from chunkstore import residency
 from chunkstore.index import IndexEntry, PackInfo
 from chunkstore.pack import PACK_HEADER, RECORD_HEADER_SIZE
 
@@ -142,12 +143,20 @@ class ChunkRefs:
         """A record the index stops pointing at (or never pointed at) is dead bytes of its pack."""
         self._dead_bytes_add(txn, entry.pack_id, record_size(entry))
 
-    def add_segments(self, txn, contents: Iterable[bytes]) -> None:
-        """Segments that went from no manifest to one: their chunks count up; dead ones revive."""
+    def add_segments(self, txn, contents: Iterable[bytes], paced: "residency.Paced | None" = None) -> None:
+        """Segments that went from no manifest to one: their chunks count up; dead ones revive.
+
+        ``contents`` is best a generator that reads each segment as it is
+        wanted: one transaction may count hundreds of MiB of them (a backup
+        that rewrote a fragmented disk), so each leaves memory once counted
+        and the map is released as they are read (``paced``, the caller's
+        if it reads them: chunkstore/residency.py)."""
         zero = self.store.digester.zero_digest
         dlen = len(zero)
         refs_db, chunks_db = self.refs_db, self.store.chunks_db
+        paced = paced or residency.Paced(self.store.release_map)
         for content in contents:
+            paced.step()
             for d in distinct_digests(content, dlen, zero):
                 n = self.count(txn, d)
                 txn.put(d, pack_u64(n + 1), db=refs_db)
@@ -158,16 +167,20 @@ class ChunkRefs:
                         self._dead_bytes_add(txn, IndexEntry.decode(value).pack_id,
                                              -record_size(IndexEntry.decode(value)))
 
-    def release_segments(self, txn, contents: Iterable[bytes], freed: list[int] | None = None) -> int:
+    def release_segments(self, txn, contents: Iterable[bytes], freed: list[int] | None = None,
+                         paced: "residency.Paced | None" = None) -> int:
         """Segments no manifest names any more: their chunks count down; those
         at 0 die, stamped with this transaction's generation.  Returns the
         number of chunks that died; ``freed[0]``, if given, grows by their
-        records' bytes (what ``freed_bytes`` predicts before)."""
+        records' bytes (what ``freed_bytes`` predicts before).  ``contents``
+        as for ``add_segments``."""
         zero = self.store.digester.zero_digest
         dlen = len(zero)
         refs_db, chunks_db = self.refs_db, self.store.chunks_db
         died = 0
+        paced = paced or residency.Paced(self.store.release_map)
         for content in contents:
+            paced.step()
             for d in distinct_digests(content, dlen, zero):
                 n = self.count(txn, d)
                 if n > 1:
@@ -222,10 +235,12 @@ class ChunkRefs:
         with txn.cursor(db=self.packdead_db) as cur:
             return sum(u64(v) for _, v in cur)
 
-    def freed_bytes(self, txn, drops: dict[bytes, int]) -> int:
+    def freed_bytes(self, txn, drops: dict[bytes, int], paced: "residency.Paced | None" = None) -> int:
         """Stored bytes of the chunks whose count would reach 0 if each lost ``drops[d]`` references."""
         total = 0
+        paced = paced or residency.Paced(self.store.release_map)
         for d, n in drops.items():
+            paced.step()
             if self.count(txn, d) <= n:
                 value = txn.get(d, db=self.store.chunks_db)
                 if value is not None and txn.get(d, db=self.dead_db) is None:

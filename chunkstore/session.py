@@ -30,29 +30,36 @@ each with its own packs; only their commits take turns, under
 ``STORE/locks/commit.lock`` from the commit number to the LMDB commit, so
 the commits stay one chain for ``rebuild``.  A chunk two of them stored
 keeps the index entry committed first (``_put_chunks``).
+
+Two things leave memory before the final commit, so that a session's memory
+does not grow with what it writes: index entries of synced packs
+(checkpoints, ``_checkpoint``), and writes of the layer above that are
+harmless unreferenced — its content-addressed manifest segments — which
+``commit_early`` commits as commits of their own.  Neither makes anything
+visible that refers to them: only the final commit does.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import lmdb
 
-from chunkstore import badmarks
+from chunkstore import badmarks, residency
 from chunkstore.config import FORMAT_VERSION
 from chunkstore.errors import StoreError
-from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry, PackInfo
+from chunkstore.index import CHUNKS_DB, IndexEntry, PackInfo
 from chunkstore.holds import Holds
-from chunkstore.refs import REFS_DBS
 from chunkstore.lock import CommitLock
-from chunkstore.metadata import OP_DELETE, OP_PUT, iter_metadata_records
+from chunkstore.metadata import (LAST_COMMIT, OP_PUT, RESERVED_COMMIT, U64, MetadataWrite, iter_metadata_records,
+                                 meta_number, take_writes)
 from chunkstore.pack import RECORD_HEADER_SIZE, PackWriter, encode_record
 from chunkstore.registry import Registration
+from chunkstore.sealer import Sealer
 
 if TYPE_CHECKING:
     from chunkstore.store import ChunkStore
@@ -66,23 +73,6 @@ SEAL_BACKLOG = 2
 
 # One chunk for ``write``: (digest, codec, raw length, payload).
 Record = tuple[bytes, int, int, object]
-# One write of the layer above for ``commit``: (database name, key, value);
-# a value of None deletes the key.
-MetadataWrite = tuple[bytes, bytes, "bytes | None"]
-
-# Keys of the ``meta`` database: the number of the last committed commit, and
-# the highest number handed out (a commit that wrote its metadata records and
-# then died keeps its number: the next commit gets a new one).
-LAST_COMMIT = b"commit.last"
-RESERVED_COMMIT = b"commit.reserved"
-OWN_DBS = (CHUNKS_DB, PACKS_DB, META_DB, b"bad", *REFS_DBS)  # b"bad": chunkstore/badmarks.py
-_U64 = struct.Struct("<Q")
-
-
-def meta_number(txn, db, key: bytes) -> int:
-    value = txn.get(key, db=db)
-    return _U64.unpack(bytes(value))[0] if value is not None else 0
-
 
 class WriteSession:
     """One writer of a store, beside others (each its own packs; chunkstore/holds.py
@@ -106,11 +96,14 @@ class WriteSession:
         self.pending: dict[bytes, IndexEntry] = {}
         self._claimed: set[bytes] = set()
         self._mutex = threading.Lock()
+        # One commit at a time: early commits come from the thread of each disk
+        # being read (several in a VM backup), the final one from the caller's.
+        self._committing = threading.Lock()
         self._sealed_one = threading.Condition(self._mutex)
         self._packs: list[PackWriter] = []   # packs not yet in the index
         self._current: dict[int, PackWriter] = {}   # open pack per writing thread
         self._retiring = 0                   # retired packs not yet synced
-        self._sealer: _Sealer | None = None
+        self._sealer: Sealer | None = None
         self._failure: BaseException | None = None
         self._closed = False
         self.committed = False
@@ -120,6 +113,7 @@ class WriteSession:
         self.duplicate_bytes = 0
         # Duplicates whose copy here comes first in pack order (see _note_kept).
         self._kept: dict[bytes, IndexEntry] = {}
+        self.early_commits = 0
 
     def lock_chains(self, chains: Iterable[tuple[str, str]], wait: float) -> None:
         """Add backup chains' locks once they are known (a VM's disks): chunkstore/holds.py."""
@@ -252,7 +246,7 @@ class WriteSession:
 
     def _sealer_queue(self) -> "queue.SimpleQueue[PackWriter | None]":
         if self._sealer is None:
-            self._sealer = _Sealer(self)
+            self._sealer = Sealer(self)
         return self._sealer.todo
 
     def _sealed(self, pack: PackWriter) -> None:
@@ -297,6 +291,7 @@ class WriteSession:
                 del self.pending[digest]
             self._packs = [p for p in self._packs if p.pack_id not in ids]
             self.checkpoints += 1
+        self.store.release_map()
 
     def _put_chunks(self, txn, entries: dict[bytes, IndexEntry]) -> None:
         """Index this session's chunks, keeping whatever another session indexed first.
@@ -310,7 +305,9 @@ class WriteSession:
         session's copy is a duplicate like any other."""
         chunks_db, refs = self.store.chunks_db, self.store.refs
         healed = []
+        paced = residency.Paced(self.store.release_map)  # each put a random leaf: chunkstore/residency.py
         for digest, entry in entries.items():
+            paced.step()
             if txn.put(digest, entry.encode(), db=chunks_db, overwrite=False):
                 continue
             old = IndexEntry.decode(txn.get(digest, db=chunks_db))
@@ -352,8 +349,10 @@ class WriteSession:
         (none in the usual case).  Nothing indexes a chunk while the lock is
         held, so what is indexed now is what the LMDB commit will keep."""
         store = self.store
+        paced = residency.Paced(store.release_map)
         with store.read_txn() as txn:
             for digest, entry in self.pending.items():
+                paced.step()
                 value = txn.get(digest, db=store.chunks_db)
                 if value is not None and not self._replaces(txn, digest):
                     self._note_kept(digest, entry, IndexEntry.decode(value))
@@ -388,13 +387,7 @@ class WriteSession:
         """
         if self.committed:
             raise StoreError("write session committed twice")
-        writes = [(OP_DELETE if v is None else OP_PUT, bytes(n), bytes(k), b"" if v is None else bytes(v))
-                  for n, k, v in metadata]
-        if isinstance(metadata, list):
-            metadata.clear()  # taken over: each write is dropped once LMDB holds it (see below)
-        for _, name, _, _ in writes:
-            if name in OWN_DBS:
-                raise StoreError(f"metadata may not write chunkstore's own database {name.decode()!r}")
+        writes = take_writes(metadata)
         store = self.store
         self._stop_writing()
         if self._failure is not None:
@@ -405,10 +398,11 @@ class WriteSession:
         # Step 2 of FORMAT.md "Commit order" where packs live elsewhere (a bucket):
         # every chunk pack durable there before the metadata naming its chunks exists.
         store.backend.wait_published([p.pack_id for p in self._packs])
-        # From the number's reservation to the LMDB commit no other session
-        # commits, so ``follows`` names the commit just before this one and
-        # the commits form one chain, however sessions interleave.
-        with CommitLock(store.path):
+        # From the number's reservation to the LMDB commit no other commit (of
+        # this session: ``_committing``; of any session: CommitLock) runs, so
+        # ``follows`` names the commit just before this one and the commits
+        # form one chain, however sessions and early commits interleave.
+        with self._committing, CommitLock(store.path):
             number = 0
             writes += self._kept_writes()
             if writes:
@@ -416,6 +410,7 @@ class WriteSession:
                 self._write_metadata(iter_metadata_records(writes, number, follows, time.time(), store.codec))
                 store.backend.wait_published([p.pack_id for p in self._packs if p.metadata])
             store.check_owner()  # a store in a bucket: its lease is still ours
+            store.release_map()  # what the caller's reads mapped (chunkstore/residency.py)
             self._commit_index(extra, writes, number, after)
         self.committed = True
         self._holds.release()
@@ -429,20 +424,70 @@ class WriteSession:
                 txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True, pack.metadata).encode(), db=store.packs_db)
             if extra is not None:
                 extra(txn)
-            # A write leaves Python's memory as it enters the transaction's: a
-            # fragmented disk's backup rewrites hundreds of MiB of segments,
-            # which would otherwise be held twice at the peak.
-            for i in range(len(writes)):
-                op, name, key, value = writes[i]
-                writes[i] = None
-                if op == OP_PUT:
-                    txn.put(key, value, db=store.db(name))
-                else:
-                    txn.delete(key, db=store.db(name))
+            self._apply(txn, writes)
             if after is not None:
                 after(txn)
             if number:
-                txn.put(LAST_COMMIT, _U64.pack(number), db=store.meta_db)
+                txn.put(LAST_COMMIT, U64.pack(number), db=store.meta_db)
+
+    def commit_early(self, metadata: Sequence[MetadataWrite]) -> int:
+        """Commit ``metadata`` now, as a commit of its own; returns its number (0: nothing to write).
+
+        For writes that are harmless when nothing ever refers to them, made
+        early so that they leave memory before the final commit: the engine's
+        manifest segments, which are content-addressed (a fragmented disk's
+        backup rewrites hundreds of MiB of them).  The commit is an ordinary
+        one — number reserved, metadata records in a pack of their own, made
+        durable, then one LMDB transaction with that pack's ``packs`` entry,
+        the writes and ``commit.last`` — so a crash at any point leaves what
+        any commit leaves, and the final commit simply follows it.  It holds
+        no chunk entries: those are checkpointed on their own.  The writes may
+        name chunks that are not durable yet; nothing may refer to them until
+        the final commit, which comes after every chunk pack is durable.
+        A ``metadata`` list is taken over (emptied).
+        """
+        writes = take_writes(metadata)
+        if not writes:
+            return 0
+        store = self.store
+        with self._committing, CommitLock(store.path):  # as ``commit``: one chain of commits
+            with self._mutex:
+                self._check_writable()
+            store.release_map()
+            number, follows = self._reserve_commit()
+            packs = self._write_metadata(iter_metadata_records(writes, number, follows, time.time(), store.codec))
+            store.backend.wait_published([p.pack_id for p in packs])  # as ``commit``: durable where packs live
+            # Out of the session's packs before LMDB holds them: an abort must
+            # never delete a pack a committed commit needs.  Interrupted before
+            # LMDB's commit, the pack is what a crash there leaves: a commit
+            # the next one does not follow (chunkstore/rebuild.py leaves it out).
+            with self._mutex:
+                self._packs = [p for p in self._packs if p not in packs]
+            store.check_owner()  # a store in a bucket: its lease is still ours
+            with store.env.begin(write=True) as txn:
+                for pack in packs:
+                    txn.put(pack.pack_id, PackInfo(pack.size, pack.chunk_count, True, True).encode(), db=store.packs_db)
+                self._apply(txn, writes)
+                txn.put(LAST_COMMIT, U64.pack(number), db=store.meta_db)
+            self.early_commits += 1
+        self.store.release_map()
+        return number
+
+    def _apply(self, txn, writes: list) -> None:
+        """The layer above's writes.  A write leaves
+        Python's memory as it enters the transaction's: a fragmented disk's
+        backup rewrites hundreds of MiB of segments, which would otherwise be
+        held twice at the peak."""
+        store = self.store
+        paced = residency.Paced(store.release_map)  # each a random leaf: chunkstore/residency.py
+        for i in range(len(writes)):
+            paced.step()
+            op, name, key, value = writes[i]
+            writes[i] = None
+            if op == OP_PUT:
+                txn.put(key, value, db=store.db(name))
+            else:
+                txn.delete(key, db=store.db(name))
 
     def _reserve_commit(self) -> tuple[int, int]:
         """(this commit's number, the last committed one's), the number made
@@ -451,15 +496,16 @@ class WriteSession:
         with store.env.begin(write=True) as txn:
             last = meta_number(txn, store.meta_db, LAST_COMMIT)
             number = max(last, meta_number(txn, store.meta_db, RESERVED_COMMIT)) + 1
-            txn.put(RESERVED_COMMIT, _U64.pack(number), db=store.meta_db)
+            txn.put(RESERVED_COMMIT, U64.pack(number), db=store.meta_db)
         return number, last
 
-    def _write_metadata(self, records: Iterable[bytes]) -> None:
-        """Write the commit's metadata records into packs of their own, then
-        seal and sync them.  Called after every chunk pack is durable, so
-        metadata that reached the disk never names chunks that did not."""
+    def _write_metadata(self, records: Iterable[bytes]) -> list[PackWriter]:
+        """Write a commit's metadata records into packs of their own, then
+        seal and sync them; returns those packs (also in the session's).  The
+        final commit calls this after every chunk pack is durable, so metadata
+        that reached the disk never names chunks that did not."""
         target = self.store.config.pack_target_size
-        pack = None
+        pack, done = None, []
         try:
             for rec in records:
                 if pack is not None and pack.chunk_count and pack.size + len(rec) > target:
@@ -468,14 +514,19 @@ class WriteSession:
                 if pack is None:
                     pack = self._new_pack()
                     pack.metadata = True
-                    self._packs.append(pack)
+                    done.append(pack)
+                    with self._mutex:
+                        self._packs.append(pack)
                 pack.write_at(pack.reserve(len(rec)), [rec])
-                self.bytes_written += len(rec)
+                with self._mutex:
+                    self.bytes_written += len(rec)
             if pack is not None:
                 self._finish_metadata_pack(pack)
         except BaseException as e:
-            self._fail(e)
+            with self._mutex:
+                self._fail(e)
             raise
+        return done
 
     def _finish_metadata_pack(self, pack: PackWriter) -> None:
         pack.seal()
@@ -500,39 +551,3 @@ class WriteSession:
         self._packs.clear()
         self.pending.clear()
         self._holds.release()
-
-
-class _Sealer:
-    """The thread that writes trailers and fsyncs retired packs, in order."""
-
-    def __init__(self, session: WriteSession):
-        self.session = session
-        self.todo: "queue.SimpleQueue[PackWriter | None]" = queue.SimpleQueue()
-        self._discard = False
-        self.thread = threading.Thread(target=self._run, name="bv-pack-sync", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            pack = self.todo.get()
-            if pack is None:
-                return
-            if self._discard:
-                continue
-            try:
-                pack.seal()
-                pack.sync()
-                pack.close()
-                self.session.store.backend.publish(pack.pack_id, pack.path)  # an upload starts (S3)
-                pack.synced = True   # after publish: a checkpoint waits for the upload of every synced pack
-                self.session._sealed(pack)
-            except BaseException as e:  # reported to writers and to commit
-                self.session._sealer_failed(e)
-                self._discard = True
-
-    def stop(self, discard: bool = False) -> None:
-        """Finish (or, with ``discard``, skip) what is queued, then end."""
-        if discard:
-            self._discard = True
-        self.todo.put(None)
-        self.thread.join()

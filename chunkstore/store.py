@@ -27,7 +27,7 @@ import struct
 
 import lmdb
 
-from chunkstore import safefs
+from chunkstore import residency, safefs
 from chunkstore.backend import LocalPackBackend, PackBackend
 from chunkstore.badmarks import BAD_DB
 from chunkstore.codec import Codec
@@ -140,6 +140,11 @@ class ChunkStore:
                                  f"'blockvault rebuild {path}' to recreate the index from the packs")
         env = _open_env(path, create=False)
         return cls(path, cfg, env)
+
+    def release_map(self) -> None:
+        """Unmap the index pages this process touched (chunkstore/residency.py):
+        a long writer calls it after each of its transactions."""
+        residency.release(os.path.join(self.path, INDEX_DIR, DATA_FILE))
 
     def db(self, name: bytes):
         """A named LMDB database of this store's environment (created on first use;

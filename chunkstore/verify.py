@@ -24,7 +24,7 @@ from chunkstore.pack import (METADATA_MAGIC, PACK_HEADER, RECORD_HEADER_SIZE, TR
                              decode_record_header, scan_backend_pack, scan_pack)
 from chunkstore.backend import pack_id_of
 from chunkstore.registry import PathRegistry
-from chunkstore.session import LAST_COMMIT, RESERVED_COMMIT, meta_number
+from chunkstore.metadata import LAST_COMMIT, RESERVED_COMMIT, meta_number
 from chunkstore.store import ChunkStore
 
 SPAN_BYTES = 8 << 20

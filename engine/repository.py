@@ -18,7 +18,8 @@ class Repository:
         self.store = store
         self.path = store.path
         self.catalog = Catalog(store.db(CATALOG_DB), CATALOG_DB, store.db_if_exists(NEXT_SEQ_DB))
-        self.manifests = ManifestStore(store.db(MANIFESTS_DB), store.db(SEGMENTS_DB), store.digester)
+        self.manifests = ManifestStore(store.db(MANIFESTS_DB), store.db(SEGMENTS_DB), store.digester,
+                                       store.release_map)
         self.references = References(self)
         # A format-2 store's first writer computes the counts (ChunkStore.upgrade_format).
         store.upgrader = lambda txn: recount(self, txn)

@@ -136,7 +136,7 @@ def _check_manifests(repo: Repository, report: VerifyReport, watched: set) -> No
                 manifest = repo.manifests.get(txn, record.key, record.id, record)
                 for s, seg in enumerate(manifest.segments):
                     hits = seg_hits.get(seg)
-                    if hits is None:
+                    if hits is None:  # read paced (ManifestStore.segment, chunkstore/residency.py)
                         try:
                             content = repo.manifests.segment(txn, seg, record.id)
                             hits = (len(content) // manifest.digest_len,

@@ -202,3 +202,33 @@ def test_every_thread_after_a_write_failure_gets_the_original_error(tmp_path, mo
     with store.read_txn() as txn:
         assert store.lookup(txn, a[0]) is None and store.lookup(txn, b[0]) is None
     store.close()
+
+
+def test_an_early_commit_is_kept_when_the_session_then_aborts(tmp_path):
+    """commit_early is a commit of its own: the session that made it may still
+    fail, and its abort must not delete the metadata pack that commit needs."""
+    from chunkstore.rebuild import rebuild_index
+
+    store = _store(tmp_path)
+    store.db(b"segments")  # opened before any write transaction, as the engine's Repository does
+    r = rng(5)
+    with store.writer() as w:
+        ((d, codec, payload),) = _encode_all(store, [r.bytes(CS)])
+        w.write([(d, codec, CS, payload)])
+        writes = [(b"segments", b"key-%d" % i, r.bytes(100)) for i in range(3)]
+        expected = {k: v for _, k, v in writes}
+        assert w.commit_early(writes) == 1 and writes == []  # taken over
+        # no commit: the with block aborts
+    segments = store.db(b"segments")
+    with store.read_txn() as txn:
+        assert {k: txn.get(k, db=segments) for k in expected} == expected
+        assert txn.get(d, db=store.chunks_db) is None  # the aborted session's chunk is not indexed
+    (kept,) = _packs(tmp_path)  # the chunk pack is gone, the early commit's metadata pack is not
+    assert all(rec.header.magic == b"BVMD" for rec in scan_pack(kept).records)
+    with store.env.begin(write=True) as txn:
+        txn.drop(segments, delete=False)
+    report = rebuild_index(store)
+    assert report.commits == 1 and report.complete
+    with store.read_txn() as txn:
+        assert {k: txn.get(k, db=segments) for k in expected} == expected
+    store.close()

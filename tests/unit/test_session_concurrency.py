@@ -120,3 +120,44 @@ def test_a_duplicate_met_by_a_checkpoint_is_recorded_by_the_final_commit(tmp_pat
     with store.read_txn() as txn:
         assert store.lookup(txn, shared[0]) == kept
     store.close()
+
+
+def test_an_early_commit_waits_for_another_sessions_commit_so_follows_stays_a_chain(tmp_path, monkeypatch):
+    """commit_early (a backup's manifest segments, committed before its own
+    commit) takes the commit lock like commit: rebuild walks one chain."""
+    store = _store(tmp_path)
+    with store.writer() as w:
+        w.commit(metadata=[(DB, b"zero", b"0")])
+    paused, go = threading.Event(), threading.Event()
+    real = session_mod.WriteSession._write_metadata
+
+    def slow_write_metadata(self, records):
+        if self.purpose == "first":
+            paused.set()
+            go.wait(30)
+        return real(self, records)
+
+    monkeypatch.setattr(session_mod.WriteSession, "_write_metadata", slow_write_metadata)
+    first, second = store.writer(purpose="first"), store.writer(purpose="second")
+    t = threading.Thread(target=first.commit, kwargs={"metadata": [(DB, b"first", b"1")]})
+    t.start()
+    assert paused.wait(30)
+    numbers = []
+    early = threading.Thread(target=lambda: numbers.append(second.commit_early([(DB, b"early", b"e")])))
+    early.start()
+    early.join(1.0)                          # without the commit lock it would commit now
+    with store.read_txn() as txn:
+        reserved = meta_number(txn, store.meta_db, RESERVED_COMMIT)
+    go.set()
+    t.join(30)
+    early.join(30)
+    second.commit(metadata=[(DB, b"second", b"2")])
+    assert reserved == 2                     # the early commit had not reserved its number
+    assert numbers == [3]
+    with store.read_txn() as txn:
+        assert meta_number(txn, store.meta_db, LAST_COMMIT) == 4
+    before = _notes(store)
+    assert before == {b"zero": b"0", b"first": b"1", b"early": b"e", b"second": b"2"}
+    report = rebuild_index(store)
+    assert report.commits == 4 and report.complete
+    assert _notes(store) == before
