@@ -216,13 +216,16 @@ def init_s3(cls, url: str, cache: str | None, settings: S3Settings | None, objec
     elif object_lock_days and not bucket.object_lock():
         raise StoreExistsError(f"bucket {location.bucket} exists without object lock; --object-lock needs a bucket "
                                "made with it: give a new bucket name (init creates it)")
-    if lease_at is not bucket and not lease_at.exists():
-        lease_at.create()
-    check_conditional_writes(lease_at)
     for key in (CONFIG_FILE, objectlock.STORE_LOCK_KEY):
         if bucket.head(key) is not None:
             raise StoreExistsError(f"{location.url} is already a store (its {key} exists); use it, or "
                                    f"'blockvault attach {location.url}' on a new host")
+    if lease_at is not bucket and not lease_at.exists():
+        lease_at.create()
+    check_conditional_writes(lease_at)
+    if bucket.head(CONFIG_FILE) is not None:   # made while the self-test ran (guarded atomically on plain buckets)
+        raise StoreExistsError(f"{location.url} is already a store (its {CONFIG_FILE} exists); use it, or "
+                               f"'blockvault attach {location.url}' on a new host")
     prepare_new_cache(cache)
     made = False
     store = None
