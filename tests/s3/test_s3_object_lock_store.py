@@ -164,6 +164,7 @@ def test_delete_and_gc_leave_locked_packs_doomed_and_say_until_when(ceph, store,
     doc = json.loads(proc.stdout)
     doomed = {a["id"] for a in doc["deleted_packs"] + doc["repacked_packs"]}
     assert doomed and doc["unlinked_packs"] == []
+    assert "was not deleted" not in proc.stderr, proc.stderr     # no delete was sent (it would be refused)
     assert {p["id"] for p in doc["locked_packs"]} == doomed
     client = ceph.client()
     bucket, prefix = split(url)
