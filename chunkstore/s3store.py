@@ -18,6 +18,7 @@ never written anywhere: they come from the environment or ``--credentials``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -26,6 +27,8 @@ from chunkstore import objectlock, safefs
 from chunkstore.config import CONFIG_FILE, StoreConfig, fsync_dir
 from chunkstore.errors import (ConfigMismatchError, LeaseHeld, NotAStoreError, ObjectMissing, StoreExistsError)
 from chunkstore.s3settings import S3Location, S3Settings, parse_store_url
+
+log = logging.getLogger("blockvault.s3")
 
 CACHE_FILE = "cache.json"
 TMP_DIR = "tmp"       # whole-pack downloads (unnamed files) of chunkstore/s3backend.py
@@ -265,12 +268,21 @@ def init_s3(cls, url: str, cache: str | None, settings: S3Settings | None, objec
                 store.close()
             elif lease is not None:
                 lease.stop()
+                _drop_lease(lease_at)   # no store was made: a retry must not wait for its expiry
             raise
         return store
     finally:
         if not made:
             import shutil
             shutil.rmtree(cache, ignore_errors=True)
+
+
+def _drop_lease(lease_at) -> None:
+    from chunkstore.lease import LEASE_KEY
+    try:
+        lease_at.delete([LEASE_KEY])
+    except Exception as exc:  # noqa: BLE001 - the init's own failure is what the user must see
+        log.warning("the lease of a store that was not made stays in %s until it expires (%s)", lease_at.url, exc)
 
 
 def open_s3(cls, url: str, cache: str | None, settings: S3Settings | None):

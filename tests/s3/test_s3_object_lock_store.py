@@ -249,3 +249,25 @@ def test_lease_bucket_option_and_refusals(ceph, s3env, locked_url, tmp_path):
     proc = cli(s3env, "init", locked_url, "--cache", str(tmp_path / "d"), "--object-lock", "1")
     assert proc.returncode == 1 and "already a store" in proc.stderr, proc.stderr
     assert not os.path.exists(tmp_path / "d")
+
+
+def test_an_init_that_fails_after_taking_the_lease_gives_it_back(ceph, s3env, locked_url, tmp_path):
+    """config.json's upload refused (a bucket policy) after the lease and store-lock.json: no cache,
+    no lease left in the lease bucket; the locked store-lock.json keeps the URL from a new init."""
+    bucket, prefix = split(locked_url)
+    client = ceph.client()
+    client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    deny = {"Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject",
+                                                     "Resource": f"arn:aws:s3:::{bucket}/{prefix}/config.json"}]}
+    client.put_bucket_policy(Bucket=bucket, Policy=json.dumps(deny))
+    cache = str(tmp_path / "c")
+    try:
+        proc = cli(s3env, "init", locked_url, "--cache", cache, "--object-lock", "1")
+    finally:
+        client.delete_bucket_policy(Bucket=bucket)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert not os.path.exists(cache)
+    assert list(objects(ceph, bucket + "-lease", prefix)) == []           # the lease was given back
+    assert list(objects(ceph, bucket, prefix)) == [f"{prefix}/store-lock.json"]
+    proc = cli(s3env, "init", locked_url, "--cache", cache, "--object-lock", "1")
+    assert proc.returncode == 1 and "already a store" in proc.stderr, proc.stderr
