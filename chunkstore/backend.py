@@ -83,6 +83,11 @@ class PackBackend:
         """Remove packs; the ones that could not be removed, with why.  A missing pack is no failure."""
         raise NotImplementedError
 
+    def locks(self, pack_ids: Sequence[bytes]) -> dict[bytes, float]:
+        """The packs of ``pack_ids`` that object lock keeps from being deleted now, with the
+        unix time their retention ends (gc never tries to delete them before then)."""
+        return {}
+
     def header(self, pack_id: bytes) -> PackHeader:
         """The pack's header, checked (IntegrityError when it is not one)."""
         return decode_pack_header(self.read(pack_id, 0, PACK_HEADER.size), self.name(pack_id))

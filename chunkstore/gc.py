@@ -82,6 +82,7 @@ class GcReport:
     leftover_packs: list = field(default_factory=list)  # their packs the index did not know, unlinked
     orphans_killed: int = 0         # their checkpointed chunks nothing referenced, made dead
     skipped: list = field(default_factory=list)       # "pack: why" (a damaged record is not copied)
+    locked: list = field(default_factory=list)        # {"id", "until"}: doomed, object lock keeps them until then
 
     def as_dict(self) -> dict:
         return {"dry_run": self.dry_run, "stored_bytes_before": self.stored_before,
@@ -93,7 +94,7 @@ class GcReport:
                 "pinned_chunks": self.pinned_chunks, "unlinked_packs": self.unlinked,
                 "waiting_packs": self.waiting, "reaped_sessions": self.reaped,
                 "leftover_packs": self.leftover_packs, "orphans_killed": self.orphans_killed,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "locked_packs": self.locked}
 
 
 class _Plan:
@@ -593,12 +594,22 @@ def _repack(store, plan: _Plan, group: list, me, report: GcReport, on_progress) 
     report.new_packs += [w.pack_id.hex() for w in writers]
 
 
-def _remove_packs(store, pack_ids: list) -> list:
-    """Remove packs through the store's backend; what it refused stays doomed, for the next gc."""
-    failed = store.backend.delete(pack_ids)
+def _remove_packs(store, pack_ids: list, locked: dict | None = None) -> list:
+    """Remove packs through the store's backend; what it refused stays doomed, for the next gc.
+    A pack that object lock still protects is not even tried (``locked``: pack → until)."""
+    locked = store.backend.locks(pack_ids) if locked is None else locked
+    failed = store.backend.delete([pid for pid in pack_ids if pid not in locked])
     for pid, why in failed:
         log.warning("gc: pack %s of %s was not deleted (%s); the next gc tries again", pid.hex(), store.location, why)
-    return failed
+    if locked:
+        log.info("gc: %d pack(s) of %s are under object lock until %s at the latest; a gc after then deletes "
+                 "them", len(locked), store.location, _utc(max(locked.values())))
+    return failed + [(pid, f"locked until {_utc(locked[pid])}") for pid in pack_ids if pid in locked]
+
+
+def _utc(t: float) -> str:
+    import datetime
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _finish(pack: PackWriter) -> None:
@@ -624,7 +635,10 @@ def _unlink_doomed(store, reg: Registry, me: str, report: GcReport) -> None:
         ready.append(pid)
     if ready:
         store.check_owner()  # never delete for a store whose lease another host took over
-    failed = {pid for pid, _ in _remove_packs(store, ready)}
+    locked = store.backend.locks(ready)
+    report.locked += [{"id": pid.hex(), "until": round(until, 3), "until_utc": _utc(until)}
+                      for pid, until in sorted(locked.items(), key=lambda kv: kv[1])]
+    failed = {pid for pid, _ in _remove_packs(store, ready, locked)}
     ready = [pid for pid in ready if pid not in failed]
     report.unlinked += [pid.hex() for pid in ready]
     if ready:

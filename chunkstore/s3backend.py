@@ -272,6 +272,15 @@ class S3PackBackend(PackBackend):
                 log.warning("%d uploaded pack(s) of an aborted session stay in %s until gc: %s", len(failed),
                             self.location, failed[0][1])
 
+    def locks(self, pack_ids: Sequence[bytes]) -> dict[bytes, float]:
+        """One GET retention per pack (8 in flight), on an object-lock store only."""
+        if not self.retain_days or not pack_ids:
+            return {}
+        now = time.time()
+        with ThreadPoolExecutor(8, thread_name_prefix="bv-retention") as pool:
+            untils = list(pool.map(lambda pid: self.bucket.retention(pack_key(pid)), pack_ids))
+        return {pid: until for pid, until in zip(pack_ids, untils) if until is not None and until > now}
+
     def delete(self, pack_ids: Sequence[bytes]) -> list[tuple[bytes, str]]:
         ids = {pack_key(pid): pid for pid in pack_ids}
         if not ids:

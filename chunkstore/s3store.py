@@ -18,14 +18,17 @@ never written anywhere: they come from the environment or ``--credentials``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
 
-from chunkstore import safefs
+from chunkstore import objectlock, safefs
 from chunkstore.config import CONFIG_FILE, StoreConfig, fsync_dir
 from chunkstore.errors import (ConfigMismatchError, LeaseHeld, NotAStoreError, ObjectMissing, StoreExistsError)
 from chunkstore.s3settings import S3Location, S3Settings, parse_store_url
+
+log = logging.getLogger("blockvault.s3")
 
 CACHE_FILE = "cache.json"
 TMP_DIR = "tmp"       # whole-pack downloads (unnamed files) of chunkstore/s3backend.py
@@ -46,13 +49,16 @@ def holder_name() -> str:
 class S3Context:
     """What an open S3 store knows beyond a local one: its bucket, cache and host id."""
 
-    def __init__(self, location: S3Location, settings: S3Settings, cache: str, host_id: str, bucket=None):
+    def __init__(self, location: S3Location, settings: S3Settings, cache: str, host_id: str, bucket=None,
+                 lease_bucket=None):
         from chunkstore.s3bucket import Bucket
         self.location = location
         self.settings = settings
         self.cache = cache
         self.host_id = host_id
         self.bucket = bucket if bucket is not None else Bucket(location, settings)
+        # where the lease lives: the data bucket, or an object-lock store's companion (chunkstore/objectlock.py)
+        self.lease_bucket = lease_bucket if lease_bucket is not None else self.bucket
 
     @property
     def url(self) -> str:
@@ -67,18 +73,18 @@ class S3Context:
     def take_lease(self, take_over: bool = False):
         from chunkstore.lease import LEASE_TTL, Lease
         ttl = float(os.environ.get(ENV_LEASE_TTL) or LEASE_TTL)
-        lease = Lease.acquire(self.bucket, self.host_id, holder_name(), take_over=take_over, ttl=ttl)
+        lease = Lease.acquire(self.lease_bucket, self.host_id, holder_name(), take_over=take_over, ttl=ttl)
         lease.start_renewing()
         return lease
 
     def check_not_taken_over(self) -> None:
         """A reader's check: the lease, if any, names this cache's host."""
         from chunkstore.lease import LEASE_KEY, decode
-        info = self.bucket.head(LEASE_KEY)
+        info = self.lease_bucket.head(LEASE_KEY)
         if info is None:
             return
         try:
-            doc = decode(self.bucket.get(LEASE_KEY), info.last_modified)
+            doc = decode(self.lease_bucket.get(LEASE_KEY), info.last_modified)
         except ObjectMissing:
             return
         if doc.get("host_id") != self.host_id:
@@ -160,7 +166,9 @@ def context_for(url: str, cache: str | None, settings: S3Settings | None) -> S3C
                              f"'blockvault attach {url} --cache {cache}' to build one from the bucket")
     if doc["url"] != location.url:
         raise NotAStoreError(f"{cache} is the cache of {doc['url']}, not of {location.url}: give another --cache")
-    return S3Context(location, settings, cache, doc["host_id"])
+    lock = objectlock.read_cache(cache)
+    lease = objectlock.lease_bucket(location, settings, lock["lease_bucket"]) if lock else None
+    return S3Context(location, settings, cache, doc["host_id"], lease_bucket=lease)
 
 
 def check_new_cache(cache: str) -> None:
@@ -187,8 +195,10 @@ def _with_backend(cls, ctx: S3Context, create: bool):
 
 
 def init_s3(cls, url: str, cache: str | None, settings: S3Settings | None, object_lock_days: float | None,
-            store_settings: dict):
-    """``blockvault init s3://...``: bucket (made if absent), self-test, cache, config.json, lease."""
+            store_settings: dict, lease_bucket: str | None = None):
+    """``blockvault init s3://...``: bucket (made if absent), self-test, cache, config.json, lease.
+    With ``object_lock_days``: a versioned, locked data bucket and a plain companion bucket
+    for the lease and the self-test (chunkstore/objectlock.py); the lease is taken first."""
     import uuid
     from chunkstore.s3bucket import Bucket
     from chunkstore.s3check import check_conditional_writes
@@ -197,17 +207,31 @@ def init_s3(cls, url: str, cache: str | None, settings: S3Settings | None, objec
     cache = cache or default_cache(location)
     check_new_cache(cache)  # before the bucket is touched: a refused init changes nothing
     bucket = Bucket(location, settings)
+    lease_at = bucket
+    if object_lock_days:
+        name = lease_bucket or objectlock.default_lease_bucket(location.bucket)
+        if name == location.bucket:
+            raise StoreExistsError(f"--lease-bucket {name} is the store's own bucket: the lease needs a bucket "
+                                   "without versioning; give another name")
+        lease_at = objectlock.lease_bucket(location, settings, name)
     if not bucket.exists():
         bucket.create(object_lock=bool(object_lock_days))
     elif object_lock_days and not bucket.object_lock():
         raise StoreExistsError(f"bucket {location.bucket} exists without object lock; --object-lock needs a bucket "
                                "made with it: give a new bucket name (init creates it)")
-    check_conditional_writes(bucket)
-    if bucket.head(CONFIG_FILE) is not None:
+    for key in (CONFIG_FILE, objectlock.STORE_LOCK_KEY):
+        if bucket.head(key) is not None:
+            raise StoreExistsError(f"{location.url} is already a store (its {key} exists); use it, or "
+                                   f"'blockvault attach {location.url}' on a new host")
+    if lease_at is not bucket and not lease_at.exists():
+        lease_at.create()
+    check_conditional_writes(lease_at)
+    if bucket.head(CONFIG_FILE) is not None:   # made while the self-test ran (guarded atomically on plain buckets)
         raise StoreExistsError(f"{location.url} is already a store (its {CONFIG_FILE} exists); use it, or "
                                f"'blockvault attach {location.url}' on a new host")
     prepare_new_cache(cache)
     made = False
+    store = None
     try:
         local = cls.init(cache, **store_settings)
         local.close()
@@ -215,26 +239,50 @@ def init_s3(cls, url: str, cache: str | None, settings: S3Settings | None, objec
             body = f.read()
         host_id = uuid.uuid4().hex
         write_cache_file(cache, location.url, settings.endpoint, host_id)
+        ctx = S3Context(location, settings, cache, host_id, bucket, lease_bucket=lease_at)
+        lease = None
         if object_lock_days:
-            _write_lock_days(cache, object_lock_days)
-        retain = time.time() + object_lock_days * 86400 if object_lock_days else None
-        if not bucket.put_new(CONFIG_FILE, body, retain_until=retain):
-            raise StoreExistsError(f"{location.url} is already a store (another init made its {CONFIG_FILE} just "
-                                   "now)")
-        made = True
-        ctx = S3Context(location, settings, cache, host_id, bucket)
-        store = _with_backend(cls, ctx, create=False)
-        store.backend.retain_days = object_lock_days or None
+            # The data bucket cannot refuse a second create atomically: the lease guards it.
+            lease = ctx.take_lease()
+            doc = {"lease_bucket": lease_at.location.bucket, "days": float(object_lock_days)}
+            objectlock.write_cache(cache, doc)
         try:
-            store.take_lease()
+            retain = time.time() + object_lock_days * 86400 if object_lock_days else None
+            if object_lock_days and not bucket.put_new(objectlock.STORE_LOCK_KEY,
+                                                       objectlock.encode(doc["lease_bucket"], doc["days"]),
+                                                       retain_until=retain):
+                raise StoreExistsError(f"{location.url} is already a store (another init made its "
+                                       f"{objectlock.STORE_LOCK_KEY} just now)")
+            if not bucket.put_new(CONFIG_FILE, body, retain_until=retain):
+                raise StoreExistsError(f"{location.url} is already a store (another init made its {CONFIG_FILE} "
+                                       "just now)")
+            made = True
+            store = _with_backend(cls, ctx, create=False)
+            store.backend.retain_days = object_lock_days or None
+            if lease is not None:
+                store.lease = lease
+            else:
+                store.take_lease()
         except BaseException:
-            store.close()
+            if store is not None:
+                store.close()
+            elif lease is not None:
+                lease.stop()
+                _drop_lease(lease_at)   # no store was made: a retry must not wait for its expiry
             raise
         return store
     finally:
         if not made:
             import shutil
             shutil.rmtree(cache, ignore_errors=True)
+
+
+def _drop_lease(lease_at) -> None:
+    from chunkstore.lease import LEASE_KEY
+    try:
+        lease_at.delete([LEASE_KEY])
+    except Exception as exc:  # noqa: BLE001 - the init's own failure is what the user must see
+        log.warning("the lease of a store that was not made stays in %s until it expires (%s)", lease_at.url, exc)
 
 
 def open_s3(cls, url: str, cache: str | None, settings: S3Settings | None):
@@ -244,27 +292,12 @@ def open_s3(cls, url: str, cache: str | None, settings: S3Settings | None):
     try:
         check_cache_config(ctx, store.config)
         ctx.check_not_taken_over()
-        store.backend.retain_days = _read_lock_days(ctx.cache)
+        lock = objectlock.read_cache(ctx.cache)
+        store.backend.retain_days = lock["days"] if lock else None
     except BaseException:
         store.close()
         raise
     return store
-
-
-LOCK_FILE = "object-lock.json"
-
-
-def _write_lock_days(cache: str, days: float) -> None:
-    with open(os.path.join(cache, LOCK_FILE), "w") as f:
-        json.dump({"days": days}, f)
-
-
-def _read_lock_days(cache: str) -> float | None:
-    try:
-        with open(os.path.join(cache, LOCK_FILE)) as f:
-            return float(json.load(f)["days"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def prepare_attach(url: str, cache: str | None, settings: S3Settings | None, take_over: bool):
@@ -282,14 +315,20 @@ def prepare_attach(url: str, cache: str | None, settings: S3Settings | None, tak
         raise NoSuchBucket(f"bucket {location.bucket} does not exist at {settings.endpoint_name}: check the URL "
                            "and the endpoint")
     body = remote_config(bucket)
-    check_conditional_writes(bucket)
+    lock = objectlock.read_remote(bucket)
+    lease_at = objectlock.lease_bucket(location, settings, lock["lease_bucket"]) if lock else bucket
+    if lock and not lease_at.exists():
+        raise NotAStoreError(f"{location.url} keeps its lease in bucket {lock['lease_bucket']} "
+                             f"({objectlock.STORE_LOCK_KEY}), which does not exist at {settings.endpoint_name}: "
+                             f"make it (a bucket without versioning) and run attach again")
+    check_conditional_writes(lease_at)
     doc = read_cache_file(cache) if os.path.isdir(cache) else None
     if doc is not None and doc["url"] != location.url:
         raise StoreExistsError(f"{cache} is the cache of {doc['url']}, not of {location.url}: give another --cache")
     if doc is None:
         prepare_new_cache(cache)
     host_id = doc["host_id"] if doc else uuid.uuid4().hex
-    ctx = S3Context(location, settings, cache, host_id, bucket)
+    ctx = S3Context(location, settings, cache, host_id, bucket, lease_bucket=lease_at)
     try:
         lease = ctx.take_lease(take_over)
     except BaseException:
@@ -313,26 +352,14 @@ def prepare_attach(url: str, cache: str | None, settings: S3Settings | None, tak
             os.close(fd)
         os.replace(tmp, os.path.join(cache, CONFIG_FILE))
         write_cache_file(cache, location.url, settings.endpoint, host_id)
-        days = _lock_days_of(bucket)
-        if days:
-            _write_lock_days(cache, days)
+        if lock:
+            objectlock.write_cache(cache, lock)
+        else:
+            try:
+                os.unlink(os.path.join(cache, objectlock.CACHE_LOCK_FILE))
+            except FileNotFoundError:
+                pass
     except BaseException:
         lease.stop()
         raise
     return ctx, lease
-
-
-def _lock_days_of(bucket) -> float | None:
-    """The retention the store writes its packs with, read off its newest pack: the days are
-    not in config.json (the same document as a local store's), and a new host must keep
-    writing with them."""
-    if not bucket.object_lock():
-        return None
-    newest = None
-    for info in bucket.list("packs/"):
-        if newest is None or info.last_modified > newest.last_modified:
-            newest = info
-    until = bucket.retention(newest.key) if newest is not None else None
-    if until is None:
-        return None
-    return max(round((until - newest.last_modified) / 86400, 3), 0.001)

@@ -91,12 +91,12 @@ class ChunkStore:
 
     @classmethod
     def init(cls, path: str, cache: str | None = None, s3_settings=None, object_lock_days: float | None = None,
-             **settings) -> "ChunkStore":
+             lease_bucket: str | None = None, **settings) -> "ChunkStore":
         """Create a store in an empty (or missing) directory, or at ``s3://BUCKET/PREFIX``
         with its cache directory ``cache`` (chunkstore/s3store.py)."""
         if is_store_url(path):
             from chunkstore.s3store import init_s3
-            return init_s3(cls, path, cache, s3_settings, object_lock_days, settings)
+            return init_s3(cls, path, cache, s3_settings, object_lock_days, settings, lease_bucket)
         refuse_url(path)
         if os.path.exists(path):
             if not os.path.isdir(path):

@@ -26,7 +26,12 @@ def cmd_gc(args) -> int:
     freed = doc["stored_bytes_before"] - doc["stored_bytes_after"]
     verb = "would free" if report.dry_run else "freed"
     lines = []
+    locked = {p["id"]: p["until_utc"] for p in doc["locked_packs"]}
     for a in doc["deleted_packs"]:
+        if a["id"] in locked:
+            lines.append(f"doomed pack {a['id']} ({human_bytes(a['size'])}, all dead): locked until "
+                         f"{locked[a['id']]}")
+            continue
         lines.append(f"{'would delete' if report.dry_run else 'deleted'} pack {a['id']} "
                      f"({human_bytes(a['size'])}, all dead)")
     for a in doc["repacked_packs"]:
@@ -37,6 +42,12 @@ def cmd_gc(args) -> int:
         lines.append(f"kept pack {p}: a chunk in it was referenced again meanwhile")
     for s in doc["skipped"]:
         lines.append(f"SKIPPED pack {s} (run 'blockvault verify')")
+    if locked:
+        told = {a["id"] for a in doc["deleted_packs"]}
+        lines += [f"doomed pack {p}: locked until {until}" for p, until in locked.items() if p not in told]
+        lines.append(f"{count(len(locked), 'pack')} stay in the bucket under object lock (COMPLIANCE) until "
+                     f"{max(locked.values())} at the latest: their space comes back at the first gc after "
+                     "their lock ends")
     if doc["waiting_packs"]:
         lines.append(f"{count(len(doc['waiting_packs']), 'pack')} left for a later gc: a reader that began before "
                      "they were replaced is still running")

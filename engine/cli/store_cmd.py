@@ -19,7 +19,15 @@ def cmd_init(args) -> int:
         if not where:
             from engine.errors import UsageError
             raise UsageError("--object-lock is for a store in a bucket (s3://BUCKET/PREFIX)")
+        if args.object_lock <= 0:
+            from engine.errors import UsageError
+            raise UsageError(f"--object-lock {args.object_lock:g}: give the retention in days, more than 0")
         where["object_lock_days"] = args.object_lock
+        where["lease_bucket"] = args.lease_bucket
+    elif args.lease_bucket is not None:
+        from engine.errors import UsageError
+        raise UsageError("--lease-bucket goes with --object-lock (a store without object lock keeps its lease "
+                         "in its own bucket)")
     repo = Repository.init(args.store, chunk_size=args.chunk_size, digest=args.digest,
                            compression_level=args.compression_level, **where)
     with repo:
@@ -93,7 +101,8 @@ def cmd_attach(args) -> int:
 def register_init(sub) -> None:
     """``init`` comes first in --help; the other store verbs after the daily ones."""
     sp = add_command(sub, "init", cmd_init, "create a new store in an empty directory",
-             "blockvault init /backup/store --chunk-size 1M")
+             "blockvault init /backup/store --chunk-size 1M\n"
+             "  blockvault init s3://backups/site1 --object-lock 30   # immutable for 30 days; lease in backups-lease")
     add_store_arg(sp)
     sp.add_argument("--chunk-size", type=argtypes.chunk_size, default=f"{DEFAULT_CHUNK_SIZE >> 10}K",
                     help="fixed chunk size, a power of two from 64K to 8M (default %(default)s)")
@@ -103,8 +112,12 @@ def register_init(sub) -> None:
     sp.add_argument("--compression-level", type=argtypes.compression_level, default=DEFAULT_COMPRESSION_LEVEL,
                     help="zstd level, -7 to 22 (default %(default)s)")
     sp.add_argument("--object-lock", type=float, metavar="DAYS",
-                    help="s3:// only: a new bucket with versioning and object lock; every pack is written "
-                         "with a COMPLIANCE retention of DAYS days")
+                    help="s3:// only: a new bucket with versioning and object lock; every object (packs, "
+                         "config.json) is written with a COMPLIANCE retention of DAYS days, and gc frees a "
+                         "pack only once its retention has ended")
+    sp.add_argument("--lease-bucket", metavar="NAME",
+                    help="with --object-lock: the bucket without versioning that holds the store's lease "
+                         "(default BUCKET-lease; made when absent)")
 
 
 def register(sub) -> None:

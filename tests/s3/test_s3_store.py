@@ -365,19 +365,3 @@ def test_a_metadata_pack_whose_upload_fails_commits_nothing(s3_store_url, ceph, 
     listing = run_cli("list", s3_store_url, "--cache", cache, "--json", env={**os.environ, **ceph.env()})
     assert listing.returncode == 0, listing.stderr
     assert json.loads(listing.stdout)["backups"] == []
-
-
-# -- object lock --------------------------------------------------------------------------------
-
-
-def test_object_lock_on_ceph_16_is_refused_by_the_self_test_and_leaves_no_store(s3_bucket_name, s3env, tmp_path,
-                                                                                 ceph):
-    """Ceph 16.2 ignores If-None-Match on a versioned bucket (object lock needs versioning): a
-    second create of a key replaces the first.  init must find that out and make no store."""
-    url = f"s3://{s3_bucket_name}-locked/store"      # init makes the bucket, with object lock
-    cache = str(tmp_path / "cache")
-    proc = cli(s3env, "init", url, "--cache", cache, "--object-lock", "1")
-    assert proc.returncode == 1 and "ignores If-None-Match" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr and not os.path.exists(cache)
-    listed = ceph.client().list_objects_v2(Bucket=f"{s3_bucket_name}-locked", Prefix="store/")
-    assert [o["Key"] for o in listed.get("Contents", ())] == []
