@@ -111,7 +111,8 @@ class S3PackBackend(PackBackend):
             except S3Error as e:
                 if not _transient(e) or attempt == READ_ATTEMPTS - 1:
                     raise
-                log.info("%s: %s; retrying", what, e)
+                log.info("%s: %s; retrying in %.0f s (attempt %d of %d)", what, e, _PAUSE * (attempt + 1),
+                         attempt + 2, READ_ATTEMPTS)
                 time.sleep(_PAUSE * (attempt + 1))
 
     def read(self, pack_id: bytes, offset: int, length: int) -> bytes:

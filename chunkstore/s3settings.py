@@ -157,6 +157,17 @@ class S3Settings:
 
     __str__ = __repr__
 
+    def as_env(self) -> dict[str, str]:
+        """These settings as the BLOCKVAULT_S3_* variables ``resolve`` reads back: how a child
+        process (nbdkit's plugin) gets them without a command line."""
+        env = {ENV_REGION: self.region, ENV_CONNECT_TIMEOUT: repr(self.connect_timeout),
+               ENV_READ_TIMEOUT: repr(self.read_timeout), ENV_MAX_ATTEMPTS: str(self.max_attempts)}
+        for name, value in ((ENV_ENDPOINT, self.endpoint), (ENV_ACCESS_KEY, self.access_key),
+                            (ENV_SECRET_KEY, self.secret_key), (ENV_CA_FILE, self.ca_file)):
+            if value:
+                env[name] = value
+        return env
+
     @property
     def endpoint_name(self) -> str:
         """The endpoint for messages."""

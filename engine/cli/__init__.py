@@ -104,11 +104,16 @@ class _VersionAction(argparse.Action):
 def add_store_options(sub) -> None:
     """The options of a store in a bucket, for every command whose STORE add_store_arg made
     (added last, so they never take an option name a command already uses)."""
+    import argparse
+
     from engine.cli.common import add_s3_options
     for parser in set(sub.choices.values()):
         if any(a.dest == "store" and not a.option_strings and getattr(a, "_s3_store", False)
                for a in parser._actions):
             add_s3_options(parser)
+        for action in parser._actions:   # a verb group (files ls|get|...): its own verbs
+            if isinstance(action, argparse._SubParsersAction):
+                add_store_options(action)
 
 
 class _Skipped:

@@ -18,7 +18,7 @@ import stat
 import tempfile
 
 from engine import argtypes, clilog
-from engine.cli.common import count, open_repo, add_store_arg
+from engine.cli.common import count, open_repo, add_store_arg, s3_settings
 from engine.commandline import EXIT_OK, add_command, emit
 from engine.errors import ServeError, UsageError
 from engine.progress import human_bytes
@@ -87,10 +87,12 @@ def cmd_serve(args) -> int:
     try:
         endpoint = _endpoint(args, tmpdir)
         pidfile, stats = os.path.join(tmpdir, "nbdkit.pid"), os.path.join(tmpdir, "stats.json")
+        settings = s3_settings(args)
         argv = srv.nbdkit_argv(args.store, record.id, endpoint, args.writable, args.cache, stats, pidfile,
-                               args.run, verbose=args.verbose >= 2, parallel_requests=args.parallel_requests)
+                               args.run, verbose=args.verbose >= 2, parallel_requests=args.parallel_requests,
+                               s3_cache=args.s3_cache if settings else None)
         mode = "writable through a copy-on-write overlay" if args.writable else "read-only"
-        server = srv.Server(argv, pidfile, captive=args.run is not None)
+        server = srv.Server(argv, pidfile, captive=args.run is not None, s3_settings=settings)
         server.wait_ready()
         doc = _serve_doc(record, endpoint, args.writable, server.proc.pid)
         stopped = None
@@ -144,7 +146,9 @@ def _signame(signum) -> str:
 def cmd_mount(args) -> int:
     from engine.nbd import mount
     record, _ = _resolve(args)
-    doc = mount.mount(args.store, record, args.directory, args.writable, args.cache)
+    settings = s3_settings(args)
+    doc = mount.mount(args.store, record, args.directory, args.writable, args.cache,
+                      s3_cache=args.s3_cache if settings else None, s3_settings=settings)
     clilog.summary(f"mounted {record.id} ({human_bytes(record.size)}, "
                    f"{'writable, writes kept in an overlay' if args.writable else 'read-only'}) as {doc['file']}; "
                    f"'blockvault umount {args.directory}' to take it down")

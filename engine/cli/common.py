@@ -42,15 +42,23 @@ def add_s3_options(sp) -> None:
 
 def s3_settings(args):
     """The S3Settings of the command's options (None for a local store)."""
+    return s3_settings_of(getattr(args, "store", "") or "", args.s3_endpoint, args.s3_credentials,
+                          args.s3_ca_file, args.s3_cache)
+
+
+def s3_settings_of(store: str, endpoint, credentials, ca_file, cache, option_prefix: str = "--"):
+    """The S3Settings of one store's options (None for a local store, where giving any
+    of them is a usage error naming the option as the user spelled it)."""
     from chunkstore.s3settings import S3Settings, is_store_url
-    if not is_store_url(getattr(args, "store", "") or ""):
-        for opt in ("endpoint", "cache", "credentials", "ca_file"):
-            if getattr(args, f"s3_{opt}", None):
+    if not is_store_url(store):
+        given = {"endpoint": endpoint, "cache": cache, "credentials": credentials, "ca-file": ca_file}
+        for opt, value in given.items():
+            if value:
                 from engine.errors import UsageError
-                raise UsageError(f"--{opt.replace('_', '-')} is for a store in a bucket (s3://BUCKET/PREFIX); "
-                                 f"{args.store} is a local directory")
+                raise UsageError(f"{option_prefix}{opt} is for a store in a bucket (s3://BUCKET/PREFIX); "
+                                 f"{store} is a local directory")
         return None
-    return S3Settings.resolve(args.s3_endpoint, args.s3_credentials, args.s3_ca_file)
+    return S3Settings.resolve(endpoint, credentials, ca_file)
 
 
 def store_kwargs(args) -> dict:

@@ -14,6 +14,14 @@ EXAMPLES = """blockvault copy /backup/store /offsite/store --all           # eve
   blockvault copy /backup/store /offsite/store --disk web01-disk0 --dry-run
   blockvault copy /backup/store /offsite/store web01@latest db01-disk0@12 --json
   blockvault copy /backup/store /offsite/store --vm web01               # VM backups, with their disks
+  blockvault copy /backup/store s3://offsite/store --all --dst-endpoint https://s3.example.net
+  blockvault copy s3://offsite/store /restore/store --all --endpoint https://s3.example.net
+  blockvault copy s3://a/store s3://b/store --all --dst-credentials ~/.config/b.s3   # another account
+
+SRC's bucket options are the plain ones (--endpoint, --cache, --credentials, --ca-file, also
+spelled --src-...), DST's are --dst-endpoint, --dst-cache, --dst-credentials, --dst-ca-file;
+both sides read BLOCKVAULT_S3_* / AWS_* from the environment where no option says otherwise.
+DST is opened as a writer (it takes DST's lease), SRC as a reader (it needs no lease).
 
 A point keeps its number when DST's chain has it free, its time, kind, note, changeIds and a VM
 backup's configuration; it records where it came from (copied_from), so the next night's copy
@@ -23,6 +31,15 @@ sends only the new points' new chunks. Protection is not copied: it belongs to a
 def _point_doc(p) -> dict:
     return {"id": p.src.id, "copied_to": p.dst.id, "kind": p.kind,
             "disk_backups": [{"id": s.id, "copied_to": d.id} for s, d in p.pairs]}
+
+
+def _open_kwargs(store: str, args, side: str) -> dict:
+    """The cache and S3Settings of one side's options ({} for a local store)."""
+    from engine.cli.common import s3_settings_of
+    get = lambda name: getattr(args, f"{side}_{name}")  # noqa: E731
+    settings = s3_settings_of(store, get("endpoint"), get("credentials"), get("ca_file"), get("cache"),
+                              option_prefix=f"--{side}-" if side == "dst" else "--")
+    return {} if settings is None else {"cache": get("cache"), "s3_settings": settings}
 
 
 def _not_the_same(src: str, dst: str) -> None:
@@ -46,7 +63,8 @@ def cmd_copy(args) -> int:
         raise UsageError("say what to copy: point ids, --disk NAME, --vm NAME or --all (one of them)")
     _not_the_same(args.src, args.dst)
     started = time.monotonic()
-    with Repository.open(args.src) as src, Repository.open(args.dst) as dst, \
+    src_where, dst_where = _open_kwargs(args.src, args, "src"), _open_kwargs(args.dst, args, "dst")
+    with Repository.open(args.src, **src_where) as src, Repository.open(args.dst, **dst_where) as dst, \
             progress_for(args, "copy") as progress:
         result = copy_points(src, dst, args.ids, args.disk, args.vm, args.all, dry_run=args.dry_run,
                              wait=args.wait, workers=args.threads, on_total=progress.set_total,
@@ -88,3 +106,16 @@ def register(sub) -> None:
                     help="wait this long for DST's locks (inf: as long as it takes)")
     sp.add_argument("--threads", type=argtypes.threads, default=None, metavar="N",
                     help="threads reading, re-hashing and compressing (default: two per core)")
+    for side, name, where in (("src", "SRC", "--{0}, --src-{0}"), ("dst", "DST", "--dst-{0}")):
+        g = sp.add_argument_group(f"{name} in a bucket (s3://BUCKET/PREFIX)",
+                                  "secrets only from BLOCKVAULT_S3_ACCESS_KEY_ID / BLOCKVAULT_S3_SECRET_ACCESS_KEY "
+                                  "(or AWS_*, ~/.aws) or a credentials FILE, never on the command line")
+        for opt, metavar, text in (
+                ("endpoint", "URL", f"{name}'s S3 endpoint (default: BLOCKVAULT_S3_ENDPOINT, else AWS)"),
+                ("cache", "DIR", f"this host's cache of {name} (default: $BLOCKVAULT_CACHE/BUCKET/PREFIX or "
+                                 "~/.cache/blockvault/s3/BUCKET/PREFIX)"),
+                ("credentials", "FILE", f"{name}'s 'key = value' file: access_key_id, secret_access_key, region, "
+                                        "endpoint (mode 0600)"),
+                ("ca-file", "FILE", f"PEM certificates to verify {name}'s endpoint's TLS with")):
+            names = where.format(opt).split(", ")
+            g.add_argument(*names, dest=f"{side}_{opt.replace('-', '_')}", metavar=metavar, help=text)

@@ -42,8 +42,8 @@ MAX_EXTENT_CHUNKS = 16 * 1024
 
 
 def config(key: str, value: str) -> None:
-    if key not in ("store", "point", "cache", "stats", "threads"):
-        raise RuntimeError(f"unknown parameter {key!r} (store=, point=, cache=, stats=, threads=)")
+    if key not in ("store", "point", "cache", "stats", "threads", "s3cache"):
+        raise RuntimeError(f"unknown parameter {key!r} (store=, point=, cache=, stats=, threads=, s3cache=)")
     _params[key] = value
 
 
@@ -64,12 +64,21 @@ def get_ready() -> None:
     from engine.pointview import DEFAULT_CACHE_BYTES, PointView, reader_registration
     from engine.repository import Repository
 
-    repo = Repository.open(_params["store"])
+    repo = Repository.open(_params["store"], **_where())
     registration = reader_registration(repo, "serve", f"serve {_params['point']}")
     registration.__enter__()
     view = PointView.open(repo, _params["point"], cache_bytes=int(_params.get("cache", DEFAULT_CACHE_BYTES)))
     _state.update(repo=repo, view=view, registration=registration)
     nbdkit.debug(f"blockvault: serving {view.record.id}: {view.size} bytes in {view.chunk_size}-byte chunks")
+
+
+def _where() -> dict:
+    """A store in a bucket: its cache (s3cache=) and the settings blockvault serve/mount
+    put in the environment (BLOCKVAULT_S3_*: the secret never on nbdkit's command line)."""
+    from chunkstore.s3settings import S3Settings, is_store_url
+    if not is_store_url(_params["store"]):
+        return {}
+    return {"cache": _params.get("s3cache"), "s3_settings": S3Settings.resolve()}
 
 
 def cleanup() -> None:

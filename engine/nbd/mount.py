@@ -135,7 +135,8 @@ def _wait_gone(pid: int | None, timeout: float = EXIT_TIMEOUT) -> bool:
     return True
 
 
-def mount(store: str, record, directory: str, writable: bool, cache_bytes: int) -> dict:
+def mount(store: str, record, directory: str, writable: bool, cache_bytes: int, s3_cache: str | None = None,
+          s3_settings=None) -> dict:
     nbdfuse = srv.require_tool("nbdfuse", "libnbd-bin")
     srv.require_tool("fusermount3", "fuse3")
     srv.check_nbdkit()
@@ -162,12 +163,12 @@ def mount(store: str, record, directory: str, writable: bool, cache_bytes: int) 
     work = tempfile.mkdtemp(prefix="blockvault-mount-")
     pidfile = os.path.join(work, "nbdfuse.pid")
     logfile = os.path.join(_state_dir(), os.path.basename(_state_path(directory))[:-5] + ".log")
-    inner = srv.nbdkit_argv(store, record.id, srv.Endpoint(single=True), writable, cache_bytes)
+    inner = srv.nbdkit_argv(store, record.id, srv.Endpoint(single=True), writable, cache_bytes, s3_cache=s3_cache)
     argv = [nbdfuse] + ([] if writable else ["-r"]) + ["-P", pidfile, os.path.join(directory, FILE_NAME),
                                                        "--command"] + inner
     try:
         with open(logfile, "ab") as err:
-            proc = subprocess.Popen(argv, env=srv.plugin_env(), stdin=subprocess.DEVNULL, stdout=err,
+            proc = subprocess.Popen(argv, env=srv.plugin_env(s3_settings), stdin=subprocess.DEVNULL, stdout=err,
                                     stderr=err, start_new_session=True, cwd="/")
         deadline = time.monotonic() + READY_TIMEOUT
         while not (os.path.exists(pidfile) and os.path.getsize(pidfile) > 0):
@@ -193,7 +194,7 @@ def mount(store: str, record, directory: str, writable: bool, cache_bytes: int) 
     doc = {"id": record.id, "directory": directory, "file": path, "size": record.size, "writable": writable,
            "pid": proc.pid}
     with open(_state_path(directory), "w") as f:
-        json.dump({**doc, "store": os.path.abspath(store), "log": logfile}, f)
+        json.dump({**doc, "store": srv.store_arg(store), "log": logfile}, f)
     return doc
 
 

@@ -90,11 +90,21 @@ def site_dirs() -> list[str]:
     return [d for d in dirs if os.path.isdir(d)]
 
 
-def plugin_env() -> dict[str, str]:
+def plugin_env(s3_settings=None) -> dict[str, str]:
+    """nbdkit's environment: where the packages are, and for a store in a bucket how to
+    reach it (the environment, never argv: nbdkit's command line is visible in ps)."""
     env = dict(os.environ)
     env["BLOCKVAULT_NBDKIT_SITE"] = os.pathsep.join(site_dirs())
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    if s3_settings is not None:
+        env.update(s3_settings.as_env())
     return env
+
+
+def store_arg(store: str) -> str:
+    """The plugin's store= parameter: a directory made absolute (nbdkit runs elsewhere), a URL as it is."""
+    from chunkstore.s3settings import is_store_url
+    return store if is_store_url(store) else os.path.abspath(store)
 
 
 def unix_uri(path: str) -> str:
@@ -177,7 +187,7 @@ class Endpoint:
 
 def nbdkit_argv(store: str, point: str, endpoint: Endpoint, writable: bool, cache_bytes: int,
                 stats: str | None = None, pidfile: str | None = None, run: str | None = None,
-                verbose: bool = False, parallel_requests: bool = False) -> list[str]:
+                verbose: bool = False, parallel_requests: bool = False, s3_cache: str | None = None) -> list[str]:
     argv = [require_tool("nbdkit", "nbdkit")]
     if not endpoint.single:
         argv.append("--exit-with-parent")
@@ -189,7 +199,9 @@ def nbdkit_argv(store: str, point: str, endpoint: Endpoint, writable: bool, cach
         argv.append("-v")
     if run is not None:
         argv += ["--run", run]
-    argv += ["python", PLUGIN, f"store={os.path.abspath(store)}", f"point={point}", f"cache={cache_bytes}"]
+    argv += ["python", PLUGIN, f"store={store_arg(store)}", f"point={point}", f"cache={cache_bytes}"]
+    if s3_cache:
+        argv.append(f"s3cache={os.path.abspath(s3_cache)}")   # a directory, no secret
     if stats:
         argv.append(f"stats={stats}")
     if parallel_requests:
@@ -200,10 +212,10 @@ def nbdkit_argv(store: str, point: str, endpoint: Endpoint, writable: bool, cach
 class Server:
     """A running nbdkit; ``wait_ready`` returns once it listens."""
 
-    def __init__(self, argv: list[str], pidfile: str, captive: bool = False):
+    def __init__(self, argv: list[str], pidfile: str, captive: bool = False, s3_settings=None):
         self.argv = argv
         self.pidfile = pidfile
-        self.proc = subprocess.Popen(argv, env=plugin_env(), stdin=None if captive else subprocess.DEVNULL)
+        self.proc = subprocess.Popen(argv, env=plugin_env(s3_settings), stdin=None if captive else subprocess.DEVNULL)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
