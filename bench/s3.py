@@ -214,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                 r["moved_bytes"] = inc
                 r["MiBps"] = round(inc / MiB / r["wall_s"], 1)
         if up0 is not None and up1 is not None:
-            run.steps[-4]["uploaded_bytes"] = up1 - up0
-            run.steps[-4]["uploaded_MiBps"] = round((up1 - up0) / MiB / run.steps[-4]["wall_s"], 1)
+            b = _step(doc, "s3", "backup")
+            b["uploaded_bytes"] = up1 - up0
+            b["uploaded_MiBps"] = round((up1 - up0) / MiB / b["wall_s"], 1)
         restored = {}
         for where, store, extra in (("local", local, ()), ("s3", url, ("--cache", cache_a))):
             target = os.path.join(work, f"restore-{where}.img")
