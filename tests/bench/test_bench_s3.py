@@ -24,7 +24,7 @@ from s3cluster import missing_message  # noqa: E402
 pytestmark = pytest.mark.s3
 
 STEPS = {("local", "init"), ("s3", "init"), ("local", "backup"), ("s3", "backup"), ("local", "incremental"),
-         ("s3", "incremental"), ("local", "restore"), ("s3", "restore"), ("s3", "attach"), ("s3", "restore@B"),
+         ("s3", "incremental"), ("local", "restore"), ("s3", "restore"), ("s3", "restore@4thr"), ("s3", "attach"), ("s3", "restore@B"),
          ("local>s3", "copy"), ("s3", "restore@copy")}
 
 
@@ -40,13 +40,13 @@ def test_s3_bench_quick_restores_identical_from_every_store_and_measures_the_lim
     seen = {(s["where"], s["step"]) for s in doc["steps"]}
     assert STEPS <= seen, STEPS - seen
     assert all(s["ok"] and s["peak_rss_bytes"] > 0 for s in doc["steps"]), [s for s in doc["steps"] if not s["ok"]]
-    assert doc["restored_identical"] == {"local": True, "s3": True, "s3 after attach": True, "s3 copy": True}
+    assert doc["restored_identical"] == {"local": True, "s3": True, "s3 with 4 threads": True, "s3 after attach": True, "s3 copy": True}
     # what the S3 backup put in the bucket is what attach read back on the empty cache
     backup = next(s for s in doc["steps"] if s["where"] == "s3" and s["step"] == "backup")
     assert backup["uploaded_bytes"] > 0.9 * doc["config"]["data_bytes"]    # random data: it does not compress
     runs = doc["limit"]["runs"]
-    assert [r["object_bytes"] for r in runs] == [32 << 20, 8 << 20] and all(r["put_mib_s"] > 0 < r["get_mib_s"]
-                                                                            for r in runs)
+    assert [(r["object_bytes"], r["threads"]) for r in runs] == [(32 << 20, 4), (8 << 20, 4), (8 << 20, 8)]
+    assert all(r["put_mib_s"] > 0 and r["get_mib_s"] > 0 for r in runs)
     s = doc["summary"]
     assert s["backup_of_put"] > 0 and s["restore_of_get"] > 0
     assert not os.path.exists(out / "work"), "the work folder is removed unless --keep"
