@@ -226,11 +226,15 @@ def main(argv: list[str] | None = None) -> int:
             run("restore", where, "restore", store, "d@1", target, *extra, moved=data)
             restored[where] = same(target, snap1)
             os.unlink(target)
-        # the same restore with restore's earlier default of two threads per core (4 here): before/after
-        target = os.path.join(work, "restore-s3-4.img")
-        run("restore@4thr", "s3", "restore", url, "d@1", target, "--cache", cache_a, "--threads", "4", moved=data)
-        restored["s3 with 4 threads"] = same(target, snap1)
-        os.unlink(target)
+        # the same restore with restore's earlier default of two threads per core (4 here): before/after,
+        # alternated, twice each (the best counts: other work on the machine only ever slows a run down)
+        target = os.path.join(work, "restore-s3-again.img")
+        for step, threads in (("restore@4thr", ["--threads", "4"]), ("restore#2", []),
+                              ("restore@4thr#2", ["--threads", "4"])):
+            run(step, "s3", "restore", url, "d@1", target, "--cache", cache_a, *threads, moved=data)
+            restored[f"s3 {step}"] = same(target, snap1)
+            if os.path.exists(target):
+                os.unlink(target)
         time.sleep(3.5)   # host A's lease (TTL 3 s) expires: host B may take over
         run("attach", "s3", "attach", url, "--cache", cache_b, "--take-over", moved=up2)
         target = os.path.join(work, "restore-b.img")
@@ -299,14 +303,24 @@ def _step(doc, where, step):
     return next((s for s in doc["steps"] if s["where"] == where and s["step"] == step), None)
 
 
+def _best(doc, where, step):
+    """The faster of ``step`` and ``step#2``."""
+    runs = [s for s in (_step(doc, where, step), _step(doc, where, step + "#2")) if s and s.get("MiBps")]
+    return max(runs, key=lambda s: s["MiBps"], default=None)
+
+
 def summary(doc: dict) -> dict:
     # the limit is the best the endpoint did in any of its runs (the harder comparison)
     runs = doc["limit"]["runs"]
     put, get = max(r["put_mib_s"] for r in runs), max(r["get_mib_s"] for r in runs)
-    b, r = _step(doc, "s3", "backup"), _step(doc, "s3", "restore")
+    b, r = _step(doc, "s3", "backup"), _best(doc, "s3", "restore")
     s = {"put_limit_MiBps": put, "get_limit_MiBps": get,
          "backup_MiBps": b and b.get("uploaded_MiBps", b.get("MiBps")), "restore_MiBps": r and r.get("MiBps"),
+         "restore_4_threads_MiBps": (_best(doc, "s3", "restore@4thr") or {}).get("MiBps"),
          "peak_rss_bytes": max(x["peak_rss_bytes"] for x in doc["steps"] if x["where"] != "large")}
+    lb, lr = _step(doc, "local", "backup"), _step(doc, "local", "restore")
+    s["restore_of_local"] = round(s["restore_MiBps"] / lr["MiBps"], 3) if s["restore_MiBps"] and lr else None
+    s["backup_of_local"] = round(s["backup_MiBps"] / lb["MiBps"], 3) if s["backup_MiBps"] and lb else None
     s["backup_of_put"] = round(s["backup_MiBps"] / put, 3) if s["backup_MiBps"] else None
     s["restore_of_get"] = round(s["restore_MiBps"] / get, 3) if s["restore_MiBps"] else None
     return s
@@ -314,7 +328,7 @@ def summary(doc: dict) -> dict:
 
 def table(doc: dict) -> str:
     lines = [f"{'step':14} {'local MiB/s':>12} {'local RSS':>10} {'S3 MiB/s':>10} {'S3 RSS':>8}"]
-    for step in ("backup", "incremental", "restore", "restore@4thr", "attach", "restore@B", "copy", "restore@copy"):
+    for step in ("backup", "incremental", "restore", "restore@4thr", "restore#2", "restore@4thr#2", "attach", "restore@B", "copy", "restore@copy"):
         lo = _step(doc, "local", step)
         hi = _step(doc, "s3", step) or _step(doc, "local>s3", step)
         cell = lambda s, k: "-" if not s or s.get(k) is None else (  # noqa: E731
@@ -328,8 +342,11 @@ def table(doc: dict) -> str:
                          f"PUT {r['put_mib_s']:7.1f} MiB/s  GET {r['get_mib_s']:7.1f} MiB/s")
         lines.append(f"limit (best of those): PUT {s['put_limit_MiBps']} MiB/s, GET {s['get_limit_MiBps']} MiB/s")
         lines.append(f"backup (bytes uploaded) {s['backup_MiBps']} MiB/s = {s['backup_of_put']} of PUT; "
-                     f"restore {s['restore_MiBps']} MiB/s = {s['restore_of_get']} of GET; "
+                     f"restore (best of 2) {s['restore_MiBps']} MiB/s = {s['restore_of_get']} of GET "
+                     f"(with 4 threads: {s['restore_4_threads_MiBps']} MiB/s); "
                      f"peak RSS {s['peak_rss_bytes'] / MiB:.0f} MiB")
+        lines.append(f"S3 / local: backup {s['backup_of_local']}, restore {s['restore_of_local']} "
+                     "(a local restore is the ceiling of one from a bucket: the same decode and writes)")
     if doc.get("attach_large"):
         a = doc["attach_large"]
         lines.append(f"attach of {a['packed_bytes'] and a['packed_bytes'] / MiB:.0f} MiB packed: {a['attach_s']} s "

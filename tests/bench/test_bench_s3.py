@@ -24,7 +24,7 @@ from s3cluster import missing_message  # noqa: E402
 pytestmark = pytest.mark.s3
 
 STEPS = {("local", "init"), ("s3", "init"), ("local", "backup"), ("s3", "backup"), ("local", "incremental"),
-         ("s3", "incremental"), ("local", "restore"), ("s3", "restore"), ("s3", "restore@4thr"), ("s3", "attach"), ("s3", "restore@B"),
+         ("s3", "incremental"), ("local", "restore"), ("s3", "restore"), ("s3", "restore@4thr"), ("s3", "restore#2"), ("s3", "restore@4thr#2"), ("s3", "attach"), ("s3", "restore@B"),
          ("local>s3", "copy"), ("s3", "restore@copy")}
 
 
@@ -40,7 +40,8 @@ def test_s3_bench_quick_restores_identical_from_every_store_and_measures_the_lim
     seen = {(s["where"], s["step"]) for s in doc["steps"]}
     assert STEPS <= seen, STEPS - seen
     assert all(s["ok"] and s["peak_rss_bytes"] > 0 for s in doc["steps"]), [s for s in doc["steps"] if not s["ok"]]
-    assert doc["restored_identical"] == {"local": True, "s3": True, "s3 with 4 threads": True, "s3 after attach": True, "s3 copy": True}
+    assert doc["restored_identical"] == {"local": True, "s3": True, "s3 restore@4thr": True, "s3 restore#2": True,
+                                        "s3 restore@4thr#2": True, "s3 after attach": True, "s3 copy": True}
     # what the S3 backup put in the bucket is what attach read back on the empty cache
     backup = next(s for s in doc["steps"] if s["where"] == "s3" and s["step"] == "backup")
     assert backup["uploaded_bytes"] > 0.9 * doc["config"]["data_bytes"]    # random data: it does not compress
