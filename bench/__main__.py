@@ -6,6 +6,7 @@
     python -m bench --lifecycle --out DIR [--quick] ...   (retention: bench/lifecycle.py)
 
 Writes DIR/results.json, DIR/report.md and DIR/*.png (see bench/README.md).
+``python -m bench --s3`` is another: local against S3 (bench/s3.py).
 ``python -m bench --files`` is another bench: file-level restore (bench/files.py).
 --quick runs tiny images for CI and checks correctness only: every restore
 identical, the JSON complete, every tool ran; it exits non-zero on any
@@ -234,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--files" in argv:  # file-level restore against a full restore: bench/files.py
         from bench import files
         return files.main([a for a in argv if a != "--files"])
+    if "--s3" in argv:  # local against Ceph RGW, with the endpoint's own limit: bench/s3.py
+        from bench import s3
+        return s3.main([a for a in argv if a != "--s3"])
     if "--lifecycle" in argv:  # its own run and options: bench/lifecycle.py
         from bench import lifecycle
         return lifecycle.main([a for a in argv if a != "--lifecycle"])

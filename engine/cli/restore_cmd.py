@@ -65,5 +65,5 @@ def register(sub) -> None:
                     help="the block device or vddk disk already reads as zeros: skip writing zero chunks "
                          "(files are always new and sparse)")
     sp.add_argument("--threads", type=argtypes.threads, default=None,
-                    help="worker threads, 1-256 (default: two per core)")
+                    help="worker threads, 1-256 (default: two per core; four per core from a bucket)")
     rollback_cmd.add_options(sp)
