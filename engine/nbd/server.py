@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import shutil
 import site
 import socket
@@ -90,11 +91,34 @@ def site_dirs() -> list[str]:
     return [d for d in dirs if os.path.isdir(d)]
 
 
+def embedded_python_home() -> str | None:
+    """The home of the interpreter nbdkit's plugin embeds (Debian's, under /usr).
+
+    Left to itself, the embedded interpreter looks for ``python3`` on PATH to find its
+    standard library, and under pyenv that is pyenv's 3.11.7: its pure-Python modules
+    load, but its C extensions do not (``_ssl``: undefined symbol), so boto3 could not
+    import and a store in a bucket could not be served."""
+    home = "/usr"
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return home if os.path.isfile(os.path.join(home, "lib", version, "os.py")) else None
+
+
+def run_command(run: str) -> str:
+    """``--run CMD`` as nbdkit runs it: with the caller's PYTHONHOME, not the one given
+    to nbdkit's embedded interpreter (a Python the command starts must find its own)."""
+    before = os.environ.get("PYTHONHOME")
+    restore = "unset PYTHONHOME" if before is None else f"export PYTHONHOME={shlex.quote(before)}"
+    return f"{restore}; {run}"
+
+
 def plugin_env(s3_settings=None) -> dict[str, str]:
     """nbdkit's environment: where the packages are, and for a store in a bucket how to
     reach it (the environment, never argv: nbdkit's command line is visible in ps)."""
     env = dict(os.environ)
     env["BLOCKVAULT_NBDKIT_SITE"] = os.pathsep.join(site_dirs())
+    home = embedded_python_home()
+    if home:
+        env["PYTHONHOME"] = home
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
     if s3_settings is not None:
         env.update(s3_settings.as_env())
@@ -198,7 +222,7 @@ def nbdkit_argv(store: str, point: str, endpoint: Endpoint, writable: bool, cach
     if verbose:
         argv.append("-v")
     if run is not None:
-        argv += ["--run", run]
+        argv += ["--run", run_command(run)]
     argv += ["python", PLUGIN, f"store={store_arg(store)}", f"point={point}", f"cache={cache_bytes}"]
     if s3_cache:
         argv.append(f"s3cache={os.path.abspath(s3_cache)}")   # a directory, no secret
