@@ -169,3 +169,14 @@ class CephCluster:
             self._watchdog.terminate()
             self._watchdog.wait()
             self._watchdog = None
+
+
+def s3env_of(cluster, **extra) -> dict:
+    """The CLI's environment for ``cluster``: its endpoint and keys, and short bounded waits
+    (two attempts, 3 s to connect, 20 s to answer), so a test never waits long on a fault."""
+    env = dict(os.environ)
+    env.update(cluster.env())
+    env.update({"BLOCKVAULT_S3_MAX_ATTEMPTS": "2", "BLOCKVAULT_S3_CONNECT_TIMEOUT": "3",
+                "BLOCKVAULT_S3_READ_TIMEOUT": "20"})
+    env.update(extra)
+    return env

@@ -3,7 +3,6 @@ exactly (conditional writes, ranges, pagination, batched deletes) and the failur
 name (bad keys, no endpoint, no bucket) without leaking a secret."""
 
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 

@@ -18,16 +18,6 @@ from helpers import make_sparse, rng, run_cli, write_at
 pytestmark = pytest.mark.s3
 
 
-@pytest.fixture
-def s3env(ceph):
-    env = dict(os.environ)
-    env.update(ceph.env())
-    env["BLOCKVAULT_S3_MAX_ATTEMPTS"] = "2"
-    env["BLOCKVAULT_S3_CONNECT_TIMEOUT"] = "3"
-    env["BLOCKVAULT_S3_READ_TIMEOUT"] = "20"
-    return env
-
-
 def test_files_get_from_an_s3_point_restores_the_file_identical(s3_store_url, s3env, tmp_path):
     if fsimages.missing_tools():
         pytest.fail(f"needs {', '.join(fsimages.missing_tools())} (tools/install.sh --test)", pytrace=False)

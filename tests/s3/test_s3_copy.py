@@ -24,16 +24,6 @@ CS = 64 << 10
 SIZE = 4 << 20
 
 
-@pytest.fixture
-def s3env(ceph):
-    env = dict(os.environ)
-    env.update(ceph.env())
-    env["BLOCKVAULT_S3_MAX_ATTEMPTS"] = "2"
-    env["BLOCKVAULT_S3_CONNECT_TIMEOUT"] = "3"
-    env["BLOCKVAULT_S3_READ_TIMEOUT"] = "20"
-    return env
-
-
 def run_json(env, *args) -> dict:
     proc = run_cli(*args, "--json", env=env)
     assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)

@@ -17,19 +17,11 @@ import time
 import pytest
 
 from helpers import REPO_ROOT, freeze, make_sparse, rng, run_cli, same_file, snapshot, write_at
+from s3cluster import s3env_of
 
 pytestmark = pytest.mark.s3
 
 GUARD = 240      # seconds: a command that has not ended by then waits without end (the bug guarded)
-
-
-def s3env_of(cluster, **extra) -> dict:
-    env = dict(os.environ)
-    env.update(cluster.env())
-    env.update({"BLOCKVAULT_S3_MAX_ATTEMPTS": "2", "BLOCKVAULT_S3_CONNECT_TIMEOUT": "3",
-                "BLOCKVAULT_S3_READ_TIMEOUT": "20"})
-    env.update(extra)
-    return env
 
 
 def listing(env, url, cache) -> list[str]:

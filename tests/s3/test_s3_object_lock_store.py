@@ -23,16 +23,6 @@ DAY = 86400
 
 
 @pytest.fixture
-def s3env(ceph):
-    env = dict(os.environ)
-    env.update(ceph.env())
-    env["BLOCKVAULT_S3_MAX_ATTEMPTS"] = "2"
-    env["BLOCKVAULT_S3_CONNECT_TIMEOUT"] = "3"
-    env["BLOCKVAULT_S3_READ_TIMEOUT"] = "20"
-    return env
-
-
-@pytest.fixture
 def locked_url():
     """A store URL in a bucket that does not exist yet: init makes it, with object lock."""
     return f"s3://bv-ol-{uuid.uuid4().hex[:12]}/store"

@@ -4,7 +4,6 @@ refusals (bad credentials, a bucket that is no store, a lease held by another ho
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,16 +17,6 @@ from helpers import REPO_ROOT, make_sparse, resize, rng, run_cli, same_file, sna
 from integration.test_chain import CS, cbt_file, scribble
 
 pytestmark = pytest.mark.s3
-
-
-@pytest.fixture
-def s3env(ceph):
-    env = dict(os.environ)
-    env.update(ceph.env())
-    env["BLOCKVAULT_S3_MAX_ATTEMPTS"] = "2"
-    env["BLOCKVAULT_S3_CONNECT_TIMEOUT"] = "3"
-    env["BLOCKVAULT_S3_READ_TIMEOUT"] = "20"
-    return env
 
 
 @pytest.fixture
