@@ -55,6 +55,21 @@ def _counters(store: str) -> tuple[int, int]:
     finally:
         env.close()
 
+def _kill_after_first_early_commit(proc, store, segments_before: int) -> None:
+    """SIGKILL the backup ``proc`` once its first early commit added segments."""
+    try:
+        deadline = time.monotonic() + 300
+        while _counters(store)[1] == segments_before:
+            assert proc.poll() is None, "the backup ended before its first early commit"
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        assert proc.poll() is None, "the backup ended before it could be killed mid-way"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 
 def _same_sparse(a: str, b: str) -> bool:
     """Byte-equal, reading only where either file holds data (holes read as zeros)."""
@@ -89,17 +104,7 @@ def test_a_backup_killed_between_its_early_segment_commits_leaves_the_store_whol
     _one_block_per_segment(big, 8192, seed=2)
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "backup", store, big, "--disk", "d"],
                             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while _counters(store)[1] == segments_before:
-            assert proc.poll() is None, "the backup ended before its first early commit"
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
-        assert proc.poll() is None, "the backup ended before it could be killed mid-way"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    _kill_after_first_early_commit(proc, store, segments_before)
     last, segments = _counters(store)
     assert last > last_before and segments >= segments_before + 1024  # an early commit landed
     # Nothing of the killed backup is visible; the earlier one is intact.
@@ -192,17 +197,7 @@ def test_a_killed_backups_early_segments_are_no_count_drift_and_keep_nothing_liv
     _one_block_per_segment(big, 4096, seed=6)
     proc = subprocess.Popen([sys.executable, "-c", _SMALL_FLUSH, "backup", store, big, "--disk", "d"],
                             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while _counters(store)[1] == segments_before:
-            assert proc.poll() is None, "the backup ended before its first early commit"
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
-        assert proc.poll() is None, "the backup ended before it could be killed mid-way"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    _kill_after_first_early_commit(proc, store, segments_before)
     _, segments = _counters(store)
     assert segments > segments_before            # early segments no manifest names
     _verify_json(store)
