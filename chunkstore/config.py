@@ -18,11 +18,15 @@ from chunkstore.errors import ConfigError, FormatVersionError, NotAStoreError
 
 FORMAT_NAME = "blockvault-store"
 FORMAT_VERSION = 3
-# Read as they are; the first writer upgrades them (ChunkStore.upgrade_format).
-READABLE_VERSIONS = (2, 3)
+# An encrypted store (chunkstore/crypto.py): a reader of version 3 must refuse
+# it rather than misread keyed ids and sealed records.
+ENCRYPTED_VERSION = 4
+# 2 is read as it is; the first writer upgrades it (ChunkStore.upgrade_format).
+READABLE_VERSIONS = (2, 3, ENCRYPTED_VERSION)
 CONFIG_FILE = "config.json"
 
-DIGEST_KINDS = ("xxh3-128", "sha256")
+DIGEST_KINDS = ("xxh3-128", "sha256", "blake3-128-keyed")
+CIPHER_NAMES = ("aes-256-gcm", "chacha20-poly1305")
 MIN_CHUNK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 8 << 20
 # 256 KiB won the benchmark (bench/README.md, "Defaults chosen from figures").
@@ -46,6 +50,10 @@ class StoreConfig:
     created: float = 0.0
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
+    # "" for a plaintext store, else the AEAD of its records (chunkstore/crypto.py)
+    encryption: str = ""
+    # 32 hex digits: MasterKey.check(store id), "" for a plaintext store
+    key_check: str = ""
 
     @classmethod
     def new(
@@ -54,15 +62,26 @@ class StoreConfig:
         digest: str = "xxh3-128",
         compression_level: int = DEFAULT_COMPRESSION_LEVEL,
         pack_target_size: int = DEFAULT_PACK_TARGET,
+        encryption: str = "",
+        master=None,
     ) -> "StoreConfig":
+        """A new store's settings; ``encryption`` (a cipher name) needs the new
+        store's ``master`` key (chunkstore/crypto.py MasterKey), whose check it keeps."""
+        store_id = os.urandom(16)
+        if encryption and master is None:
+            raise ConfigError("an encrypted store needs its master key")
         cfg = cls(
-            store_id=os.urandom(16).hex(),
+            store_id=store_id.hex(),
             chunk_size=chunk_size,
-            digest=digest,
-            seed=int.from_bytes(os.urandom(8), "little"),
+            # an encrypted store's ids are keyed by its master key, not seeded
+            digest="blake3-128-keyed" if encryption else digest,
+            seed=0 if encryption else int.from_bytes(os.urandom(8), "little"),
             compression_level=compression_level,
             pack_target_size=pack_target_size,
             created=time.time(),
+            version=ENCRYPTED_VERSION if encryption else FORMAT_VERSION,
+            encryption=encryption,
+            key_check=master.check(store_id).hex() if encryption else "",
         )
         cfg.validate()
         return cfg
@@ -84,10 +103,24 @@ class StoreConfig:
             raise ConfigError("store seed must be a 64-bit unsigned integer")
         if not isinstance(self.pack_target_size, int) or self.pack_target_size < 1 << 20:
             raise ConfigError("pack target size must be at least 1 MiB")
+        if self.encryption:
+            if self.encryption not in CIPHER_NAMES:
+                raise ConfigError(f"encryption {self.encryption!r} is unknown; use one of {', '.join(CIPHER_NAMES)}")
+            if self.digest != "blake3-128-keyed" or len(self.key_check) != 32 or self.version != ENCRYPTED_VERSION:
+                raise ConfigError("an encrypted store has keyed blake3 ids, a 32-hex-digit key check and "
+                                  f"format version {ENCRYPTED_VERSION}")
+        elif self.digest == "blake3-128-keyed" or self.key_check or self.version == ENCRYPTED_VERSION:
+            raise ConfigError("keyed ids, a key check and format version 4 belong to encrypted stores only")
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.encryption)
 
     def to_json(self) -> str:
         doc = asdict(self)
         doc["seed"] = f"{self.seed:016x}"
+        if not self.encryption:  # a plaintext store's config is what format 3 wrote
+            del doc["encryption"], doc["key_check"]
         return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -118,7 +151,7 @@ class StoreConfig:
         if version not in READABLE_VERSIONS:
             raise FormatVersionError(
                 f"{store_path} has store format version {version!r}, this blockvault reads versions "
-                f"2 and {FORMAT_VERSION}; use a blockvault release that supports it"
+                f"2, {FORMAT_VERSION} and {ENCRYPTED_VERSION}; use a blockvault release that supports it"
             )
         try:
             cfg = cls(
@@ -130,6 +163,8 @@ class StoreConfig:
                 pack_target_size=int(doc.get("pack_target_size", DEFAULT_PACK_TARGET)),
                 created=float(doc.get("created", 0.0)),
                 version=version,
+                encryption=str(doc.get("encryption", "")),
+                key_check=str(doc.get("key_check", "")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise NotAStoreError(f"{path}: malformed store config ({e})") from None

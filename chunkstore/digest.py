@@ -25,10 +25,16 @@ class Digester:
 
     __slots__ = ("kind", "size", "_seed", "zero_digest", "_fn")
 
-    def __init__(self, kind: str, seed: int, chunk_size: int):
+    def __init__(self, kind: str, seed: int, chunk_size: int, id_key: bytes | None = None):
         self.kind = kind
         self._seed = seed
-        if kind == "xxh3-128":
+        if kind == "blake3-128-keyed":  # an encrypted store's: chunkstore/crypto.py
+            if id_key is None:
+                raise ValueError("keyed ids need the store's id key")
+            from chunkstore.crypto import keyed_id
+            self.size = 16
+            self._fn = keyed_id(id_key)
+        elif kind == "xxh3-128":
             self.size = 16
             self._fn = self._xxh3
         elif kind == "sha256":
@@ -41,8 +47,8 @@ class Digester:
         self.zero_digest = self._fn(bytes(chunk_size))
 
     @classmethod
-    def for_config(cls, cfg: StoreConfig) -> "Digester":
-        return cls(cfg.digest, cfg.seed, cfg.chunk_size)
+    def for_config(cls, cfg: StoreConfig, master=None) -> "Digester":
+        return cls(cfg.digest, cfg.seed, cfg.chunk_size, master.id_key if master is not None else None)
 
     def _xxh3(self, data) -> bytes:
         return xxhash.xxh3_128_digest(data, seed=self._seed)

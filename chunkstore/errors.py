@@ -125,3 +125,15 @@ class LeaseLost(S3Error):
     """The lease was taken over while this command ran: it must stop before committing."""
 
     exit_code = 4
+
+
+class KeyRequiredError(StoreError):
+    """An encrypted store was opened without a key (no passphrase, no key file)."""
+
+    exit_code = 2
+
+
+class WrongKeyError(StoreError):
+    """The passphrase or key file given does not open this store."""
+
+    exit_code = 1

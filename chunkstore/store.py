@@ -59,7 +59,8 @@ MAX_READ = MAX_PAYLOAD + RECORD_HEADER_SIZE  # see read_span
 class ChunkStore:
     """A content-addressed store of chunks.  Thread-safe for reads."""
 
-    def __init__(self, path: str, config: StoreConfig, env: lmdb.Environment, backend: PackBackend | None = None):
+    def __init__(self, path: str, config: StoreConfig, env: lmdb.Environment, backend: PackBackend | None = None,
+                 master=None):
         self.path = path
         # Where the sealed packs live (chunkstore/backend.py): this directory, or a bucket.
         self.backend = backend if backend is not None else LocalPackBackend(path)
@@ -73,7 +74,12 @@ class ChunkStore:
         self.env = env
         # A store on a read-only mount (see chunkstore/readonly.py): readers only.
         self.read_only = env.flags().get("readonly", False)
-        self.digester = Digester.for_config(config)
+        # An encrypted store's master key (chunkstore/crypto.py) unlocks its ids and
+        # records; ``cipher`` seals and opens record payloads, None in a plaintext store.
+        self.cipher = None
+        if config.encrypted:
+            self.cipher = _record_cipher(config, master, self.location)
+        self.digester = Digester.for_config(config, master)
         self.codec = Codec(config.compression_level)
         self.chunk_size = config.chunk_size
         self.store_id = bytes.fromhex(config.store_id)
@@ -93,7 +99,8 @@ class ChunkStore:
     def init(cls, path: str, cache: str | None = None, s3_settings=None, object_lock_days: float | None = None,
              lease_bucket: str | None = None, **settings) -> "ChunkStore":
         """Create a store in an empty (or missing) directory, or at ``s3://BUCKET/PREFIX``
-        with its cache directory ``cache`` (chunkstore/s3store.py)."""
+        with its cache directory ``cache`` (chunkstore/s3store.py).  ``settings`` are
+        StoreConfig.new's; an encrypted store's ``encryption`` comes with its ``master``."""
         if is_store_url(path):
             from chunkstore.s3store import init_s3
             return init_s3(cls, path, cache, s3_settings, object_lock_days, settings, lease_bucket)
@@ -104,6 +111,7 @@ class ChunkStore:
             if os.listdir(path):
                 raise StoreExistsError(f"{path} is not empty; init needs a new or empty directory")
         cfg = StoreConfig.new(**settings)
+        master = settings.get("master")
         # 0700 directories, 0600 files (chunkstore/safefs.py): the store holds
         # the digest seed and every disk's data.  An empty directory given to
         # init becomes 0700 too.
@@ -112,7 +120,7 @@ class ChunkStore:
         for sub in (PACKS_DIR, INDEX_DIR):
             safefs.make_dir(os.path.join(path, sub), "store directory")
         env = _open_env(path, create=True)
-        store = cls(path, cfg, env)
+        store = cls(path, cfg, env, master=master)
         with env.begin(write=True) as txn:  # a new store keeps the counts from its first commit
             mark_counted(txn, store.meta_db)
         # The config goes last: a directory without one is not a store, so a
@@ -122,9 +130,10 @@ class ChunkStore:
         return store
 
     @classmethod
-    def open(cls, path: str, cache: str | None = None, s3_settings=None) -> "ChunkStore":
+    def open(cls, path: str, cache: str | None = None, s3_settings=None, master=None) -> "ChunkStore":
         """Open the store in directory ``path``, or at ``s3://BUCKET/PREFIX`` through the
-        cache directory ``cache`` that ``init`` or ``attach`` made."""
+        cache directory ``cache`` that ``init`` or ``attach`` made; an encrypted store
+        needs its ``master`` key (chunkstore/crypto.py)."""
         if is_store_url(path):
             from chunkstore.s3store import open_s3
             return open_s3(cls, path, cache, s3_settings)
@@ -139,7 +148,7 @@ class ChunkStore:
             raise NotAStoreError(f"{path}: store index directory '{INDEX_DIR}' is missing; run "
                                  f"'blockvault rebuild {path}' to recreate the index from the packs")
         env = _open_env(path, create=False)
-        return cls(path, cfg, env)
+        return cls(path, cfg, env, master=master)
 
     def release_map(self) -> None:
         """Unmap the index pages this process touched (chunkstore/residency.py):
@@ -427,3 +436,16 @@ def _open_env_read_only(path: str) -> lmdb.Environment:
                               readahead=False, max_readers=256)
     except lmdb.Error as e:
         raise NotAStoreError(f"{path}: cannot open the store index (read-only): {e}") from None
+
+
+def _record_cipher(config: StoreConfig, master, location: str):
+    """The RecordCipher of an encrypted store, once ``master`` proved to be its key."""
+    from chunkstore.crypto import RecordCipher, constant_time_equal
+    from chunkstore.errors import KeyRequiredError, WrongKeyError
+    if master is None:
+        raise KeyRequiredError(f"store {location} is encrypted; give its key: BLOCKVAULT_PASSPHRASE, "
+                               "--passphrase-file FILE, --key-file FILE, or type the passphrase at the prompt")
+    store_id = bytes.fromhex(config.store_id)
+    if not constant_time_equal(master.check(store_id), bytes.fromhex(config.key_check)):
+        raise WrongKeyError(f"store {location}: the key given is not this store's key")
+    return RecordCipher(config.encryption, master, store_id)
