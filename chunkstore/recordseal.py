@@ -64,13 +64,21 @@ def open_payload(cipher, pack_id: bytes, offset: int, head, sealed, where: str) 
     return cipher.open(pack_id, offset, bytes(head[:RECORD_AD_SIZE]), sealed, where)
 
 
-def reseal(cipher, record, old_pack: bytes, old_offset: int, new_pack: bytes, new_offset: int, where: str) -> bytes:
-    """A sealed record moved to (``new_pack``, ``new_offset``): opened where it was,
-    sealed for where it goes (same length).  gc's repack."""
-    magic, codec, dlen, _, raw_len, stored, field, _, _ = RECORD_HEADER.unpack_from(record)
+def open_record(cipher, record, pack_id: bytes, offset: int, where: str) -> tuple[bytes, bytes]:
+    """(header, plaintext payload) of the sealed record ``record`` (header and
+    payload, framing checked) found at ``offset`` of ``pack_id``: what gc's
+    repack holds between reading a record and writing it elsewhere."""
+    stored = RECORD_HEADER.unpack_from(record)[5]
     view = memoryview(record)
-    plain = open_payload(cipher, old_pack, old_offset, view[:RECORD_HEADER_SIZE],
-                         view[RECORD_HEADER_SIZE:RECORD_HEADER_SIZE + stored], where)
-    ad = bytes(view[:RECORD_AD_SIZE])
-    sealed = cipher.seal(new_pack, new_offset, ad, plain)
+    head = bytes(view[:RECORD_HEADER_SIZE])
+    return head, open_payload(cipher, pack_id, offset, head, view[RECORD_HEADER_SIZE:RECORD_HEADER_SIZE + stored],
+                              where)
+
+
+def seal_opened(cipher, head: bytes, plain, pack_id: bytes, offset: int) -> bytes:
+    """An opened record (``open_record``) sealed again for ``offset`` of ``pack_id``:
+    same header fields and length, a new payload check.  A record is never
+    copied verbatim to a new place: it would not authenticate there."""
+    magic, codec, dlen, _, raw_len, stored, field, _, _ = RECORD_HEADER.unpack_from(head)
+    sealed = cipher.seal(pack_id, offset, head[:RECORD_AD_SIZE], plain)
     return _header(magic, codec, dlen, raw_len, stored, field, check64(sealed)) + sealed
