@@ -23,7 +23,8 @@ from chunkstore import ChunkStore
 from chunkstore.crypto import MasterKey
 from chunkstore.errors import ChunkNotFound, IntegrityError, KeyRequiredError, WrongKeyError
 from chunkstore.gc import collect
-from chunkstore.pack import (PACK_HEADER, RECORD_HEADER, RECORD_HEADER_SIZE, check64, decode_pack_header,
+from chunkstore.index import IndexEntry
+from chunkstore.pack import (RECORD_HEADER, RECORD_HEADER_SIZE, check64, decode_pack_header, decode_record_header,
                              encode_pack_header, iter_pack_paths, scan_pack)
 from chunkstore.verify import verify_chunks
 from engine import recovery
@@ -277,20 +278,28 @@ def test_flipped_bit_in_payload_is_damage_not_data(tmp_path, enc):
     _reported(enc, digest, entry)
 
 
-def test_edited_header_does_not_authenticate(tmp_path, enc):
-    """The header's bytes 0..47 are the associated data: a changed codec byte
-    (checks fixed) is refused before anything is decompressed."""
+@pytest.mark.parametrize("field,at", [("reserved", 6), ("raw length", 10), ("digest", 16), ("digest", 31), ("digest padding", 47)])
+def test_edited_header_does_not_authenticate(tmp_path, enc, field, at):
+    """The header's bytes 0..47 are the associated data: a header edited in any
+    of them (checks fixed, the index entry made to agree) is refused when the
+    record is opened, before anything is decompressed or hashed."""
     (full, snap1), _ = _backups(enc, tmp_path)
     digest = _chunk_digest(enc, snap1, 12)  # text: zstd
     entry = _entry(enc, digest)
     assert entry.codec != 0
     pack = enc.store.pack_path(entry.pack_id)
     head = bytearray(_read(pack, entry.offset, RECORD_HEADER_SIZE))
-    head[6] ^= 1  # the reserved field: in the associated data, in no framing check
+    head[at] ^= 1
     _write(pack, entry.offset, bytes(head))
     _fix_checks(pack, entry.offset)
-    _reported(enc, digest, entry)
-    _refused(enc, full, tmp_path, digest)
+    hdr = decode_record_header(_read(pack, entry.offset, RECORD_HEADER_SIZE), "edited")
+    forged = IndexEntry(entry.pack_id, entry.offset, hdr.stored_len, hdr.raw_len, hdr.codec)
+    record = _read(pack, entry.offset, RECORD_HEADER_SIZE + hdr.stored_len)
+    with pytest.raises(IntegrityError, match="does not authenticate"):
+        enc.store.open_record(record, 0, forged, hdr.digest)
+    if field == "reserved":  # the index still agrees: verify and restore meet it
+        _reported(enc, digest, entry)
+        _refused(enc, full, tmp_path, digest)
 
 
 def test_swapped_payloads_are_refused(tmp_path, enc):
