@@ -526,3 +526,31 @@ def test_verify_structure_pass_works_without_opening(tmp_path, enc):
         scan = scan_pack(p)
         assert scan.sealed and not scan.lost and scan.torn_at is None
     assert verify_chunks(enc.store).ok
+
+
+def test_point_view_reads_through_the_opened_records(tmp_path, enc):
+    """serve, mount and files read a point through PointView (ChunkStore.read_chunk):
+    the same bytes as the image, and a record that does not authenticate is an
+    error there too, never other bytes."""
+    from engine.pointview import PointView
+    (full, snap1), _ = _backups(enc, tmp_path)
+    with open(snap1, "rb") as f:
+        image = f.read()
+    view = PointView.open(enc, full.id)
+    try:
+        assert view.pread(0, len(image)) == image
+    finally:
+        view.close()
+    digest = _chunk_digest(enc, snap1, 9)
+    entry = _entry(enc, digest)
+    pack = enc.store.pack_path(entry.pack_id)
+    at = entry.offset + RECORD_HEADER_SIZE + 7
+    _write(pack, at, bytes([_read(pack, at, 1)[0] ^ 0x80]))
+    _fix_checks(pack, entry.offset)
+    view = PointView.open(enc, full.id)
+    try:
+        assert view.pread(0, CS) == image[:CS]
+        with pytest.raises(IntegrityError, match="does not authenticate"):
+            view.pread(9 * CS, CS)
+    finally:
+        view.close()
