@@ -58,8 +58,6 @@ from chunkstore.lock import CommitLock
 from chunkstore.metadata import (LAST_COMMIT, OP_PUT, RESERVED_COMMIT, U64, MetadataWrite, iter_metadata_records,
                                  meta_number, take_writes)
 from chunkstore.pack import RECORD_HEADER_SIZE, PackWriter, encode_record
-
-TAG_SIZE = 16  # chunkstore/crypto.py TAG_SIZE; not imported, so a plaintext store never loads cryptography
 from chunkstore.registry import Registration
 from chunkstore.sealer import Sealer
 
@@ -72,6 +70,9 @@ if TYPE_CHECKING:
 CHECKPOINT_ENTRIES = 8192
 # Retired packs that may wait for their fsync before writers are held back.
 SEAL_BACKLOG = 2
+# chunkstore/crypto.py TAG_SIZE: what sealing adds to a payload.  Not imported
+# from there, so that a plaintext store's writer never loads cryptography.
+TAG_SIZE = 16
 
 # One chunk for ``write``: (digest, codec, raw length, payload).
 Record = tuple[bytes, int, int, object]

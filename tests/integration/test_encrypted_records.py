@@ -490,6 +490,24 @@ def test_copy_encrypted_to_plaintext_and_back(tmp_path, enc):
         back.close()
 
 
+def test_copy_between_encrypted_stores_of_one_key_reseals(tmp_path, enc, master):
+    """Two stores of one master key name chunks alike (no re-hash), yet a record is
+    never passed through sealed: SRC opens it, DST's session seals it for its
+    own pack and offset."""
+    (full, snap1), (incr, snap2) = _backups(enc, tmp_path)
+    twin = _new(str(tmp_path / "twin"), master)
+    try:
+        result = copy_points(enc, twin, [], everything=True)
+        assert not result.rehash and result.stats.chunks_sent > 0
+        for record, snap in ((full, snap1), (incr, snap2)):
+            out = str(tmp_path / f"twin-{record.id}.out")
+            restore_backup(twin, record.id, out)
+            assert same_file(out, snap)
+        assert verify_repository(twin, mark=False).ok
+    finally:
+        twin.close()
+
+
 def test_rebuild_index_and_config_of_an_encrypted_store(tmp_path, enc, master):
     (full, snap1), (incr, snap2) = _backups(enc, tmp_path)
     path = enc.path
