@@ -351,12 +351,14 @@ def test_swapped_whole_records_are_refused_after_a_rebuild(tmp_path, enc, master
         repo.close()
 
 
-def test_record_from_another_store_is_refused(tmp_path, master):
-    """A record of another encrypted store (same chunk size, even the same master
-    key) put over a record of this one at the same offset, and the index rebuilt:
-    the record is framed, checked and indexed, yet it does not authenticate."""
+@pytest.mark.parametrize("key", ["its own key", "the same key"])
+def test_record_from_another_store_is_refused(tmp_path, master, key):
+    """A record of another encrypted store (same chunk size; its own key, or even
+    the same master key) put over a record of this one at the same offset, and
+    the index rebuilt: the record is framed, checked and indexed, yet it does not
+    authenticate (with a reused key because subkeys are per store and per pack)."""
     mine = _new(str(tmp_path / "mine"), master)
-    theirs = _new(str(tmp_path / "theirs"), master)  # a reused key: per-store, per-pack subkeys still differ
+    theirs = _new(str(tmp_path / "theirs"), master if key == "the same key" else MasterKey.new())
     (full, snap1), _ = _backups(mine, tmp_path)
     os.makedirs(tmp_path / "t")
     _backups(theirs, tmp_path / "t", seed=2)
