@@ -41,15 +41,14 @@ def _derive(store):
     return lambda txn, gen_floor: recount(repo, txn, gen_floor)
 
 
-def rebuild(path: str, wait: float = 0.0, cache: str | None = None, s3_settings=None, master=None) -> RebuildReport:
-    """The index of store ``path`` recreated from its packs; an encrypted store needs its ``master`` key."""
+def rebuild(path: str, wait: float = 0.0, cache: str | None = None, s3_settings=None) -> RebuildReport:
     if s3_settings is not None:  # a store in a bucket: its cache's index, rebuilt from the bucket's packs
         return attach(path, cache, s3_settings)[0]
     refuse_url(path)
     require_config(path)
     cfg = StoreConfig.load(path)
     check_config(path, cfg)
-    report = rebuild_store(path, wait, _derive, master=master)
+    report = rebuild_store(path, wait, _derive)
     if cfg.version < FORMAT_VERSION:  # the rebuilt index has its counts: the store is format 3 now
         dataclasses.replace(cfg, version=FORMAT_VERSION).save(path)
         logging.getLogger("blockvault.store").warning(
