@@ -297,3 +297,20 @@ def test_copy_takes_the_destination_key_from_its_own_options(tmp_path):
     out = str(tmp_path / "out")
     ok(cli("restore", dst, "d@1", out, BLOCKVAULT_KEY_FILE=dst_key))
     assert same_file(out, img)
+
+
+def test_the_plaintext_index_may_go_and_is_rebuilt_with_the_key(tmp_path):
+    """README 'Keys': before a store's disk leaves the building its index/ may be removed;
+    the other end rebuilds it from the packs, with the key and only with it."""
+    import shutil
+    store = init_store(tmp_path)
+    img = image(tmp_path)
+    ok(cli("backup", store, img, "--disk", "d", BLOCKVAULT_PASSPHRASE=PASSPHRASE))
+    shutil.rmtree(os.path.join(store, "index"))
+    proc = cli("rebuild", store, "--json")
+    assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "key_required"
+    assert not os.path.exists(os.path.join(store, "index"))
+    ok(cli("rebuild", store, BLOCKVAULT_PASSPHRASE=PASSPHRASE))
+    out = str(tmp_path / "out")
+    ok(cli("restore", store, "d@1", out, BLOCKVAULT_PASSPHRASE=PASSPHRASE))
+    assert same_file(out, img)
