@@ -314,3 +314,30 @@ def test_the_plaintext_index_may_go_and_is_rebuilt_with_the_key(tmp_path):
     out = str(tmp_path / "out")
     ok(cli("restore", store, "d@1", out, BLOCKVAULT_PASSPHRASE=PASSPHRASE))
     assert same_file(out, img)
+
+
+def test_every_key_command_prints_what_json_md_documents(tmp_path):
+    import jsonshape
+    sections, codes = jsonshape.parse()
+    assert codes["key_required"] == 2 and codes["wrong_key"] == 1
+
+    def shape(proc, section):
+        doc = json.loads(ok(proc).stdout)
+        problems = jsonshape.check(doc, section, sections)
+        assert not problems, "\n".join(problems)
+        return doc
+
+    key = str(tmp_path / "k")
+    store = str(tmp_path / "store")
+    shape(cli("init", store, "--encryption", "aes-256-gcm", "--new-key-file", key, "--json",
+              BLOCKVAULT_PASSPHRASE=PASSPHRASE), "init")
+    listed = shape(cli("key", "list", store, "--json"), "key list")
+    shape(cli("key", "add", store, "--json", "--key-file", key, BLOCKVAULT_NEW_PASSPHRASE="other one"), "key add")
+    pw = next(s["id"] for s in listed["slots"] if s["kind"] == "passphrase")
+    shape(cli("key", "change", store, pw, "--json", "--key-file", key, BLOCKVAULT_NEW_PASSPHRASE="third one"),
+          "key change")
+    extra = next(s["id"] for s in shape(cli("key", "list", store, "--json"), "key list")["slots"]
+                 if s["kind"] == "passphrase")
+    shape(cli("key", "remove", store, extra, "--json", "--key-file", key), "key remove")
+    shape(cli("key", "export", store, str(tmp_path / "e"), "--json", "--key-file", key), "key export")
+    shape(cli("init", str(tmp_path / "plain"), "--json"), "init")
