@@ -86,6 +86,10 @@ def cmd_init(args) -> int:
                + (f", key file {key_file}" if key_file else "")) if cfg.encrypted else ""
         emit(args, doc, f"initialised store {args.store} (chunk size {human_bytes(cfg.chunk_size)}, "
                          f"digest {cfg.digest}, zstd level {cfg.compression_level}{enc})")
+        if not cfg.encrypted and where:
+            logging.getLogger("blockvault.keys").warning(
+                "store %s is not encrypted: whoever can read the bucket can read every backup in it; "
+                "for a bucket off site, make the store with --encryption aes-256-gcm (README 'Keys')", args.store)
         if cfg.encrypted:
             logging.getLogger("blockvault.keys").warning(
                 "store %s is encrypted: without its key every backup in it is lost. Run 'blockvault key export "
