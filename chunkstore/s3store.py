@@ -46,6 +46,12 @@ def holder_name() -> str:
     return f"{socket.gethostname()} {os.getpid()}"
 
 
+# An encrypted store's lease holder: this prefix, then base64url of ObjectCipher.seal (nonce,
+# ciphertext, tag) of "HOST PID", with this associated data.
+SEALED_HOLDER = "sealed:"
+_HOLDER_AD = b"blockvault lease holder 1\0"
+
+
 class S3Context:
     """What an open S3 store knows beyond a local one: its bucket, cache and host id."""
 
@@ -61,6 +67,36 @@ class S3Context:
         self.lease_bucket = lease_bucket if lease_bucket is not None else self.bucket
         # an encrypted store's master key, once attach unlocked it (prepare_attach)
         self.master = None
+        # an encrypted store's: seals the lease's holder, so the bucket names no host (set_key)
+        self.holder_cipher = None
+
+    def set_key(self, cipher: str, master, store_id: str) -> None:
+        """An encrypted store's key, known: the lease's holder is sealed from now on."""
+        from chunkstore.crypto import ObjectCipher
+        self.master = master
+        self.holder_cipher = ObjectCipher(cipher, master, bytes.fromhex(store_id))
+
+    def holder(self) -> str:
+        """The lease's ``holder``: "HOST PID", sealed in an encrypted store (docs/FORMAT.md "The lease")."""
+        name = holder_name()
+        if self.holder_cipher is None:
+            return name
+        import base64
+        return SEALED_HOLDER + base64.urlsafe_b64encode(self.holder_cipher.seal(_HOLDER_AD, name.encode())).decode()
+
+    def holder_text(self, holder: str) -> str:
+        """A lease's holder as messages name it: a sealed one opened with the key when it can be."""
+        if not str(holder).startswith(SEALED_HOLDER):
+            return holder
+        if self.holder_cipher is not None:
+            import base64
+            from chunkstore.errors import IntegrityError
+            try:
+                sealed = base64.urlsafe_b64decode(holder[len(SEALED_HOLDER):])
+                return self.holder_cipher.open(_HOLDER_AD, sealed, "lease holder").decode(errors="replace")
+            except (IntegrityError, ValueError):
+                pass
+        return "a host whose name is sealed with the store's key"
 
     @property
     def url(self) -> str:
@@ -75,7 +111,8 @@ class S3Context:
     def take_lease(self, take_over: bool = False):
         from chunkstore.lease import LEASE_TTL, Lease
         ttl = float(os.environ.get(ENV_LEASE_TTL) or LEASE_TTL)
-        lease = Lease.acquire(self.lease_bucket, self.host_id, holder_name(), take_over=take_over, ttl=ttl)
+        lease = Lease.acquire(self.lease_bucket, self.host_id, self.holder(), take_over=take_over, ttl=ttl,
+                              show=self.holder_text)
         lease.start_renewing()
         return lease
 
@@ -90,6 +127,7 @@ class S3Context:
         except ObjectMissing:
             return
         if doc.get("host_id") != self.host_id:
+            doc["holder"] = self.holder_text(str(doc.get("holder")))
             raise LeaseHeld(f"store {self.url} is now owned by {doc.get('holder')} (another host took its lease); "
                             f"this cache ({self.cache}) may miss its latest backups: run 'blockvault attach "
                             f"{self.url} --cache {self.cache}' to rebuild it from the bucket",
@@ -194,6 +232,8 @@ def _with_backend(cls, ctx: S3Context, create: bool, master=None, keys=None):
         from chunkstore.slotstore import LocalSlots
         master = keys.unlock(cfg, LocalSlots(ctx.cache), ctx.url)
     store = cls(ctx.cache, cfg, _open_env(ctx.cache, create=create), backend=ctx.backend(), master=master)
+    if cfg.encrypted and master is not None:
+        ctx.set_key(cfg.encryption, master, cfg.store_id)
     store.s3 = ctx
     store.location = ctx.url
     return store
@@ -246,6 +286,8 @@ def init_s3(cls, url: str, cache: str | None, settings: S3Settings | None, objec
         host_id = uuid.uuid4().hex
         write_cache_file(cache, location.url, settings.endpoint, host_id)
         ctx = S3Context(location, settings, cache, host_id, bucket, lease_bucket=lease_at)
+        if store_settings.get("encryption"):
+            ctx.set_key(store_settings["encryption"], master, json.loads(body)["store_id"])
         lease = None
         if object_lock_days:
             # The data bucket cannot refuse a second create atomically: the lease guards it.
@@ -355,7 +397,9 @@ def prepare_attach(url: str, cache: str | None, settings: S3Settings | None, tak
         prepare_new_cache(cache)
     host_id = doc["host_id"] if doc else uuid.uuid4().hex
     ctx = S3Context(location, settings, cache, host_id, bucket, lease_bucket=lease_at)
-    ctx.master = master
+    if master is not None:
+        config_doc = json.loads(body)
+        ctx.set_key(config_doc["encryption"], master, config_doc["store_id"])
     try:
         lease = ctx.take_lease(take_over)
     except BaseException:

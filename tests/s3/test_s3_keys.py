@@ -1,9 +1,11 @@
 """An encrypted store in a bucket of a real Ceph RGW: its key slots in PREFIX/keys/ (and the
 cache's copies), attach on a new host with the passphrase only, key add/remove reaching
-the bucket, and no passphrase in any object of the bucket."""
+the bucket, and no passphrase, nor the host's name (the lease's holder is sealed), in any
+object of the bucket."""
 
 import json
 import os
+import socket
 import time
 
 import pytest
@@ -61,6 +63,12 @@ def test_an_encrypted_store_in_a_bucket_attaches_on_a_new_host_with_the_passphra
         assert f.read() == stored[slot_keys[0]]
     for name, body in stored.items():
         assert PASSPHRASE.encode() not in body, name
+    # the lease names its holder ("HOST PID") sealed: no object but the packs (whose records are
+    # sealed by chunkstore/recordseal.py) holds this host's name followed by a space
+    lease = json.loads(stored["lease"])
+    assert lease["holder"].startswith("sealed:")
+    named = socket.gethostname().encode() + b" "
+    assert not [name for name, body in stored.items() if named in body and not name.startswith("packs/")]
 
     # a new host: an empty cache, the bucket and the passphrase only
     other = str(tmp_path / "other-cache")
@@ -69,6 +77,8 @@ def test_an_encrypted_store_in_a_bucket_attaches_on_a_new_host_with_the_passphra
     assert not os.path.exists(other)                 # a wrong key made nothing
     proc = cli(env, "attach", s3_store_url, "--cache", other)
     assert proc.returncode == 2 and "BLOCKVAULT_PASSPHRASE" in proc.stderr and not os.path.exists(other)
+    held = cli(env, "attach", s3_store_url, "--cache", other, BLOCKVAULT_PASSPHRASE=PASSPHRASE)
+    assert held.returncode == 4 and f"held by {socket.gethostname()} " in held.stderr   # opened with the key
     time.sleep(2.5)                                  # the first host's lease expires
     ok(cli(env, "attach", s3_store_url, "--cache", other, "--take-over", BLOCKVAULT_PASSPHRASE=PASSPHRASE))
     assert os.listdir(os.path.join(other, "keys")) == os.listdir(os.path.join(cache, "keys"))
