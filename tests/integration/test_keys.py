@@ -341,3 +341,43 @@ def test_every_key_command_prints_what_json_md_documents(tmp_path):
     shape(cli("key", "remove", store, extra, "--json", "--key-file", key), "key remove")
     shape(cli("key", "export", store, str(tmp_path / "e"), "--json", "--key-file", key), "key export")
     shape(cli("init", str(tmp_path / "plain"), "--json"), "init")
+
+
+def _on_a_terminal(args, answers, **env):
+    """Run the CLI with a pseudo-terminal as stdin (and no controlling terminal, so getpass
+    asks on stderr and reads the pty); type each answer once its prompt has appeared."""
+    import pty
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", *args], cwd=REPO_ROOT, env=env_with(**env),
+                            stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    os.close(slave)
+    err = b""
+    try:
+        for prompt, answer in answers:
+            while prompt.encode() not in err:
+                piece = os.read(proc.stderr.fileno(), 4096)
+                assert piece, (prompt, err)
+                err += piece
+            err = err.split(prompt.encode(), 1)[1]
+            os.write(master, answer.encode() + b"\n")
+        out, rest = proc.communicate(timeout=120)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out.decode(), (err + rest).decode()
+
+
+def test_the_passphrase_is_asked_on_a_terminal_and_typed_twice_for_a_new_one(tmp_path):
+    store = str(tmp_path / "store")
+    rc, _, err = _on_a_terminal(["init", store, "--encryption", "aes-256-gcm"],
+                                [("new passphrase of", PASSPHRASE), ("the same passphrase again", PASSPHRASE + "!")])
+    assert rc == 1 and "differ" in err and not os.path.exists(store)
+    rc, _, err = _on_a_terminal(["init", store, "--encryption", "aes-256-gcm"],
+                                [("new passphrase of", PASSPHRASE), ("the same passphrase again", PASSPHRASE)])
+    assert rc == 0, err
+    rc, out, err = _on_a_terminal(["stats", store, "--json"], [(f"passphrase of {store}", PASSPHRASE)])
+    assert rc == 0 and json.loads(out)["ok"], err
+    rc, out, err = _on_a_terminal(["stats", store, "--json"], [(f"passphrase of {store}", "not it")])
+    assert rc == 1 and json.loads(out)["error"]["code"] == "wrong_key"
+    assert PASSPHRASE not in out + err
