@@ -33,8 +33,8 @@ from chunkstore.badmarks import BAD_DB
 from chunkstore.codec import Codec
 from chunkstore.config import CONFIG_FILE, FORMAT_VERSION, StoreConfig, fsync_dir
 from chunkstore.digest import Digester
-from chunkstore.errors import (ChunkNotFound, ConfigError, ConfigMismatchError, FormatVersionError, IndexDamagedError,
-                               IntegrityError, NotAStoreError, StoreExistsError, StoreUrlError)
+from chunkstore.errors import (ChunkNotFound, ConfigMismatchError, FormatVersionError, IndexDamagedError, IntegrityError,
+                               NotAStoreError, StoreExistsError, StoreUrlError)
 from chunkstore.index import CHUNKS_DB, META_DB, PACKS_DB, IndexEntry
 from chunkstore.pack import (MAX_PAYLOAD, RECORD_HEADER_SIZE, check_payload, decode_record_header, iter_pack_paths,
                              pack_relpath)
@@ -115,8 +115,6 @@ class ChunkStore:
         new_slots = settings.pop("new_slots", None) or ()
         cfg = StoreConfig.new(**settings)
         master = settings.get("master")
-        if cfg.encrypted and not new_slots:
-            raise ConfigError("an encrypted store needs at least one key slot (a passphrase or a key file)")
         # 0700 directories, 0600 files (chunkstore/safefs.py): the store holds
         # the digest seed and every disk's data.  An empty directory given to
         # init becomes 0700 too.
@@ -128,7 +126,9 @@ class ChunkStore:
         store = cls(path, cfg, env, master=master)
         with env.begin(write=True) as txn:  # a new store keeps the counts from its first commit
             mark_counted(txn, store.meta_db)
-        if new_slots:  # (kind, passphrase or key-file secret, label): chunkstore/keyslots.py
+        # (kind, passphrase or key-file secret, label): chunkstore/keyslots.py.  The CLI always
+        # gives one at least; a caller of the API that gives none holds the master key itself.
+        if new_slots:
             from chunkstore.keyslots import new_slot
             from chunkstore.slotstore import LocalSlots
             for kind, material, label in new_slots:
