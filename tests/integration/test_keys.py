@@ -381,3 +381,20 @@ def test_the_passphrase_is_asked_on_a_terminal_and_typed_twice_for_a_new_one(tmp
     rc, out, err = _on_a_terminal(["stats", store, "--json"], [(f"passphrase of {store}", "not it")])
     assert rc == 1 and json.loads(out)["error"]["code"] == "wrong_key"
     assert PASSPHRASE not in out + err
+
+
+def test_mount_of_an_encrypted_store_reads_the_point_and_leaves_no_key_file(tmp_path):
+    store = init_store(tmp_path)
+    img = image(tmp_path)
+    ok(cli("backup", store, img, "--disk", "d", BLOCKVAULT_PASSPHRASE=PASSPHRASE))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    before = {n for n in os.listdir("/tmp") if n.startswith("blockvault-mount-")}
+    doc = json.loads(ok(cli("mount", store, "d@1", str(mnt), "--json", BLOCKVAULT_PASSPHRASE=PASSPHRASE)).stdout)
+    try:
+        assert same_file(doc["file"], img)
+        with open(f"/proc/{doc['pid']}/environ", "rb") as f:
+            assert PASSPHRASE.encode() not in f.read()
+        assert {n for n in os.listdir("/tmp") if n.startswith("blockvault-mount-")} == before
+    finally:
+        ok(cli("umount", str(mnt)))
