@@ -37,6 +37,7 @@ def _line_check(n: int, store_id: bytes, chunk: bytes) -> str:
 
 def export_text(master: MasterKey, store_id: bytes, cipher: str, location: str) -> str:
     raw = master.to_bytes()
+    location = "".join(c if c.isprintable() else "?" for c in location)   # one comment line, whatever the path
     lines = [EXPORT_MAGIC,
              f"# The master key of blockvault store {location}. It opens the store whatever key",
              "# slots it has: keep it secret, off site, apart from the store. Losing every key",
