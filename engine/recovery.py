@@ -41,27 +41,20 @@ def _derive(store):
     return lambda txn, gen_floor: recount(repo, txn, gen_floor)
 
 
-def _with_master(master) -> dict:
-    """rebuild_store's key argument: only for an encrypted store (chunkstore/rebuild.py opens its records)."""
-    return {} if master is None else {"master": master}
-
-
-def rebuild(path: str, wait: float = 0.0, cache: str | None = None, s3_settings=None, keys=None) -> RebuildReport:
-    """``keys``: the KeySource of an encrypted store (chunkstore/keysource.py)."""
+def rebuild(path: str, wait: float = 0.0, cache: str | None = None, s3_settings=None, master=None,
+            keys=None) -> RebuildReport:
+    """The index of store ``path`` recreated from its packs; an encrypted store needs its ``master``
+    key, or ``keys`` (a KeySource, chunkstore/keysource.py) to unlock one of its slots with."""
     if s3_settings is not None:  # a store in a bucket: its cache's index, rebuilt from the bucket's packs
         return attach(path, cache, s3_settings, keys=keys)[0]
     refuse_url(path)
     require_config(path)
     cfg = StoreConfig.load(path)
     check_config(path, cfg)
-    master = None
-    if cfg.encrypted:
-        from chunkstore.errors import KeyRequiredError
+    if cfg.encrypted and master is None and keys is not None:
         from chunkstore.slotstore import LocalSlots
-        if keys is None:
-            raise KeyRequiredError(f"store {path} is encrypted; give its key to rebuild its index")
         master = keys.unlock(cfg, LocalSlots(path), path)
-    report = rebuild_store(path, wait, _derive, **_with_master(master))
+    report = rebuild_store(path, wait, _derive, master=master)   # refuses an encrypted store without it
     if cfg.version < FORMAT_VERSION:  # the rebuilt index has its counts: the store is format 3 now
         dataclasses.replace(cfg, version=FORMAT_VERSION).save(path)
         logging.getLogger("blockvault.store").warning(
@@ -78,7 +71,7 @@ def attach(url: str, cache: str | None, settings, take_over: bool = False, keys=
     backend = ctx.backend()
     try:
         report = rebuild_store(ctx.cache, 0.0, _derive, backend=backend, s3=ctx, lease=lease,
-                               **_with_master(ctx.master))
+                               master=ctx.master)
     finally:
         lease.stop()
         backend.close()
