@@ -113,8 +113,9 @@ def add_store_options(sub) -> None:
         if any(a.dest == "store" and getattr(a, "_s3_store", False)   # STORE, or vsphere vms' --store
                for a in parser._actions):
             add_s3_options(parser)
-        if any(a.dest == "store" and not a.option_strings for a in parser._actions):
-            add_key_options(parser)   # an encrypted store's key: every command that takes STORE
+        if any(a.dest == "store" and (not a.option_strings or getattr(a, "_s3_store", False))
+               for a in parser._actions):
+            add_key_options(parser)   # an encrypted store's key: every command that takes STORE (or --store)
         for action in parser._actions:   # a verb group (files ls|get|...): its own verbs
             if isinstance(action, argparse._SubParsersAction):
                 add_store_options(action)
