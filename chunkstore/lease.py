@@ -77,14 +77,18 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lost: LeaseLost | None = None
+        self.show = lambda h: h          # how messages name a holder (acquire's ``show``)
 
     def __repr__(self) -> str:
-        return f"Lease({self.bucket.url!r}, holder={self.holder!r}, host_id={self.host_id!r})"
+        return f"Lease({self.bucket.url!r}, holder={self.show(self.holder)!r}, host_id={self.host_id!r})"
 
     @classmethod
-    def acquire(cls, bucket, host_id: str, holder: str, take_over: bool = False, ttl: float = LEASE_TTL) -> "Lease":
+    def acquire(cls, bucket, host_id: str, holder: str, take_over: bool = False, ttl: float = LEASE_TTL,
+                show=None) -> "Lease":
         """Take (or renew) the lease for ``host_id``; LeaseHeld when another host holds it,
-        unless ``take_over`` and it has expired."""
+        unless ``take_over`` and it has expired.  ``show(holder)``: the holder as messages name
+        it (an encrypted store's is sealed: chunkstore/s3store.py S3Context.holder_text)."""
+        show = show or (lambda h: h)
         for _ in range(_ATTEMPTS):
             now = time.time()
             try:
@@ -92,10 +96,13 @@ class Lease:
             except ObjectMissing:
                 etag = bucket.put_new_etag(LEASE_KEY, encode(holder, host_id, now, ttl))
                 if etag is not None:
-                    log.info("lease of %s taken by %s", bucket.url, holder)
-                    return cls(bucket, host_id, holder, ttl, etag, now)
+                    log.info("lease of %s taken by %s", bucket.url, show(holder))
+                    lease = cls(bucket, host_id, holder, ttl, etag, now)
+                    lease.show = show
+                    return lease
                 continue                                    # someone made it first: look again
             doc = decode(data, info.last_modified)
+            doc["holder"] = show(doc["holder"])
             age = _age(doc, info.last_modified, now)
             if doc["host_id"] != host_id:
                 expired = age > float(doc["ttl"])
@@ -105,7 +112,9 @@ class Lease:
                             doc["holder"], age)
             etag = bucket.put_if_match_etag(LEASE_KEY, encode(holder, host_id, now, ttl), info.etag)
             if etag is not None:
-                return cls(bucket, host_id, holder, ttl, etag, now)
+                lease = cls(bucket, host_id, holder, ttl, etag, now)
+                lease.show = show
+                return lease
         raise S3Error(f"the lease of {bucket.url} changed under every one of {_ATTEMPTS} attempts to take it; "
                       "run the command again")
 
@@ -152,7 +161,7 @@ class Lease:
         if doc is None:
             why = "the lease object was deleted"
         else:
-            why = f"{doc['holder']} (host id {doc['host_id'] or '?'}) took it over"
+            why = f"{self.show(doc['holder'])} (host id {doc['host_id'] or '?'}) took it over"
         self._lost = LeaseLost(f"this host lost the lease of {self.bucket.url}: {why}; nothing more is committed "
                                f"here. The store now belongs to that host; to work here again, run attach "
                                f"--take-over once its lease has expired")

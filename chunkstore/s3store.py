@@ -46,6 +46,12 @@ def holder_name() -> str:
     return f"{socket.gethostname()} {os.getpid()}"
 
 
+# An encrypted store's lease holder: this prefix, then base64url of ObjectCipher.seal (nonce,
+# ciphertext, tag) of "HOST PID", with this associated data.
+SEALED_HOLDER = "sealed:"
+_HOLDER_AD = b"blockvault lease holder 1\0"
+
+
 class S3Context:
     """What an open S3 store knows beyond a local one: its bucket, cache and host id."""
 
@@ -59,6 +65,38 @@ class S3Context:
         self.bucket = bucket if bucket is not None else Bucket(location, settings)
         # where the lease lives: the data bucket, or an object-lock store's companion (chunkstore/objectlock.py)
         self.lease_bucket = lease_bucket if lease_bucket is not None else self.bucket
+        # an encrypted store's master key, once attach unlocked it (prepare_attach)
+        self.master = None
+        # an encrypted store's: seals the lease's holder, so the bucket names no host (set_key)
+        self.holder_cipher = None
+
+    def set_key(self, cipher: str, master, store_id: str) -> None:
+        """An encrypted store's key, known: the lease's holder is sealed from now on."""
+        from chunkstore.crypto import ObjectCipher
+        self.master = master
+        self.holder_cipher = ObjectCipher(cipher, master, bytes.fromhex(store_id))
+
+    def holder(self) -> str:
+        """The lease's ``holder``: "HOST PID", sealed in an encrypted store (docs/FORMAT.md "The lease")."""
+        name = holder_name()
+        if self.holder_cipher is None:
+            return name
+        import base64
+        return SEALED_HOLDER + base64.urlsafe_b64encode(self.holder_cipher.seal(_HOLDER_AD, name.encode())).decode()
+
+    def holder_text(self, holder: str) -> str:
+        """A lease's holder as messages name it: a sealed one opened with the key when it can be."""
+        if not str(holder).startswith(SEALED_HOLDER):
+            return holder
+        if self.holder_cipher is not None:
+            import base64
+            from chunkstore.errors import IntegrityError
+            try:
+                sealed = base64.urlsafe_b64decode(holder[len(SEALED_HOLDER):])
+                return self.holder_cipher.open(_HOLDER_AD, sealed, "lease holder").decode(errors="replace")
+            except (IntegrityError, ValueError):
+                pass
+        return "a host whose name is sealed with the store's key"
 
     @property
     def url(self) -> str:
@@ -73,7 +111,8 @@ class S3Context:
     def take_lease(self, take_over: bool = False):
         from chunkstore.lease import LEASE_TTL, Lease
         ttl = float(os.environ.get(ENV_LEASE_TTL) or LEASE_TTL)
-        lease = Lease.acquire(self.lease_bucket, self.host_id, holder_name(), take_over=take_over, ttl=ttl)
+        lease = Lease.acquire(self.lease_bucket, self.host_id, self.holder(), take_over=take_over, ttl=ttl,
+                              show=self.holder_text)
         lease.start_renewing()
         return lease
 
@@ -88,6 +127,7 @@ class S3Context:
         except ObjectMissing:
             return
         if doc.get("host_id") != self.host_id:
+            doc["holder"] = self.holder_text(str(doc.get("holder")))
             raise LeaseHeld(f"store {self.url} is now owned by {doc.get('holder')} (another host took its lease); "
                             f"this cache ({self.cache}) may miss its latest backups: run 'blockvault attach "
                             f"{self.url} --cache {self.cache}' to rebuild it from the bucket",
@@ -185,10 +225,15 @@ def prepare_new_cache(cache: str) -> None:
     os.chmod(cache, safefs.DIR_MODE)
 
 
-def _with_backend(cls, ctx: S3Context, create: bool):
+def _with_backend(cls, ctx: S3Context, create: bool, master=None, keys=None):
     from chunkstore.store import _open_env
     cfg = StoreConfig.load(ctx.cache)
-    store = cls(ctx.cache, cfg, _open_env(ctx.cache, create=create), backend=ctx.backend())
+    if cfg.encrypted and master is None and keys is not None:   # the cache's copies of the bucket's keys/
+        from chunkstore.slotstore import LocalSlots
+        master = keys.unlock(cfg, LocalSlots(ctx.cache), ctx.url)
+    store = cls(ctx.cache, cfg, _open_env(ctx.cache, create=create), backend=ctx.backend(), master=master)
+    if cfg.encrypted and master is not None:
+        ctx.set_key(cfg.encryption, master, cfg.store_id)
     store.s3 = ctx
     store.location = ctx.url
     return store
@@ -234,12 +279,15 @@ def init_s3(cls, url: str, cache: str | None, settings: S3Settings | None, objec
     store = None
     try:
         local = cls.init(cache, **store_settings)
+        master = store_settings.get("master")
         local.close()
         with open(os.path.join(cache, CONFIG_FILE), "rb") as f:
             body = f.read()
         host_id = uuid.uuid4().hex
         write_cache_file(cache, location.url, settings.endpoint, host_id)
         ctx = S3Context(location, settings, cache, host_id, bucket, lease_bucket=lease_at)
+        if store_settings.get("encryption"):
+            ctx.set_key(store_settings["encryption"], master, json.loads(body)["store_id"])
         lease = None
         if object_lock_days:
             # The data bucket cannot refuse a second create atomically: the lease guards it.
@@ -253,11 +301,12 @@ def init_s3(cls, url: str, cache: str | None, settings: S3Settings | None, objec
                                                        retain_until=retain):
                 raise StoreExistsError(f"{location.url} is already a store (another init made its "
                                        f"{objectlock.STORE_LOCK_KEY} just now)")
+            _upload_slots(bucket, cache)   # before config.json: a store in the bucket always has its keys
             if not bucket.put_new(CONFIG_FILE, body, retain_until=retain):
                 raise StoreExistsError(f"{location.url} is already a store (another init made its {CONFIG_FILE} "
                                        "just now)")
             made = True
-            store = _with_backend(cls, ctx, create=False)
+            store = _with_backend(cls, ctx, create=False, master=master)
             store.backend.retain_days = object_lock_days or None
             if lease is not None:
                 store.lease = lease
@@ -277,6 +326,19 @@ def init_s3(cls, url: str, cache: str | None, settings: S3Settings | None, objec
             shutil.rmtree(cache, ignore_errors=True)
 
 
+def _upload_slots(bucket, cache: str) -> None:
+    """The key slots init wrote into the cache, put into the bucket's keys/ (docs/FORMAT.md)."""
+    from chunkstore.keyslots import KEYS_DIR, slot_file
+    from chunkstore.slotstore import LocalSlots
+    local = LocalSlots(cache)
+    for slot_id in local.ids():
+        body = local.read_raw(slot_id)
+        key = f"{KEYS_DIR}/{slot_file(slot_id)}"
+        if not bucket.put_new(key, body) and bucket.get(key) != body:
+            raise StoreExistsError(f"{bucket.url}: key slot {key} exists already; the bucket holds another "
+                                   "store's keys: give a new prefix")
+
+
 def _drop_lease(lease_at) -> None:
     from chunkstore.lease import LEASE_KEY
     try:
@@ -285,10 +347,11 @@ def _drop_lease(lease_at) -> None:
         log.warning("the lease of a store that was not made stays in %s until it expires (%s)", lease_at.url, exc)
 
 
-def open_s3(cls, url: str, cache: str | None, settings: S3Settings | None):
-    """An S3 store through its cache.  Readers stop here; writers take the lease at their first session."""
+def open_s3(cls, url: str, cache: str | None, settings: S3Settings | None, master=None, keys=None):
+    """An S3 store through its cache.  Readers stop here; writers take the lease at their first session.
+    An encrypted store is unlocked with ``keys`` (chunkstore/keysource.py) from the cache's key slots."""
     ctx = context_for(url, cache, settings)
-    store = _with_backend(cls, ctx, create=False)
+    store = _with_backend(cls, ctx, create=False, master=master, keys=keys)
     try:
         check_cache_config(ctx, store.config)
         ctx.check_not_taken_over()
@@ -300,9 +363,11 @@ def open_s3(cls, url: str, cache: str | None, settings: S3Settings | None):
     return store
 
 
-def prepare_attach(url: str, cache: str | None, settings: S3Settings | None, take_over: bool):
+def prepare_attach(url: str, cache: str | None, settings: S3Settings | None, take_over: bool, keys=None):
     """``blockvault attach``: the cache made (or refreshed) from the bucket, the lease taken.
-    Returns (S3Context, lease); the caller rebuilds the index over the bucket's packs."""
+    Returns (S3Context, lease); the caller rebuilds the index over the bucket's packs.  An
+    encrypted store is unlocked with ``keys`` from the bucket's key slots before anything is
+    made (``ctx.master``): a wrong key changes nothing."""
     import uuid
     from chunkstore.s3bucket import Bucket
     from chunkstore.s3check import check_conditional_writes
@@ -315,6 +380,9 @@ def prepare_attach(url: str, cache: str | None, settings: S3Settings | None, tak
         raise NoSuchBucket(f"bucket {location.bucket} does not exist at {settings.endpoint_name}: check the URL "
                            "and the endpoint")
     body = remote_config(bucket)
+    from chunkstore.slotstore import BucketSlots
+    slot_bodies = BucketSlots(cache, bucket).fetch()
+    master = _unlock_remote(body, slot_bodies, keys, location.url)
     lock = objectlock.read_remote(bucket)
     lease_at = objectlock.lease_bucket(location, settings, lock["lease_bucket"]) if lock else bucket
     if lock and not lease_at.exists():
@@ -329,6 +397,9 @@ def prepare_attach(url: str, cache: str | None, settings: S3Settings | None, tak
         prepare_new_cache(cache)
     host_id = doc["host_id"] if doc else uuid.uuid4().hex
     ctx = S3Context(location, settings, cache, host_id, bucket, lease_bucket=lease_at)
+    if master is not None:
+        config_doc = json.loads(body)
+        ctx.set_key(config_doc["encryption"], master, config_doc["store_id"])
     try:
         lease = ctx.take_lease(take_over)
     except BaseException:
@@ -351,6 +422,7 @@ def prepare_attach(url: str, cache: str | None, settings: S3Settings | None, tak
         finally:
             os.close(fd)
         os.replace(tmp, os.path.join(cache, CONFIG_FILE))
+        BucketSlots(cache, bucket).replace_all(slot_bodies)   # an encrypted store's key slots
         write_cache_file(cache, location.url, settings.endpoint, host_id)
         if lock:
             objectlock.write_cache(cache, lock)
@@ -363,3 +435,18 @@ def prepare_attach(url: str, cache: str | None, settings: S3Settings | None, tak
         lease.stop()
         raise
     return ctx, lease
+
+
+def _unlock_remote(config_body: bytes, slot_bodies: dict, keys, url: str):
+    """The master key of the bucket's store (None for a plaintext one), from its slots as fetched."""
+    from types import SimpleNamespace
+    from chunkstore.slotstore import MemorySlots
+    doc = json.loads(config_body)
+    if not doc.get("encryption"):
+        return None
+    if keys is None:
+        from chunkstore.errors import KeyRequiredError
+        raise KeyRequiredError(f"store {url} is encrypted; give its key (BLOCKVAULT_PASSPHRASE, --passphrase-file "
+                               "FILE, --key-file FILE)")
+    cfg = SimpleNamespace(store_id=str(doc.get("store_id", "")), key_check=str(doc.get("key_check", "")))
+    return keys.unlock(cfg, MemorySlots(slot_bodies, url), url)

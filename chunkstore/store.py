@@ -112,6 +112,7 @@ class ChunkStore:
                 raise StoreExistsError(f"{path} exists and is not a directory")
             if os.listdir(path):
                 raise StoreExistsError(f"{path} is not empty; init needs a new or empty directory")
+        new_slots = settings.pop("new_slots", None) or ()
         cfg = StoreConfig.new(**settings)
         master = settings.get("master")
         # 0700 directories, 0600 files (chunkstore/safefs.py): the store holds
@@ -125,6 +126,13 @@ class ChunkStore:
         store = cls(path, cfg, env, master=master)
         with env.begin(write=True) as txn:  # a new store keeps the counts from its first commit
             mark_counted(txn, store.meta_db)
+        # (kind, passphrase or key-file secret, label): chunkstore/keyslots.py.  The CLI always
+        # gives one at least; a caller of the API that gives none holds the master key itself.
+        if new_slots:
+            from chunkstore.keyslots import new_slot
+            from chunkstore.slotstore import LocalSlots
+            for kind, material, label in new_slots:
+                LocalSlots(path).write(new_slot(master, store.store_id, kind, material, label))
         # The config goes last: a directory without one is not a store, so a
         # crash during init leaves nothing that looks half-made.
         cfg.save(path)
@@ -132,16 +140,20 @@ class ChunkStore:
         return store
 
     @classmethod
-    def open(cls, path: str, cache: str | None = None, s3_settings=None, master=None) -> "ChunkStore":
+    def open(cls, path: str, cache: str | None = None, s3_settings=None, master=None, keys=None) -> "ChunkStore":
         """Open the store in directory ``path``, or at ``s3://BUCKET/PREFIX`` through the
         cache directory ``cache`` that ``init`` or ``attach`` made; an encrypted store
-        needs its ``master`` key (chunkstore/crypto.py)."""
+        needs its ``master`` key (chunkstore/crypto.py), or ``keys`` (a KeySource,
+        chunkstore/keysource.py) to unlock one of its key slots with."""
         if is_store_url(path):
             from chunkstore.s3store import open_s3
-            return open_s3(cls, path, cache, s3_settings)
+            return open_s3(cls, path, cache, s3_settings, master, keys)
         refuse_url(path)
         require_config(path)
         cfg = StoreConfig.load(path)
+        if cfg.encrypted and master is None and keys is not None:
+            from chunkstore.slotstore import LocalSlots
+            master = keys.unlock(cfg, LocalSlots(path), path)
         # Before LMDB opens (and may truncate) index/lock.mdb, and before a
         # writer follows packs/XX anywhere: a store holds no links.
         safefs.check_tree(path, STORE_FILES, (INDEX_DIR, PACKS_DIR, LOCKS_DIR, SESSIONS_DIR), PACKS_DIR)

@@ -143,6 +143,8 @@ def _code_table() -> list[tuple[type, str]]:
         (se.ObjectLocked, "s3_object_locked"),
         (se.EndpointUnsafe, "s3_unsafe"),
         (se.S3Error, "s3_error"),
+        (se.KeyRequiredError, "key_required"),
+        (se.WrongKeyError, "wrong_key"),
         (se.StoreReadOnlyError, "store_read_only"),
         (se.NotAStoreError, "not_a_store"),
         (se.FormatVersionError, "format_version"),
@@ -173,6 +175,9 @@ def error_code(exc: BaseException) -> str:
 
     Any failure whose ``exit_code`` is 2 is a usage error, whatever its class.
     """
+    from chunkstore.errors import KeyRequiredError
+    if isinstance(exc, KeyRequiredError):   # exit 2 like a usage error, but a code of its own
+        return "key_required"
     if getattr(exc, "exit_code", None) == EXIT_USAGE:
         return "usage"
     if isinstance(exc, OSError):

@@ -41,14 +41,20 @@ def _derive(store):
     return lambda txn, gen_floor: recount(repo, txn, gen_floor)
 
 
-def rebuild(path: str, wait: float = 0.0, cache: str | None = None, s3_settings=None) -> RebuildReport:
+def rebuild(path: str, wait: float = 0.0, cache: str | None = None, s3_settings=None, master=None,
+            keys=None) -> RebuildReport:
+    """The index of store ``path`` recreated from its packs; an encrypted store needs its ``master``
+    key, or ``keys`` (a KeySource, chunkstore/keysource.py) to unlock one of its slots with."""
     if s3_settings is not None:  # a store in a bucket: its cache's index, rebuilt from the bucket's packs
-        return attach(path, cache, s3_settings)[0]
+        return attach(path, cache, s3_settings, keys=keys)[0]
     refuse_url(path)
     require_config(path)
     cfg = StoreConfig.load(path)
     check_config(path, cfg)
-    report = rebuild_store(path, wait, _derive)
+    if cfg.encrypted and master is None and keys is not None:
+        from chunkstore.slotstore import LocalSlots
+        master = keys.unlock(cfg, LocalSlots(path), path)
+    report = rebuild_store(path, wait, _derive, master=master)   # refuses an encrypted store without it
     if cfg.version < FORMAT_VERSION:  # the rebuilt index has its counts: the store is format 3 now
         dataclasses.replace(cfg, version=FORMAT_VERSION).save(path)
         logging.getLogger("blockvault.store").warning(
@@ -56,15 +62,16 @@ def rebuild(path: str, wait: float = 0.0, cache: str | None = None, s3_settings=
     return report
 
 
-def attach(url: str, cache: str | None, settings, take_over: bool = False) -> tuple[RebuildReport, dict]:
+def attach(url: str, cache: str | None, settings, take_over: bool = False, keys=None) -> tuple[RebuildReport, dict]:
     """``blockvault attach``: this host's cache of a store in a bucket, made from the bucket alone
-    (config.json, then the index rebuilt over the bucket's packs), the lease taken."""
+    (config.json and key slots, then the index rebuilt over the bucket's packs), the lease taken."""
     from chunkstore.s3store import prepare_attach
     started = time.monotonic()
-    ctx, lease = prepare_attach(url, cache, settings, take_over)
+    ctx, lease = prepare_attach(url, cache, settings, take_over, keys)
     backend = ctx.backend()
     try:
-        report = rebuild_store(ctx.cache, 0.0, _derive, backend=backend, s3=ctx, lease=lease)
+        report = rebuild_store(ctx.cache, 0.0, _derive, backend=backend, s3=ctx, lease=lease,
+                               master=ctx.master)
     finally:
         lease.stop()
         backend.close()

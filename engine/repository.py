@@ -30,7 +30,8 @@ class Repository:
 
     @classmethod
     def open(cls, path: str, **where) -> "Repository":
-        """``where``: ``cache`` and ``s3_settings`` of a store in a bucket (ChunkStore.open)."""
+        """``where``: ``cache`` and ``s3_settings`` of a store in a bucket, ``keys`` (a KeySource)
+        or ``master`` of an encrypted store (ChunkStore.open)."""
         return cls(ChunkStore.open(path, **where))
 
     def close(self) -> None:

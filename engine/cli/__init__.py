@@ -10,7 +10,8 @@ progress line (on a terminal, never with ``--json``), the one-line summary of
 each backup, restore and verify, warnings and errors (engine/clilog.py).
 Every failure goes through ``fail``.
 
-One module per verb group (``store_cmd``: init, stats, rebuild; ``backup_cmd``,
+One module per verb group (``store_cmd``: init, stats, rebuild; ``key_cmd``: key list|add|remove|
+change|export; ``backup_cmd``,
 ``list_cmd``, ``restore_cmd``, ``files_cmd``, ``verify_cmd``, ``retention_cmd`` (protect, note,
 delete, forget), ``gc_cmd``, ``copy_cmd``, ``demo_cmd``; ``access_cmd`` (serve, mount, umount); ``vsphere`` in
 engine/vsphere/cli.py), each with ``register(sub)``; this module builds the
@@ -34,8 +35,8 @@ import lmdb  # noqa: E402
 
 from chunkstore import StoreError  # noqa: E402
 from engine import clilog, signals  # noqa: E402
-from engine.cli import (access_cmd, backup_cmd, copy_cmd, demo_cmd, files_cmd, gc_cmd, list_cmd,  # noqa: E402
-                        restore_cmd, retention_cmd, store_cmd, verify_cmd)
+from engine.cli import (access_cmd, backup_cmd, copy_cmd, demo_cmd, files_cmd, gc_cmd, key_cmd,  # noqa: E402
+                        list_cmd, restore_cmd, retention_cmd, store_cmd, verify_cmd)
 from engine.commandline import (EXIT_DAMAGED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_LOCKED,  # noqa: E402,F401
                                 EXIT_OK, EXIT_USAGE, CommandLineError, Parser, common_options,
                                 describe_failure, report_failure)
@@ -43,7 +44,7 @@ from engine.vsphere.cli import register as register_vsphere  # noqa: E402
 
 # The order of ``blockvault --help`` (after ``init``).
 VERB_MODULES = (backup_cmd, list_cmd, restore_cmd, files_cmd, verify_cmd, retention_cmd, gc_cmd, copy_cmd,
-                store_cmd, demo_cmd, access_cmd)
+                store_cmd, key_cmd, demo_cmd, access_cmd)
 
 EPILOG = """\
 examples:
@@ -57,6 +58,7 @@ examples:
   blockvault protect /backup/store web01-disk0@12
   blockvault copy /backup/store /offsite/store --all   # the off-site copy: only what it lacks
   blockvault rebuild /backup/store     # index lost or damaged: recreate it from the packs
+  blockvault init /backup/store --encryption aes-256-gcm   # encrypted; then: blockvault key export
   blockvault demo                      # try it all on a generated sparse image
 
 output: data (a backup id, tables, --json documents) on stdout; a one-line summary of each
@@ -106,11 +108,14 @@ def add_store_options(sub) -> None:
     (added last, so they never take an option name a command already uses)."""
     import argparse
 
-    from engine.cli.common import add_s3_options
+    from engine.cli.common import add_key_options, add_s3_options
     for parser in set(sub.choices.values()):
         if any(a.dest == "store" and getattr(a, "_s3_store", False)   # STORE, or vsphere vms' --store
                for a in parser._actions):
             add_s3_options(parser)
+        if any(a.dest == "store" and (not a.option_strings or getattr(a, "_s3_store", False))
+               for a in parser._actions):
+            add_key_options(parser)   # an encrypted store's key: every command that takes STORE (or --store)
         for action in parser._actions:   # a verb group (files ls|get|...): its own verbs
             if isinstance(action, argparse._SubParsersAction):
                 add_store_options(action)

@@ -29,12 +29,19 @@ DEFAULT_CACHE = "64M"
 
 
 def _resolve(args):
-    """The point's catalog record and manifest, checked; the store is closed again
-    (nbdkit's plugin opens it itself)."""
+    """The point's catalog record and manifest, checked, and an encrypted store's key as a key
+    export's text (None for a plaintext store); the store is closed again (nbdkit's plugin opens
+    it itself, with that key: engine/nbd/server.py key_handoff)."""
     from engine.pointview import PointView
     with open_repo(args) as repo:
         view = PointView.open(repo, args.backup)
-        return view.record, view.manifest
+        cfg = repo.store.config
+        key_text = None
+        if cfg.encrypted:
+            from chunkstore.keyexport import export_text
+            master = args._keys.unlocked(cfg.store_id)
+            key_text = export_text(master, repo.store.store_id, cfg.encryption, args.store)
+        return view.record, view.manifest, key_text
 
 
 def _endpoint(args, tmpdir: str):
@@ -98,7 +105,7 @@ def cmd_serve(args) -> int:
     # `kill -USR1 PID` prints where every thread of this process is (a server that
     # does not stop says why); the process goes on serving.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    record, _ = _resolve(args)
+    record, _, key_text = _resolve(args)
     srv.check_nbdkit()
     srv.reap_stale_tempdirs()
     tmpdir = tempfile.mkdtemp(prefix=srv.TEMP_PREFIX)
@@ -111,7 +118,8 @@ def cmd_serve(args) -> int:
                                args.run, verbose=args.verbose >= 2, parallel_requests=args.parallel_requests,
                                s3_cache=args.s3_cache if settings else None)
         mode = "writable through a copy-on-write overlay" if args.writable else "read-only"
-        server = srv.Server(argv, pidfile, captive=args.run is not None, s3_settings=settings)
+        server = srv.Server(argv, pidfile, captive=args.run is not None, s3_settings=settings,
+                            key_file=srv.key_handoff(key_text, tmpdir))   # removed with tmpdir at the latest
         server.wait_ready()
         doc = _serve_doc(record, endpoint, args.writable, server.proc.pid)
         stopped = None
@@ -165,10 +173,10 @@ def _signame(signum) -> str:
 
 def cmd_mount(args) -> int:
     from engine.nbd import mount
-    record, _ = _resolve(args)
+    record, _, key_text = _resolve(args)
     settings = s3_settings(args)
     doc = mount.mount(args.store, record, args.directory, args.writable, args.cache,
-                      s3_cache=args.s3_cache if settings else None, s3_settings=settings)
+                      s3_cache=args.s3_cache if settings else None, s3_settings=settings, key_text=key_text)
     clilog.summary(f"mounted {record.id} ({human_bytes(record.size)}, "
                    f"{'writable, writes kept in an overlay' if args.writable else 'read-only'}) as {doc['file']}; "
                    f"'blockvault umount {args.directory}' to take it down")

@@ -73,9 +73,42 @@ def s3_settings_of(store: str, endpoint, credentials, ca_file, cache, option_pre
     return S3Settings.resolve(endpoint, credentials, ca_file)
 
 
+def add_key_options(sp, side: str = "") -> None:
+    """--passphrase-file and --key-file (copy's DST: --dst-passphrase-file, --dst-key-file): where
+    an encrypted store's key comes from (chunkstore/keysource.py), never from argv itself."""
+    opt = f"--{side}-" if side else "--"
+    env = f"BLOCKVAULT_{side.upper()}_" if side else "BLOCKVAULT_"
+    whose = f"{side.upper()}'s" if side else "the store's"
+    g = sp.add_argument_group(f"{whose} key, when the store is encrypted",
+                              f"never on the command line: {env}PASSPHRASE, {opt}passphrase-file FILE, "
+                              f"{opt}key-file FILE or {env}KEY_FILE (a key file or a key export); else the "
+                              "passphrase is asked on a terminal, and without one the command stops (exit 2)")
+    dest = f"{side}_" if side else ""
+    g.add_argument(f"{opt}passphrase-file", dest=f"{dest}passphrase_file", metavar="FILE",
+                   help="read the passphrase from FILE (its first line; keep it mode 0600)")
+    g.add_argument(f"{opt}key-file", dest=f"{dest}key_file", metavar="FILE",
+                   help="a key file (init/key add --new-key-file) or a key export (key export)")
+
+
+def key_source(args, side: str = ""):
+    """The KeySource of one store of the command (``side`` "dst" for copy's destination)."""
+    from chunkstore.keysource import KeySource
+    dest = f"{side}_" if side else ""
+    passphrase_file, key_file = getattr(args, f"{dest}passphrase_file", None), getattr(args, f"{dest}key_file", None)
+    opt = f"--{side}-" if side else "--"
+    if passphrase_file and key_file:
+        from engine.errors import UsageError
+        raise UsageError(f"give {opt}passphrase-file or {opt}key-file, not both")
+    return KeySource(passphrase_file, key_file, env_prefix=f"BLOCKVAULT_{side.upper()}_" if side else "BLOCKVAULT_",
+                     option_prefix=opt)
+
+
 def store_kwargs(args) -> dict:
+    """Repository.open's keywords: a store in a bucket's cache and settings, and the key source."""
     settings = s3_settings(args)
-    return {} if settings is None else {"cache": args.s3_cache, "s3_settings": settings}
+    keys = {"keys": getattr(args, "_keys", None) or key_source(args)}
+    args._keys = keys["keys"]   # one source per command: what it unlocked is not asked for again
+    return keys if settings is None else {"cache": args.s3_cache, "s3_settings": settings, **keys}
 
 
 def open_repo(args):

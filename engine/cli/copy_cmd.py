@@ -21,6 +21,9 @@ EXAMPLES = """blockvault copy /backup/store /offsite/store --all           # eve
 SRC's bucket options are the plain ones (--endpoint, --cache, --credentials, --ca-file, also
 spelled --src-...), DST's are --dst-endpoint, --dst-cache, --dst-credentials, --dst-ca-file;
 both sides read BLOCKVAULT_S3_* / AWS_* from the environment where no option says otherwise.
+An encrypted SRC's key comes from BLOCKVAULT_PASSPHRASE, --passphrase-file, --key-file or
+BLOCKVAULT_KEY_FILE, an encrypted DST's from BLOCKVAULT_DST_PASSPHRASE, --dst-passphrase-file,
+--dst-key-file or BLOCKVAULT_DST_KEY_FILE (else each is asked on a terminal).
 DST is opened as a writer (it takes DST's lease), SRC as a reader (it needs no lease).
 
 A point keeps its number when DST's chain has it free, its time, kind, note, changeIds and a VM
@@ -39,7 +42,9 @@ def _open_kwargs(store: str, args, side: str) -> dict:
     get = lambda name: getattr(args, f"{side}_{name}")  # noqa: E731
     settings = s3_settings_of(store, get("endpoint"), get("credentials"), get("ca_file"), get("cache"),
                               option_prefix=f"--{side}-" if side == "dst" else "--")
-    return {} if settings is None else {"cache": get("cache"), "s3_settings": settings}
+    from engine.cli.common import key_source
+    keys = {"keys": key_source(args, "dst" if side == "dst" else "")}   # an encrypted side's key
+    return keys if settings is None else {"cache": get("cache"), "s3_settings": settings, **keys}
 
 
 def _not_the_same(src: str, dst: str) -> None:
@@ -119,3 +124,6 @@ def register(sub) -> None:
                 ("ca-file", "FILE", f"PEM certificates to verify {name}'s endpoint's TLS with")):
             names = where.format(opt).split(", ")
             g.add_argument(*names, dest=f"{side}_{opt.replace('-', '_')}", metavar=metavar, help=text)
+    from engine.cli.common import add_key_options
+    add_key_options(sp)          # SRC's: --passphrase-file, --key-file, BLOCKVAULT_PASSPHRASE, BLOCKVAULT_KEY_FILE
+    add_key_options(sp, "dst")   # DST's: --dst-passphrase-file, --dst-key-file, BLOCKVAULT_DST_*

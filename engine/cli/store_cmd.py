@@ -5,16 +5,51 @@ from __future__ import annotations
 
 import logging
 
-from chunkstore.config import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, DIGEST_KINDS
+from chunkstore.config import CIPHER_NAMES, DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, DIGEST_KINDS
 from engine import argtypes
-from engine.cli.common import add_store_arg, open_repo, s3_settings, store_kwargs, warn_bad_records
+from engine.cli.common import add_store_arg, key_source, open_repo, s3_settings, store_kwargs, warn_bad_records
 from engine.commandline import EXIT_DAMAGED, EXIT_OK, add_command, emit
 from engine.progress import human_bytes
+
+
+def _encryption_settings(args) -> tuple[dict, str | None]:
+    """init's keywords for an encrypted store (a new master key and its first slots) and the key
+    file it wrote (removed again if the init fails); ({}, None) for a plaintext store."""
+    from engine.errors import UsageError
+    if not args.encryption:
+        for given, name in ((args.new_key_file, "--new-key-file"), (args.label, "--label")):
+            if given:
+                raise UsageError(f"{name} goes with --encryption (a plaintext store has no keys)")
+        return {}, None
+    if args.key_file:
+        raise UsageError("init makes a new key: give --new-key-file FILE to have a key file written, not --key-file")
+    import os
+    from chunkstore.crypto import MasterKey
+    from chunkstore.errors import KeyRequiredError
+    from chunkstore.keyexport import SECRET_SIZE, key_file_text, write_secret_file
+    from chunkstore.keyslots import KEY_FILE, PASSPHRASE
+    from chunkstore.keysource import new_passphrase
+    slots = []
+    passphrase = None
+    if args.passphrase_file or os.environ.get("BLOCKVAULT_PASSPHRASE") or not args.new_key_file:
+        passphrase = new_passphrase(args.passphrase_file, "BLOCKVAULT_PASSPHRASE", "--passphrase-file",
+                                    prompt_for=f" of {args.store}")
+    if passphrase is None and not args.new_key_file:
+        raise KeyRequiredError("init --encryption needs a key: a passphrase (BLOCKVAULT_PASSPHRASE, --passphrase-file "
+                               "FILE, or typed on a terminal) and/or --new-key-file FILE; never on the command line")
+    if passphrase is not None:
+        slots.append((PASSPHRASE, passphrase, args.label or "passphrase"))
+    if args.new_key_file:
+        secret = os.urandom(SECRET_SIZE)
+        write_secret_file(args.new_key_file, key_file_text(secret), "--new-key-file")  # before the store: refused early
+        slots.append((KEY_FILE, secret, args.label or f"key file {os.path.basename(args.new_key_file)}"))
+    return {"encryption": args.encryption, "master": MasterKey.new(), "new_slots": slots}, args.new_key_file
 
 
 def cmd_init(args) -> int:
     from engine.repository import Repository
     where = store_kwargs(args)
+    where.pop("keys", None)
     if args.object_lock is not None:
         if not where:
             from engine.errors import UsageError
@@ -28,14 +63,37 @@ def cmd_init(args) -> int:
         from engine.errors import UsageError
         raise UsageError("--lease-bucket goes with --object-lock (a store without object lock keeps its lease "
                          "in its own bucket)")
-    repo = Repository.init(args.store, chunk_size=args.chunk_size, digest=args.digest,
-                           compression_level=args.compression_level, **where)
+    if args.encryption and args.digest:
+        from engine.errors import UsageError
+        raise UsageError("--digest is for plaintext stores: an encrypted store's chunk ids are keyed BLAKE3")
+    crypto, key_file = _encryption_settings(args)
+    try:
+        repo = Repository.init(args.store, chunk_size=args.chunk_size, digest=args.digest or "xxh3-128",
+                               compression_level=args.compression_level, **where, **crypto)
+    except BaseException:
+        if key_file:   # its slot was never made
+            import os
+            os.unlink(key_file)
+        raise
     with repo:
         cfg = repo.store.config
+        from chunkstore.slotstore import slots_of
+        slots = [s.public() for s in slots_of(repo.store).load()[0]] if cfg.encrypted else []
         doc = {"store": args.store, "chunk_size": cfg.chunk_size, "digest": cfg.digest,
-               "compression_level": cfg.compression_level, "format_version": cfg.version}
+               "compression_level": cfg.compression_level, "format_version": cfg.version,
+               "encryption": cfg.encryption or None, "key_slots": slots, "key_file": key_file}
+        enc = (f", encrypted with {cfg.encryption}, {len(slots)} key slot{'' if len(slots) == 1 else 's'}"
+               + (f", key file {key_file}" if key_file else "")) if cfg.encrypted else ""
         emit(args, doc, f"initialised store {args.store} (chunk size {human_bytes(cfg.chunk_size)}, "
-                         f"digest {cfg.digest}, zstd level {cfg.compression_level})")
+                         f"digest {cfg.digest}, zstd level {cfg.compression_level}{enc})")
+        if not cfg.encrypted and where:
+            logging.getLogger("blockvault.keys").warning(
+                "store %s is not encrypted: whoever can read the bucket can read every backup in it; "
+                "for a bucket off site, make the store with --encryption aes-256-gcm (README 'Keys')", args.store)
+        if cfg.encrypted:
+            logging.getLogger("blockvault.keys").warning(
+                "store %s is encrypted: without its key every backup in it is lost. Run 'blockvault key export "
+                "%s FILE' and keep FILE off site, apart from the store", args.store, args.store)
     return EXIT_OK
 
 
@@ -88,7 +146,8 @@ def cmd_attach(args) -> int:
     from engine.errors import UsageError
     if not is_store_url(args.store):
         raise UsageError(f"attach takes a store in a bucket (s3://BUCKET/PREFIX), not {args.store}")
-    report, doc = recovery.attach(args.store, args.s3_cache, s3_settings(args), args.take_over)
+    report, doc = recovery.attach(args.store, args.s3_cache, s3_settings(args), args.take_over,
+                                  keys=key_source(args))
     if not report.complete:
         doc["ok"] = False
         doc["error"] = {"code": "damaged", "exit_code": EXIT_DAMAGED, "message": recovery.damage_message(report)}
@@ -102,13 +161,24 @@ def register_init(sub) -> None:
     """``init`` comes first in --help; the other store verbs after the daily ones."""
     sp = add_command(sub, "init", cmd_init, "create a new store in an empty directory",
              "blockvault init /backup/store --chunk-size 1M\n"
-             "  blockvault init s3://backups/site1 --object-lock 30   # immutable for 30 days; lease in backups-lease")
+             "  blockvault init s3://backups/site1 --object-lock 30   # immutable for 30 days; lease in backups-lease\n"
+             "  blockvault init /backup/store --encryption aes-256-gcm            # asks for a passphrase twice\n"
+             "  BLOCKVAULT_PASSPHRASE=... blockvault init /backup/store --encryption chacha20-poly1305\n"
+             "  blockvault init /backup/store --encryption aes-256-gcm --new-key-file /root/store.key  # no passphrase")
     add_store_arg(sp)
     sp.add_argument("--chunk-size", type=argtypes.chunk_size, default=f"{DEFAULT_CHUNK_SIZE >> 10}K",
                     help="fixed chunk size, a power of two from 64K to 8M (default %(default)s)")
-    sp.add_argument("--digest", choices=DIGEST_KINDS, default="xxh3-128",
-                    help="chunk identity: keyed xxh3-128 (fast) or sha256 (for mutually untrusting "
-                         "tenants); default %(default)s")
+    sp.add_argument("--digest", choices=[d for d in DIGEST_KINDS if d != "blake3-128-keyed"], default=None,
+                    help="chunk identity of a plaintext store: keyed xxh3-128 (fast) or sha256 (for mutually "
+                         "untrusting tenants); default xxh3-128")
+    sp.add_argument("--encryption", choices=CIPHER_NAMES,
+                    help="encrypt the store at rest (AEAD; chunk ids keyed BLAKE3) under a new random master key, "
+                         "wrapped by a passphrase slot (BLOCKVAULT_PASSPHRASE, --passphrase-file FILE or typed "
+                         "twice) and/or a key-file slot (--new-key-file); default: not encrypted (README 'Keys')")
+    sp.add_argument("--new-key-file", metavar="FILE",
+                    help="with --encryption: write a new key file FILE (0600, never overwritten) and a key slot it "
+                         "opens, for unattended jobs (--key-file FILE)")
+    sp.add_argument("--label", metavar="TEXT", help="with --encryption: a label for the new key slots (key list)")
     sp.add_argument("--compression-level", type=argtypes.compression_level, default=DEFAULT_COMPRESSION_LEVEL,
                     help="zstd level, -7 to 22 (default %(default)s)")
     sp.add_argument("--object-lock", type=float, metavar="DAYS",

@@ -76,9 +76,27 @@ def _where() -> dict:
     """A store in a bucket: its cache (s3cache=) and the settings blockvault serve/mount
     put in the environment (BLOCKVAULT_S3_*: the secret never on nbdkit's command line)."""
     from chunkstore.s3settings import S3Settings, is_store_url
+    where = _key()
     if not is_store_url(_params["store"]):
+        return where
+    return {"cache": _params.get("s3cache"), "s3_settings": S3Settings.resolve(), **where}
+
+
+def _key() -> dict:
+    """An encrypted store's master key, from the file serve/mount handed over (engine/nbd/server.py
+    key_handoff): read, then unlinked at once, so it lives on disk only until the store is open."""
+    path = os.environ.pop("BLOCKVAULT_NBDKIT_KEY_FILE", None)
+    if not path:
         return {}
-    return {"cache": _params.get("s3cache"), "s3_settings": S3Settings.resolve()}
+    from chunkstore.keyexport import read_key_file
+    try:
+        material = read_key_file(path, "key hand-off file")
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    return {"master": material.master}
 
 
 def cleanup() -> None:

@@ -136,7 +136,7 @@ def _wait_gone(pid: int | None, timeout: float = EXIT_TIMEOUT) -> bool:
 
 
 def mount(store: str, record, directory: str, writable: bool, cache_bytes: int, s3_cache: str | None = None,
-          s3_settings=None) -> dict:
+          s3_settings=None, key_text: str | None = None) -> dict:
     nbdfuse = srv.require_tool("nbdfuse", "libnbd-bin")
     srv.require_tool("fusermount3", "fuse3")
     srv.check_nbdkit()
@@ -166,9 +166,12 @@ def mount(store: str, record, directory: str, writable: bool, cache_bytes: int, 
     inner = srv.nbdkit_argv(store, record.id, srv.Endpoint(single=True), writable, cache_bytes, s3_cache=s3_cache)
     argv = [nbdfuse] + ([] if writable else ["-r"]) + ["-P", pidfile, os.path.join(directory, FILE_NAME),
                                                        "--command"] + inner
+    key_file = None
     try:
+        key_file = srv.key_handoff(key_text, work)   # an encrypted store's key, for the plugin only
         with open(logfile, "ab") as err:
-            proc = subprocess.Popen(argv, env=srv.plugin_env(s3_settings), stdin=subprocess.DEVNULL, stdout=err,
+            proc = subprocess.Popen(argv, env=srv.plugin_env(s3_settings, key_file), stdin=subprocess.DEVNULL,
+                                    stdout=err,
                                     stderr=err, start_new_session=True, cwd="/")
         deadline = time.monotonic() + READY_TIMEOUT
         while not (os.path.exists(pidfile) and os.path.getsize(pidfile) > 0):
@@ -184,7 +187,7 @@ def mount(store: str, record, directory: str, writable: bool, cache_bytes: int, 
                                  + (f": {tail}" if tail else ""))
             time.sleep(0.02)
     finally:
-        for path in (pidfile,):
+        for path in (pidfile, key_file or os.path.join(work, "store.key")):
             try:
                 os.unlink(path)
             except FileNotFoundError:

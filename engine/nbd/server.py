@@ -111,10 +111,33 @@ def run_command(run: str) -> str:
     return f"{restore}; {run}"
 
 
-def plugin_env(s3_settings=None) -> dict[str, str]:
+# Where an encrypted store's key reaches the plugin: a 0600 key export file in a 0700
+# directory of this command's, read and unlinked by the plugin as it opens the store
+# (engine/nbd/export.py), removed by serve/mount in any case when they end.
+KEY_HANDOFF_ENV = "BLOCKVAULT_NBDKIT_KEY_FILE"
+# Key sources nbdkit (and a --run command) must not inherit: nbdkit -v logs its environment's
+# effects, and the plugin is handed the unlocked key instead (KEY_HANDOFF_ENV).
+_KEY_ENV = ("BLOCKVAULT_PASSPHRASE", "BLOCKVAULT_KEY_FILE", "BLOCKVAULT_NEW_PASSPHRASE",
+            "BLOCKVAULT_DST_PASSPHRASE", "BLOCKVAULT_DST_KEY_FILE")
+
+
+def key_handoff(key_text: str | None, directory: str) -> str | None:
+    """Write an encrypted store's key (a key export's text) for the plugin; its path, or None."""
+    if key_text is None:
+        return None
+    from chunkstore.keyexport import write_secret_file
+    path = os.path.join(directory, "store.key")
+    write_secret_file(path, key_text, "key hand-off file")
+    return path
+
+
+def plugin_env(s3_settings=None, key_file: str | None = None) -> dict[str, str]:
     """nbdkit's environment: where the packages are, and for a store in a bucket how to
-    reach it (the environment, never argv: nbdkit's command line is visible in ps)."""
-    env = dict(os.environ)
+    reach it (the environment, never argv: nbdkit's command line is visible in ps); for an
+    encrypted store the hand-off file of its key, never a passphrase."""
+    env = {k: v for k, v in os.environ.items() if k not in _KEY_ENV}
+    if key_file:
+        env[KEY_HANDOFF_ENV] = key_file
     env["BLOCKVAULT_NBDKIT_SITE"] = os.pathsep.join(site_dirs())
     home = embedded_python_home()
     if home:
@@ -236,10 +259,12 @@ def nbdkit_argv(store: str, point: str, endpoint: Endpoint, writable: bool, cach
 class Server:
     """A running nbdkit; ``wait_ready`` returns once it listens."""
 
-    def __init__(self, argv: list[str], pidfile: str, captive: bool = False, s3_settings=None):
+    def __init__(self, argv: list[str], pidfile: str, captive: bool = False, s3_settings=None,
+                 key_file: str | None = None):
         self.argv = argv
         self.pidfile = pidfile
-        self.proc = subprocess.Popen(argv, env=plugin_env(s3_settings), stdin=None if captive else subprocess.DEVNULL)
+        self.proc = subprocess.Popen(argv, env=plugin_env(s3_settings, key_file),
+                                     stdin=None if captive else subprocess.DEVNULL)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
