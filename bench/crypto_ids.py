@@ -179,7 +179,7 @@ def _probe(fn: Callable, bufs: list[bytes], seconds: float, interval: float) -> 
 
 
 def measure(size: int = MiB, seconds: float = 0.3, threads: tuple[int, ...] = (1, 2), pool: int = 64 * MiB,
-            rounds: int = 3) -> dict:
+            rounds: int = 3, probe_seconds: float = 0.6, probes: int = 3) -> dict:
     """Every primitive at 1 and 2 threads, one after the other, in this process.
 
     The buffers are ``pool`` bytes of distinct ``size``-byte buffers taken in
@@ -205,7 +205,7 @@ def measure(size: int = MiB, seconds: float = 0.3, threads: tuple[int, ...] = (1
             if 1 in runs and 2 in runs:
                 row["two_over_one"] = round(runs[2]["MBps"] / runs[1]["MBps"], 2)
                 row["parallelism_2"] = runs[2]["parallelism"]
-            row.update(gil_probe(fn, inputs))
+            row.update(gil_probe(fn, inputs, probe_seconds, probes=probes))
             del inputs
             rows.append(row)
     base = next(r for r in rows if r["name"] == "xxh3-128-seeded")["runs"][0]["MBps"]
