@@ -31,6 +31,7 @@ def best(tool: dict, name: str) -> dict | None:
         return None
     b = dict(min(ok, key=lambda s: s["wall_s"]))
     b["peak_rss_bytes"] = max(s["peak_rss_bytes"] or 0 for s in ok)
+    b["min_cpu_s"] = min(s["cpu_s"] for s in ok)
     b["runs"] = len(ok)
     return b
 
@@ -52,8 +53,11 @@ def summarise(doc: dict) -> None:
     wall = {n: {s: (b or {}).get("wall_s") for s, b in steps.items()} for n, steps in doc["best"].items()}
     plain, encrypted = _plain_and_encrypted(doc)
     ratios = {}
+    cpu = {n: {s: (b or {}).get("min_cpu_s") for s, b in steps.items()} for n, steps in doc["best"].items()}
     for n in encrypted:
         r = {s: _ratio(wall[plain][s], wall[n][s]) if plain else None for s in STEPS}
+        # CPU seconds (user + system, every thread): what encryption adds, whatever the machine's load
+        r.update({f"{s}_cpu": _ratio(cpu[plain][s], cpu[n][s]) if plain else None for s in STEPS})
         lp, ln = (wall[plain]["list"] if plain else None), wall[n]["list"]
         r["key_open_s"] = round(ln - lp, 3) if lp and ln else None
         ratios[n] = r
@@ -153,8 +157,9 @@ def markdown(doc: dict, brief: bool = False) -> str:
     if "crypto_ids" in doc and not brief:
         lines += ["## Primitives (bench/crypto_ids.py)", "", crypto_ids.table(doc["crypto_ids"]), ""]
     lines += ["## Steps (MB/s: apparent image size over wall time; fastest round)", "",
-              "| tool | encryption | full MB/s | incremental MB/s | restore MB/s | list s | peak RSS | stored |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| tool | encryption | full MB/s | incremental MB/s | restore MB/s | full / incr / restore CPU s | "
+              "list s | peak RSS | stored |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for n, t in doc["tools"].items():
         b = doc["best"][n]
         rss = max((x or {}).get("peak_rss_bytes") or 0 for x in b.values())
@@ -162,14 +167,18 @@ def markdown(doc: dict, brief: bool = False) -> str:
         enc = t["encryption"] or "none"
         if t.get("key_source"):
             enc += f" ({t['key_source']})"
+        cpus = " / ".join(_cell((b[s] or {}).get("min_cpu_s"), "{:.2f}") for s in STEPS)
         lines.append(f"| {n} | {enc} | {_mbps(b['full'])} | {_mbps(b['incremental'])} | {_mbps(b['restore'])} | "
-                     f"{_cell((b.get('list') or {}).get('wall_s'), '{:.2f}')} | {format_size(rss)} | "
+                     f"{cpus} | {_cell((b.get('list') or {}).get('wall_s'), '{:.2f}')} | {format_size(rss)} | "
                      f"{format_size(stored)} |")
     lines += ["", "## blockvault encrypted / plaintext (speed; targets: full >= 0.90, restore >= 0.90)", "",
-              "| store | full | incremental | restore | opening the key (list, s over plaintext) |",
-              "| --- | --- | --- | --- | --- |"]
+              "Wall time, then CPU seconds (plaintext's over the encrypted store's: 1.0 = free).", "",
+              "| store | full | incremental | restore | full, CPU | incremental, CPU | restore, CPU | "
+              "opening the key (list, s over plaintext) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for n, r in doc["ratios"].items():
         lines.append(f"| {n} | {_cell(r['full'])} | {_cell(r['incremental'])} | {_cell(r['restore'])} | "
+                     f"{_cell(r['full_cpu'])} | {_cell(r['incremental_cpu'])} | {_cell(r['restore_cpu'])} | "
                      f"{_cell(r['key_open_s'], '{:+.2f}')} |")
     if doc["margins"]:
         lines += ["", "## blockvault's margin over the peers (peer wall time / blockvault's)", "",

@@ -77,7 +77,8 @@ def test_the_report_has_every_ratio_margin_and_target(run):
     _, doc, out, _ = run
     assert set(doc["ratios"]) == set(BLOCKVAULT[1:])
     for name, r in doc["ratios"].items():
-        assert all(isinstance(r[s], float) and r[s] > 0 for s in ("full", "incremental", "restore")), (name, r)
+        assert all(isinstance(r[s], float) and r[s] > 0 for s in ("full", "incremental", "restore", "full_cpu",
+                                                                  "incremental_cpu", "restore_cpu")), (name, r)
         assert isinstance(r["key_open_s"], float), (name, r)
     assert set(doc["margins"]) == {"borg", "restic"}
     for peer, m in doc["margins"].items():
