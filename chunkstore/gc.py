@@ -376,9 +376,21 @@ def _read_live(store, plan: _Plan, pid: bytes) -> list:
     in a few long reads, of what lies between the dead records the plan knows
     (_read_between_dead); where that finds anything odd, from a scan of the pack."""
     try:
-        return _read_between_dead(store, plan, pid)
+        records = _read_between_dead(store, plan, pid)
     except IntegrityError:
-        return _read_scanned(store, plan, pid)
+        records = _read_scanned(store, plan, pid)
+    if store.cipher is not None:
+        records = _opened(store, pid, records)
+    return records
+
+
+def _opened(store, pid: bytes, records: list) -> list:
+    """An encrypted store's live records opened where they are (a record that does
+    not authenticate spoils its pack, which is skipped as damaged): each is sealed
+    again for its place in the new pack (chunkstore/recordseal.py)."""
+    from chunkstore.recordseal import open_record
+    return [(d, e, open_record(store.cipher, raw, pid, e.offset, f"pack {pid.hex()} offset {e.offset}"))
+            for d, e, raw in records]
 
 
 def _read_between_dead(store, plan: _Plan, pid: bytes) -> list:
@@ -407,7 +419,7 @@ def _read_between_dead(store, plan: _Plan, pid: bytes) -> list:
             view, at = memoryview(buf), 0
             while at < len(buf):
                 where = f"pack {pid.hex()} offset {start + at}"
-                hdr = decode_record_header(view[at:at + RECORD_HEADER_SIZE], where, store.chunk_size)
+                hdr = decode_record_header(view[at:at + RECORD_HEADER_SIZE], where, store.chunk_size, store.tag_size)
                 size = RECORD_HEADER_SIZE + hdr.stored_len
                 if hdr.magic != RECORD_MAGIC or at + size > len(buf):
                     raise IntegrityError(f"{where}: not a chunk record inside the pack's records")
@@ -453,7 +465,7 @@ def _read_scanned(store, plan: _Plan, pid: bytes) -> list:
             stream.seek(e.offset)
             raw = stream.read(size)
             where = f"pack {pid.hex()} offset {e.offset}"
-            hdr = decode_record_header(raw[:RECORD_HEADER_SIZE], where, store.chunk_size)
+            hdr = decode_record_header(raw[:RECORD_HEADER_SIZE], where, store.chunk_size, store.tag_size)
             if hdr.digest != d or hdr.stored_len != e.stored_len or len(raw) != size:
                 raise IntegrityError(f"{where}: record does not match the index")
             check_payload(hdr, raw[RECORD_HEADER_SIZE:], where)
@@ -512,6 +524,8 @@ def _repack(store, plan: _Plan, group: list, me, report: GcReport, on_progress) 
     copies: dict[bytes, list] = {}  # old pack → [(digest, old entry, new entry)]
     writers: list[PackWriter] = []
     target = store.config.pack_target_size
+    if store.cipher is not None:
+        from chunkstore.recordseal import seal_opened
     try:
         out = None
         for pid, records in _read_batch(store, plan, group):
@@ -520,7 +534,7 @@ def _repack(store, plan: _Plan, group: list, me, report: GcReport, on_progress) 
                 continue
             mine = copies[pid] = []
             for d, e, raw in records:
-                size = len(raw)
+                size = record_size(e)
                 if out is not None and out.chunk_count and out.size + size > target:
                     _finish(out)
                     out = None
@@ -528,6 +542,8 @@ def _repack(store, plan: _Plan, group: list, me, report: GcReport, on_progress) 
                     out = PackWriter(store.path, store.config, me.add_pack)
                     writers.append(out)
                 offset = out.reserve(size)
+                if store.cipher is not None:  # opened by _read_live: sealed for its new place
+                    raw = seal_opened(store.cipher, raw[0], raw[1], out.pack_id, offset)
                 out.write_at(offset, [raw])
                 mine.append((d, e, IndexEntry(out.pack_id, offset, e.stored_len, e.raw_len, e.codec)))
         if out is not None:

@@ -30,9 +30,10 @@ from chunkstore.errors import IntegrityError
 PACK_MAGIC = b"BVLTPACK"
 PACK_VERSION = 2
 # magic, version, reserved, store id, pack id, created (unix s), then the store's
-# settings (chunk size, digest kind, zstd level, reserved, seed, pack target size,
-# store created), reserved, header checksum: every pack can recreate config.json.
-PACK_HEADER = struct.Struct("<8sII16s16sQIBbHQQd32sQ")
+# settings (chunk size, digest kind, zstd level, cipher code, reserved, seed, pack
+# target size, store created, key check), reserved, header checksum: every pack
+# can recreate config.json.  A plaintext store's cipher code and key check are 0.
+PACK_HEADER = struct.Struct("<8sII16s16sQIBbBBQQd16s16sQ")
 RECORD_MAGIC = b"BVCK"
 METADATA_MAGIC = b"BVMD"
 TRAILER_MAGIC = b"BVND"
@@ -43,7 +44,11 @@ RECORD_HEADER = struct.Struct("<4sBBHII32sQQ")
 assert PACK_HEADER.size == 128 and RECORD_HEADER.size == 64
 RECORD_HEADER_SIZE = RECORD_HEADER.size
 MAX_PAYLOAD = 16 << 20  # above any chunk size: a larger length is corruption
-DIGEST_CODES = {"xxh3-128": 1, "sha256": 2}
+DIGEST_CODES = {"xxh3-128": 1, "sha256": 2, "blake3-128-keyed": 3}
+# Byte 62 of a pack header: the AEAD sealing its records (0: none).  As
+# chunkstore/crypto.py CIPHER_CODES, kept here so that reading a header needs
+# no cryptography.
+CIPHER_CODES = {"aes-256-gcm": 1, "chacha20-poly1305": 2}
 # A metadata record's 32-byte field: commit number, the commit it follows,
 # part index, number of parts, commit time.
 METADATA_FIELD = struct.Struct("<QQIId")
@@ -74,20 +79,28 @@ class PackHeader:
     seed: int
     pack_target_size: int
     store_created: float
+    encryption: str = ""      # "" for a plaintext store's pack
+    key_check: bytes = bytes(16)
 
     def settings(self) -> dict:
-        """The fields of config.json this header carries."""
-        return {"store_id": self.store_id.hex(), "chunk_size": self.chunk_size, "digest": self.digest,
-                "seed": self.seed, "compression_level": self.compression_level,
-                "pack_target_size": self.pack_target_size, "created": self.store_created}
+        """The fields of config.json this header carries (an encrypted store's
+        cipher and key check too, so ``rebuild --config`` recreates them)."""
+        doc = {"store_id": self.store_id.hex(), "chunk_size": self.chunk_size, "digest": self.digest,
+               "seed": self.seed, "compression_level": self.compression_level,
+               "pack_target_size": self.pack_target_size, "created": self.store_created}
+        if self.encryption:
+            doc.update(encryption=self.encryption, key_check=self.key_check.hex())
+        return doc
 
 
 def encode_pack_header(config, pack_id: bytes) -> bytes:
     """The header of a new pack of the store ``config`` (a StoreConfig)."""
+    encryption = getattr(config, "encryption", "")
     body = PACK_HEADER.pack(
         PACK_MAGIC, PACK_VERSION, 0, bytes.fromhex(config.store_id), pack_id, int(time.time()),
-        config.chunk_size, DIGEST_CODES[config.digest], config.compression_level, 0, config.seed,
-        config.pack_target_size, float(config.created), bytes(32), 0)
+        config.chunk_size, DIGEST_CODES[config.digest], config.compression_level,
+        CIPHER_CODES[encryption] if encryption else 0, 0, config.seed, config.pack_target_size,
+        float(config.created), bytes.fromhex(config.key_check) if encryption else bytes(16), bytes(16), 0)
     return body[:-8] + struct.pack("<Q", check64(body[:-8]))
 
 
@@ -97,8 +110,8 @@ def decode_pack_header(data: bytes, where: str) -> PackHeader:
         raise IntegrityError(f"{where}: pack format version 1 is not supported (a version-1 store)")
     if len(data) < PACK_HEADER.size:
         raise IntegrityError(f"{where}: pack header truncated ({len(data)} bytes)")
-    (magic, version, _, store_id, pack_id, created, chunk_size, digest, level, _, seed, target,
-     store_created, _, check) = PACK_HEADER.unpack_from(data)
+    (magic, version, _, store_id, pack_id, created, chunk_size, digest, level, cipher, _, seed, target,
+     store_created, key_check, _, check) = PACK_HEADER.unpack_from(data)
     if magic != PACK_MAGIC:
         raise IntegrityError(f"{where}: not a blockvault pack (bad magic)")
     if check != check64(data[:PACK_HEADER.size - 8]):
@@ -108,7 +121,14 @@ def decode_pack_header(data: bytes, where: str) -> PackHeader:
     kinds = {v: k for k, v in DIGEST_CODES.items()}
     if digest not in kinds:
         raise IntegrityError(f"{where}: pack header names digest kind {digest}, which is unknown")
-    return PackHeader(store_id, pack_id, created, chunk_size, kinds[digest], level, seed, target, store_created)
+    ciphers = {v: k for k, v in CIPHER_CODES.items()}
+    if cipher and cipher not in ciphers:
+        raise IntegrityError(f"{where}: pack header names cipher {cipher}, which is unknown")
+    if bool(cipher) != (kinds[digest] == "blake3-128-keyed"):
+        raise IntegrityError(f"{where}: pack header pairs digest kind {digest} with cipher {cipher}: keyed ids "
+                             "and sealed records go together")
+    return PackHeader(store_id, pack_id, created, chunk_size, kinds[digest], level, seed, target, store_created,
+                      ciphers.get(cipher, ""), key_check if cipher else bytes(16))
 
 
 def read_pack_header(path: str) -> PackHeader:
@@ -143,12 +163,13 @@ class RecordHeader:
     payload_check: int
 
 
-def decode_record_header(data, where: str, max_chunk: int = MAX_PAYLOAD) -> RecordHeader:
+def decode_record_header(data, where: str, max_chunk: int = MAX_PAYLOAD, tag: int = 0) -> RecordHeader:
     """Parse and check one 64-byte record header; IntegrityError when it is not one.
 
     ``max_chunk`` is the store's chunk size when the caller knows it: a chunk
     record declaring more (raw or stored) is damaged or crafted, and is refused
-    before its sizes are used to read or decompress anything."""
+    before its sizes are used to read or decompress anything.  ``tag``: the
+    AEAD tag an encrypted store's stored length adds (ChunkStore.tag_size)."""
     if len(data) < RECORD_HEADER_SIZE:
         raise IntegrityError(f"{where}: record header truncated")
     magic, codec, dlen, _, raw_len, stored_len, digest, pcheck, hcheck = RECORD_HEADER.unpack_from(data)
@@ -158,7 +179,7 @@ def decode_record_header(data, where: str, max_chunk: int = MAX_PAYLOAD) -> Reco
         raise IntegrityError(f"{where}: record header checksum mismatch")
     if dlen > DIGEST_FIELD or stored_len > MAX_PAYLOAD or (magic != TRAILER_MAGIC and raw_len > MAX_PAYLOAD):
         raise IntegrityError(f"{where}: record header has impossible sizes")
-    if magic == RECORD_MAGIC and max(raw_len, stored_len) > max_chunk:
+    if magic == RECORD_MAGIC and (raw_len > max_chunk or stored_len > max_chunk + tag):
         raise IntegrityError(f"{where}: record declares {raw_len} bytes raw, {stored_len} stored, more than "
                              f"the store's chunk size {max_chunk}")
     if magic == METADATA_MAGIC and (dlen != METADATA_FIELD.size or raw_len > METADATA_PART):

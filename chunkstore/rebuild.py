@@ -34,7 +34,7 @@ from chunkstore.pack import (METADATA_MAGIC, RECORD_HEADER_SIZE, RECORD_MAGIC, c
                              scan_pack)
 from chunkstore.readonly import refuse_write, store_is_writable
 from chunkstore.registry import Registry
-from chunkstore.store import DATA_FILE, INDEX_DIR, ChunkStore, _open_env, index_file_problem
+from chunkstore.store import DATA_FILE, INDEX_DIR, ChunkStore, _open_env, _record_cipher, index_file_problem
 
 
 @dataclass
@@ -80,7 +80,8 @@ class _Commit:
         return len(self.streams) == self.parts
 
 
-def rebuild_store(path: str, wait: float = 0.0, derive=None, backend=None, s3=None, lease=None) -> RebuildReport:
+def rebuild_store(path: str, wait: float = 0.0, derive=None, backend=None, s3=None, lease=None,
+                  master=None) -> RebuildReport:
     """Recreate ``STORE/index`` from the packs: chunk index, packs, metadata.
 
     ``derive(store)``, given by the layer above, returns a function
@@ -88,8 +89,12 @@ def rebuild_store(path: str, wait: float = 0.0, derive=None, backend=None, s3=No
     recomputes what the replayed databases imply (the reference counts,
     engine/references.py); ``gen_floor`` is the lifecycle generation the
     rebuilt index must not go below.  ``backend``: where the packs are (default: ``path``'s
-    packs/); ``s3`` and ``lease``: a store in a bucket, whose cache ``path`` is (attach)."""
+    packs/); ``s3`` and ``lease``: a store in a bucket, whose cache ``path`` is (attach).
+    An encrypted store needs its ``master`` key: its metadata records are
+    opened (authenticated) before they are replayed."""
     cfg = StoreConfig.load(path)
+    if cfg.encrypted:  # refused (no key, wrong key) before anything is locked or moved aside
+        _record_cipher(cfg, master, path)
     lock = WriterLock(path)
     lock.acquire(wait, "rebuild")
     try:
@@ -107,7 +112,7 @@ def rebuild_store(path: str, wait: float = 0.0, derive=None, backend=None, s3=No
             except FileNotFoundError:
                 pass
             fsync_dir(index)
-        store = ChunkStore(path, cfg, _open_env(path, create=True), backend=backend)
+        store = ChunkStore(path, cfg, _open_env(path, create=True), backend=backend, master=master)
         store.s3, store.lease = s3, lease
         try:
             _rebuild(store, report, derive(store) if derive else None)
@@ -131,7 +136,7 @@ def rebuild_index(store: ChunkStore, wait: float = 0.0, derive=None) -> RebuildR
 
 
 def _rebuild(store: ChunkStore, report: RebuildReport, finish=None) -> None:
-    entries, packs, commits, copies = _scan(store.backend, store.config, report)
+    entries, packs, commits, copies = _scan(store.backend, store.config, report, store.cipher)
     chain = _chain(commits, report)
     if not report.complete:
         _keep_previous(store, report)
@@ -156,7 +161,7 @@ def _keep_previous(store: ChunkStore, report: RebuildReport) -> None:
     report.previous_index = where
 
 
-def _scan(backend, cfg: StoreConfig, report: RebuildReport):
+def _scan(backend, cfg: StoreConfig, report: RebuildReport, cipher=None):
     entries: dict[bytes, IndexEntry] = {}
     packs: dict[bytes, PackInfo] = {}
     commits: dict[int, _Commit] = {}
@@ -188,7 +193,7 @@ def _scan(backend, cfg: StoreConfig, report: RebuildReport):
                         continue
                     entries[h.digest] = IndexEntry(scan.pack_id, rec.offset, h.stored_len, h.raw_len, h.codec)
             if metadata:
-                _read_metadata(stream, pack_path, metadata, codec, commits, report)
+                _read_metadata(stream, pack_path, metadata, codec, commits, report, cipher, scan.pack_id)
     report.chunks = len(entries)
     for text, digest in lost:
         (report.superseded if digest in entries else report.lost).append(text)
@@ -229,15 +234,23 @@ def _scanned_packs(backend, cfg: StoreConfig, report: RebuildReport):
         yield pack_id, scan, stream
 
 
-def _read_metadata(f, pack_path: str, records, codec: Codec, commits: dict, report: RebuildReport) -> None:
+def _read_metadata(f, pack_path: str, records, codec: Codec, commits: dict, report: RebuildReport,
+                   cipher=None, pack_id: bytes = b"") -> None:
+    """Each metadata record's part of its commit's stream.  A record that does
+    not read (or, sealed, does not authenticate) is reported and left out: its
+    commit is then incomplete and not replayed."""
     for rec in records:
         where = f"{pack_path}@{rec.offset}"
         try:
             f.seek(rec.offset)
-            hdr = decode_record_header(f.read(RECORD_HEADER_SIZE), where)
+            head = f.read(RECORD_HEADER_SIZE)
+            hdr = decode_record_header(head, where)
             payload = f.read(hdr.stored_len)
             check_payload(hdr, payload, where)
-            raw = codec.decode(hdr.codec, payload, hdr.raw_len) if hdr.stored_len else b""
+            if cipher is not None:
+                from chunkstore.recordseal import open_payload
+                payload = open_payload(cipher, pack_id, rec.offset, head, payload, where)
+            raw = codec.decode(hdr.codec, payload, hdr.raw_len) if payload else b""
         except (IntegrityError, OSError) as e:
             report.unreadable.append(f"{where}: {e}")
             continue

@@ -70,6 +70,9 @@ if TYPE_CHECKING:
 CHECKPOINT_ENTRIES = 8192
 # Retired packs that may wait for their fsync before writers are held back.
 SEAL_BACKLOG = 2
+# chunkstore/crypto.py TAG_SIZE: what sealing adds to a payload.  Not imported
+# from there, so that a plaintext store's writer never loads cryptography.
+TAG_SIZE = 16
 
 # One chunk for ``write``: (digest, codec, raw length, payload).
 Record = tuple[bytes, int, int, object]
@@ -164,7 +167,12 @@ class WriteSession:
         before this returns, so they may be views of a buffer the caller
         reuses afterwards.
         """
-        heads = [encode_record(d, codec, raw_len, payload) for d, codec, raw_len, payload in records]
+        cipher = self.store.cipher
+        # An encrypted store's records are sealed once ``reserve`` gave their
+        # offset (the nonce), outside the mutex: chunkstore/recordseal.py.
+        heads = [encode_record(d, codec, raw_len, payload) for d, codec, raw_len, payload in records] \
+            if cipher is None else None
+        tag = 0 if cipher is None else TAG_SIZE
         plan: list[tuple[PackWriter, int, list]] = []
         written = 0
         with self._mutex:
@@ -174,10 +182,10 @@ class WriteSession:
             self._check_writable()
             target = self.store.config.pack_target_size
             thread = threading.get_ident()
-            for head, (digest, codec, raw_len, payload) in zip(heads, records):
+            for i, (digest, codec, raw_len, payload) in enumerate(records):
                 if digest in self.pending:
                     continue
-                size = RECORD_HEADER_SIZE + len(payload)
+                size = RECORD_HEADER_SIZE + len(payload) + tag
                 pack = self._current.get(thread)
                 if pack is not None and pack.chunk_count and pack.size + size > target:
                     self._retire(pack)
@@ -194,13 +202,18 @@ class WriteSession:
                     pack.writers += 1
                     plan.append((pack, pack.size, []))
                 offset = pack.reserve(size)
-                plan[-1][2].extend((head, payload))
-                self.pending[digest] = IndexEntry(pack.pack_id, offset, len(payload), raw_len, codec)
+                if heads is not None:
+                    plan[-1][2].extend((heads[i], payload))
+                else:
+                    plan[-1][2].append((offset, records[i]))
+                self.pending[digest] = IndexEntry(pack.pack_id, offset, len(payload) + tag, raw_len, codec)
                 self._claimed.discard(digest)
                 written += size
             self.bytes_written += written
         try:
             for pack, offset, parts in plan:
+                if cipher is not None:
+                    parts = _sealed_parts(cipher, pack.pack_id, parts)
                 pack.write_at(offset, parts)
         except BaseException as e:
             with self._mutex:
@@ -505,10 +518,14 @@ class WriteSession:
         final commit calls this after every chunk pack is durable, so metadata
         that reached the disk never names chunks that did not."""
         target = self.store.config.pack_target_size
+        cipher = self.store.cipher
+        if cipher is not None:  # sealed at their offsets, as chunks (chunkstore/recordseal.py)
+            from chunkstore.recordseal import seal_record
+        tag = 0 if cipher is None else TAG_SIZE
         pack, done = None, []
         try:
             for rec in records:
-                if pack is not None and pack.chunk_count and pack.size + len(rec) > target:
+                if pack is not None and pack.chunk_count and pack.size + len(rec) + tag > target:
                     self._finish_metadata_pack(pack)
                     pack = None
                 if pack is None:
@@ -517,7 +534,12 @@ class WriteSession:
                     done.append(pack)
                     with self._mutex:
                         self._packs.append(pack)
-                pack.write_at(pack.reserve(len(rec)), [rec])
+                if cipher is None:
+                    pack.write_at(pack.reserve(len(rec)), [rec])
+                else:
+                    offset = pack.reserve(len(rec) + TAG_SIZE)
+                    rec = seal_record(cipher, pack.pack_id, offset, rec)
+                    pack.write_at(offset, [rec])
                 with self._mutex:
                     self.bytes_written += len(rec)
             if pack is not None:
@@ -551,3 +573,12 @@ class WriteSession:
         self._packs.clear()
         self.pending.clear()
         self._holds.release()
+
+
+def _sealed_parts(cipher, pack_id: bytes, items: list) -> list:
+    """(offset, record) pairs of one pack as the header and sealed payload of each."""
+    from chunkstore.recordseal import seal_chunk
+    parts = []
+    for offset, (digest, codec, raw_len, payload) in items:
+        parts.extend(seal_chunk(cipher, pack_id, offset, digest, codec, raw_len, payload))
+    return parts

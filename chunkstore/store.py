@@ -79,6 +79,8 @@ class ChunkStore:
         self.cipher = None
         if config.encrypted:
             self.cipher = _record_cipher(config, master, self.location)
+        # What a stored length may exceed the chunk size by: the AEAD tag of a sealed record.
+        self.tag_size = 16 if self.cipher is not None else 0
         self.digester = Digester.for_config(config, master)
         self.codec = Codec(config.compression_level)
         self.chunk_size = config.chunk_size
@@ -218,7 +220,7 @@ class ChunkStore:
         if value is None:
             return None
         entry = IndexEntry.decode(value)
-        if max(entry.stored_len, entry.raw_len) > self.chunk_size:
+        if entry.raw_len > self.chunk_size or entry.stored_len > self.chunk_size + self.tag_size:
             # Its sizes decide how much is read and decompressed: never trust them past a chunk.
             raise IntegrityError(f"store {self.path}: chunk {digest.hex()}: its index entry declares "
                                  f"{entry.raw_len} bytes raw, {entry.stored_len} stored, more than the chunk "
@@ -246,15 +248,10 @@ class ChunkStore:
         return self.backend.read(pack_id, offset, length)
 
     def decode_chunk(self, span, at: int, entry: IndexEntry, digest: bytes, check_digest: bool = True) -> bytes:
-        """The raw chunk whose record starts at ``span[at]``, checked at every level."""
-        where = f"store {self.path}: chunk {digest.hex()} (pack {entry.pack_id.hex()} offset {entry.offset})"
-        view = memoryview(span)
-        hdr = decode_record_header(view[at:at + RECORD_HEADER_SIZE], where, self.chunk_size)
-        if hdr.digest != digest or hdr.stored_len != entry.stored_len or hdr.raw_len != entry.raw_len:
-            raise IntegrityError(f"{where}: record header does not match the index")
-        start = at + RECORD_HEADER_SIZE
-        payload = view[start:start + hdr.stored_len]
-        check_payload(hdr, payload, where)
+        """The raw chunk whose record starts at ``span[at]``, checked at every level:
+        framing, payload check, (in an encrypted store) authentication at its
+        pack and offset, decompression, digest."""
+        hdr, payload, where = self._open(span, at, entry, digest)
         try:
             raw = self.codec.decode(hdr.codec, payload, hdr.raw_len)
         except IntegrityError as e:
@@ -262,6 +259,28 @@ class ChunkStore:
         if check_digest and self.digester(raw) != digest:
             raise IntegrityError(f"{where}: content does not hash to its digest")
         return raw
+
+    def open_record(self, span, at: int, entry: IndexEntry, digest: bytes):
+        """(header, payload) of the record at ``span[at]``: framing and payload
+        check against the index entry, and in an encrypted store the payload
+        opened (authenticated: a changed, moved or foreign record is refused
+        here, never decrypted into wrong data).  The payload is still compressed."""
+        return self._open(span, at, entry, digest)[:2]
+
+    def _open(self, span, at: int, entry: IndexEntry, digest: bytes):
+        where = f"store {self.path}: chunk {digest.hex()} (pack {entry.pack_id.hex()} offset {entry.offset})"
+        view = memoryview(span)
+        head = view[at:at + RECORD_HEADER_SIZE]
+        hdr = decode_record_header(head, where, self.chunk_size, self.tag_size)
+        if hdr.digest != digest or hdr.stored_len != entry.stored_len or hdr.raw_len != entry.raw_len:
+            raise IntegrityError(f"{where}: record header does not match the index")
+        start = at + RECORD_HEADER_SIZE
+        payload = view[start:start + hdr.stored_len]
+        check_payload(hdr, payload, where)
+        if self.cipher is not None:
+            from chunkstore.recordseal import open_payload
+            payload = open_payload(self.cipher, entry.pack_id, entry.offset, head, payload, where)
+        return hdr, payload, where
 
     def read_chunk(self, digest: bytes, entry: IndexEntry | None = None) -> bytes:
         if entry is None:
@@ -340,14 +359,15 @@ def check_config(path: str, cfg: StoreConfig, backend: PackBackend | None = None
     store's settings): an edited or swapped config.json would otherwise make
     every chunk hash to the wrong digest and every restore fail obscurely."""
     backend = backend if backend is not None else LocalPackBackend(path)
-    mine = {"store_id": cfg.store_id, "chunk_size": cfg.chunk_size, "digest": cfg.digest, "seed": cfg.seed}
+    mine = {"store_id": cfg.store_id, "chunk_size": cfg.chunk_size, "digest": cfg.digest, "seed": cfg.seed,
+            "encryption": cfg.encryption, "key_check": cfg.key_check}
     for pack_id, _ in itertools.islice(backend.list(), packs):
         pack = backend.name(pack_id)
         try:
             theirs = backend.header(pack_id).settings()
         except (IntegrityError, OSError):
             continue  # a damaged header is verify's business
-        differ = [k for k in mine if theirs[k] != mine[k]]
+        differ = [k for k in mine if theirs.get(k, "") != mine[k]]
         if differ:
             raise ConfigMismatchError(
                 f"{path}: {CONFIG_FILE} disagrees with the pack headers ({', '.join(differ)} differ"

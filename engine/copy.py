@@ -18,7 +18,10 @@ the copy works for any store ``ChunkStore.open`` opens.
 Two stores whose digest keys agree (digest kind, seed for XXH3, chunk size)
 name every chunk and segment alike: a segment DST holds costs nothing, the
 others are copied as they are, and only their chunks DST lacks are read
-(records passed through when the zstd levels agree).  Where the keys differ
+(records passed through when the zstd levels agree; from an encrypted SRC
+their payloads are opened, and DST's session seals what it writes: a sealed
+record is never copied as it is).  Where the keys differ (an encrypted side
+always differs from a plaintext one, and two encrypted stores by their id keys)
 every chunk is re-hashed for DST: decoded from SRC (its digest checked),
 hashed with DST's function, and if DST lacks it compressed with DST's level.
 So that a nightly copy still costs the night's change, the translation is
@@ -93,6 +96,8 @@ def digest_keys_differ(src, dst) -> list[str]:
         out.append(f"digest {a.digest} vs {b.digest}")
     elif a.digest != "sha256" and a.seed != b.seed:
         out.append("digest seed")
+    elif a.digest == "blake3-128-keyed" and src.digester.zero_digest != dst.digester.zero_digest:
+        out.append("id key")  # two encrypted stores: equal zero ids mean equal id keys
     return out
 
 
@@ -159,9 +164,11 @@ class _Transfer:
                     new = dst.digester(raw)
                     pairs.append((digest, new))
                     raws.append((new, raw))
-                elif self.passthrough:
+                elif self.passthrough and src.cipher is None:
                     start = at + RECORD_HEADER_SIZE
                     records.append((digest, entry.codec, entry.raw_len, view[start:start + entry.stored_len]))
+                elif self.passthrough:  # sealed for its place in SRC: opened, sealed by DST's session
+                    records.append((digest, entry.codec, entry.raw_len, src.open_record(data, at, entry, digest)[1]))
                 else:
                     raws.append((digest, raw))
         if self.rehash:  # only now is the DST name known, so only now can DST say what it lacks

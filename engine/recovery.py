@@ -21,7 +21,7 @@ import json
 import os
 import time
 
-from chunkstore.config import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, StoreConfig
+from chunkstore.config import CONFIG_FILE, ENCRYPTED_VERSION, FORMAT_NAME, FORMAT_VERSION, StoreConfig
 from chunkstore.errors import IntegrityError, NotAStoreError, StoreError
 from chunkstore.lock import WriterLock
 from chunkstore.backend import LocalPackBackend
@@ -170,7 +170,9 @@ def _recreate_config(path: str) -> dict:
         current = StoreConfig.load(path)
     except StoreError:
         current = None
-    cfg = StoreConfig(format=FORMAT_NAME, version=_index_version(path), **chosen)
+    # An encrypted store's headers carry its cipher and key check: its config is format 4 whatever its index.
+    version = ENCRYPTED_VERSION if chosen.get("encryption") else _index_version(path)
+    cfg = StoreConfig(format=FORMAT_NAME, version=version, **chosen)
     cfg.validate()
     target = os.path.join(path, CONFIG_FILE)
     replaced, changed = None, True

@@ -107,6 +107,14 @@ def handled():
         _state = _State()  # a library caller's later pipelines are not "stopping"
 
 
+def ignored() -> list[int]:
+    """The stop signals this command leaves ignored because they were ignored when
+    it started: SIGINT for a command a script runs in the background (``cmd &``
+    in a shell without job control), SIGHUP under ``nohup``.  A long-running
+    command names only the signals that really stop it (``blockvault serve``)."""
+    return [sig for sig in HANDLED if signal.getsignal(sig) is signal.SIG_IGN]
+
+
 def stopping() -> bool:
     return _state.stopping.is_set()
 

@@ -150,3 +150,16 @@ def freeze(proc: subprocess.Popen, timeout: float = 30) -> None:
             return
         time.sleep(0.01)
     raise AssertionError(f"pid {proc.pid} did not stop within {timeout} s")
+
+
+def foreground(*ignore) -> None:
+    """A child's dispositions as a command typed at a terminal has them, for
+    ``preexec_fn``: SIGINT, SIGTERM and SIGHUP default, then ``ignore`` ignored.
+    A test run started in the background (``cmd &`` from a script) inherits
+    SIGINT ignored, every child with it, and blockvault leaves an ignored
+    signal ignored: a test that stops a child with SIGINT must start it so."""
+    import signal as _signal
+    for sig in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
+        _signal.signal(sig, _signal.SIG_DFL)
+    for sig in ignore:
+        _signal.signal(sig, _signal.SIG_IGN)

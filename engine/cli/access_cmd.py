@@ -9,6 +9,7 @@ an ordinary error, not an nbdkit log line.
 
 from __future__ import annotations
 
+import faulthandler
 import ipaddress
 import logging
 import os
@@ -77,8 +78,26 @@ def _stats_line(stats: dict) -> str:
                if stats.get("read_errors") else ""))
 
 
+def _how_to_stop() -> str:
+    """The signals that really stop this server.  One started from a script with
+    ``&`` inherits SIGINT ignored and keeps it so (engine/signals.py): saying
+    "Ctrl-C" then would leave whoever sends SIGINT waiting for ever."""
+    from engine import signals
+    stops = ((signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM"))
+    off = [sig for sig, _ in stops if sig in signals.ignored()]
+    ways = [name for sig, name in stops if sig not in off]
+    hint = "stop with " + " or ".join(ways) if ways else "only SIGKILL stops it"
+    if off:
+        hint += (f" ({' and '.join(map(signals.signal_name, off))} {'is' if len(off) == 1 else 'are'} ignored: "
+                 "ignored when blockvault started, as for a command a script starts with '&')")
+    return hint
+
+
 def cmd_serve(args) -> int:
     from engine.nbd import server as srv
+    # `kill -USR1 PID` prints where every thread of this process is (a server that
+    # does not stop says why); the process goes on serving.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     record, _ = _resolve(args)
     srv.check_nbdkit()
     srv.reap_stale_tempdirs()
@@ -97,10 +116,11 @@ def cmd_serve(args) -> int:
         doc = _serve_doc(record, endpoint, args.writable, server.proc.pid)
         stopped = None
         if args.run is None:
-            clilog.summary(f"serving {record.id} ({human_bytes(record.size)}, {mode}) at {endpoint.uri}; "
-                           "stop with Ctrl-C or SIGTERM")
-            emit(args, doc, endpoint.uri)
-            try:
+            try:  # from the announcement on, a stop signal is the normal end: a client may send it at once
+                clilog.summary(f"serving {record.id} ({human_bytes(record.size)}, {mode}) at {endpoint.uri}; "
+                               f"{_how_to_stop()}")
+                log.debug(f"kill -USR1 {os.getpid()} prints where each thread of this serve is")
+                emit(args, doc, endpoint.uri)
                 rc = server.wait()
             except KeyboardInterrupt as e:  # the normal way to stop a server
                 stopped = getattr(e, "signum", None) or signal.SIGINT

@@ -265,6 +265,8 @@ class Server:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                log.warning(f"nbdkit (pid {self.proc.pid}) did not exit within {timeout:.0f} s of SIGTERM "
+                            "(a client request stuck in the plugin?); killing it with SIGKILL")
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode

@@ -18,7 +18,8 @@ import time
 import pytest
 
 import jsonshape
-from helpers import REPO_ROOT, make_sparse, rng, run_cli, same_file, store_fingerprint, text_bytes, write_at
+from helpers import (REPO_ROOT, foreground, make_sparse, rng, run_cli, same_file, store_fingerprint, text_bytes,
+                     write_at)
 
 CS = 64 << 10
 TOOLS = ("nbdkit", "nbdinfo", "nbdcopy", "qemu-img", "qemu-io")
@@ -163,10 +164,12 @@ def test_read_only_export_refuses_writes(point):
     assert store_fingerprint(store) == before
 
 
-def _start_server(*args) -> tuple[subprocess.Popen, dict]:
-    """A long-running `blockvault serve ... --json` and its announcement (read with a deadline)."""
+def _start_server(*args, ignore=()) -> tuple[subprocess.Popen, dict]:
+    """A long-running `blockvault serve ... --json` and its announcement (read with a deadline),
+    started as from a terminal (helpers.foreground), with the signals ``ignore`` ignored."""
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", *args, "--json"], cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: foreground(*ignore))
     got = b""
     deadline = time.monotonic() + 120
     while not got.endswith(b"\n}\n") and time.monotonic() < deadline:
@@ -181,6 +184,25 @@ def _start_server(*args) -> tuple[subprocess.Popen, dict]:
     proc.kill()
     out, err = proc.communicate(timeout=30)
     raise AssertionError(f"serve did not announce its export: {got + out!r} {err!r}")
+
+
+def _stop(proc: subprocess.Popen, *signums: int, timeout: float = 60) -> str:
+    """Send ``signums`` to a server from _start_server and wait for it; its stderr.
+    One that does not stop is made to print its stacks (SIGUSR1), killed, and the
+    test fails with them: a hung server must not stay registered for the next test."""
+    for signum in signums:
+        proc.send_signal(signum)
+    try:
+        return proc.communicate(timeout=timeout)[1].decode()
+    except subprocess.TimeoutExpired:
+        with open(f"/proc/{proc.pid}/status") as f:
+            ignored = [line for line in f if line.startswith("SigIgn")]
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"serve did not exit within {timeout} s of {', '.join(signal.Signals(s).name for s in signums)} "
+                    f"({''.join(ignored).strip()}); its stderr:\n{err.decode()}")
 
 
 def _alive(pid: int) -> bool:
@@ -211,9 +233,7 @@ def test_a_long_running_server_on_a_socket_stops_cleanly(point, tmp_path):
         subprocess.run(["nbdcopy", doc["uri"], str(out)], check=True, timeout=120)
         assert same_file(str(out), restored["d@1"])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    err = err.decode()
+        err = _stop(proc, signal.SIGTERM)
     assert proc.returncode == 0, err
     assert "stopped by SIGTERM" in err and "chunks read" in err
     assert _gone(doc["pid"]) and not os.path.exists(sock)
@@ -261,9 +281,40 @@ def test_a_live_socket_is_busy_and_a_file_is_not_a_socket(point, tmp_path):
         bad = run_cli("serve", store, "d@1", "--socket", str(plain))
         assert bad.returncode == 1 and "not a socket" in bad.stderr and plain.read_bytes() == b"keep me"
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
-    assert proc.returncode == 0
+        err = _stop(proc, signal.SIGINT)
+    assert proc.returncode == 0 and "stopped by SIGINT" in err, err
+
+
+def test_ctrl_c_stops_a_server_though_the_test_run_ignores_sigint(point, tmp_path):
+    """A test run started with '&' from a script inherits SIGINT ignored: its
+    servers are still started as from a terminal, so SIGINT stops them (it hung
+    for ever, and stayed a registered reader for the next test).  SIGUSR1 on
+    the way prints where serve is, and serving goes on."""
+    store, _ = point
+    sock = str(tmp_path / "bg.sock")
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)   # as in a backgrounded test run
+    try:
+        proc, doc = _start_server(store, "d@1", "--socket", sock)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    err = _stop(proc, signal.SIGUSR1, signal.SIGINT)
+    assert proc.returncode == 0, err
+    assert "stop with Ctrl-C or SIGTERM" in err and "ignored" not in err
+    assert "stopped by SIGINT" in err and "in cmd_serve" in err       # faulthandler's dump of the main thread
+    assert _gone(doc["pid"]) and not os.path.exists(sock)
+
+
+def test_a_server_that_inherits_sigint_ignored_says_sigterm_stops_it(point, tmp_path):
+    """Started by a script with '&' (SIGINT ignored), serve keeps SIGINT ignored
+    (engine/signals.py) and says so, naming the signal that does stop it."""
+    store, _ = point
+    sock = str(tmp_path / "ign.sock")
+    proc, doc = _start_server(store, "d@1", "--socket", sock, ignore=(signal.SIGINT,))
+    err = _stop(proc, signal.SIGINT, signal.SIGTERM)   # the SIGINT is discarded when sent
+    assert proc.returncode == 0, err
+    assert "stop with SIGTERM (SIGINT is ignored: ignored when blockvault started" in err
+    assert "Ctrl-C" not in err and "stopped by SIGTERM" in err
+    assert _gone(doc["pid"]) and not os.path.exists(sock)
 
 
 def _free_port() -> int:
@@ -335,8 +386,7 @@ def test_the_server_is_a_registered_reader_for_its_lifetime(point, tmp_path):
         live = [e for e in registry.PathRegistry(store).live() if e.kind == "serve"]
         assert len(live) == 1 and live[0].pid == doc["pid"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
+        _stop(proc, signal.SIGTERM)
     assert not [e for e in registry.PathRegistry(store).live() if e.kind == "serve"]
 
 
@@ -381,8 +431,7 @@ def test_clients_killed_mid_transfer_do_not_take_the_export_down(point, tmp_path
         assert same_file(str(out), restored["d@2"])
         assert proc.poll() is None
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        err = _stop(proc, signal.SIGTERM)
     assert proc.returncode == 0, err
 
 
