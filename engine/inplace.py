@@ -23,7 +23,6 @@ import errno
 import fcntl
 import os
 import stat
-import threading
 
 
 from engine.errors import BadInputError
@@ -88,7 +87,7 @@ class InPlaceFileTarget(InPlaceTarget):
             self.discard()
             raise BadInputError(f"rollback target {self.target} is not a regular file")
         self.capacity = st.st_size
-        self._write_lock = threading.Lock()
+        self._new_locks()
 
     def fit(self, size: int) -> None:
         """Grow (with zeros) or shrink the file to the restored disk's size."""

@@ -108,7 +108,7 @@ def add_store_options(sub) -> None:
 
     from engine.cli.common import add_s3_options
     for parser in set(sub.choices.values()):
-        if any(a.dest == "store" and not a.option_strings and getattr(a, "_s3_store", False)
+        if any(a.dest == "store" and getattr(a, "_s3_store", False)   # STORE, or vsphere vms' --store
                for a in parser._actions):
             add_s3_options(parser)
         for action in parser._actions:   # a verb group (files ls|get|...): its own verbs

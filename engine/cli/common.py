@@ -19,17 +19,27 @@ def add_store_arg(sp) -> None:
     action._s3_store = True  # engine/cli/__init__.py add_store_options adds the S3 options once all are known
 
 
+def add_store_option(sp) -> None:
+    """``--store STORE``, for a command where the store is optional (``vsphere vms``):
+    the same store options as add_store_arg's STORE."""
+    action = sp.add_argument("--store", metavar="STORE", help="a store: a directory, or s3://BUCKET/PREFIX")
+    action._s3_store = True
+
+
 def add_s3_options(sp) -> None:
     """--endpoint, --cache, --credentials, --ca-file; where a command already has one of
     these for something else (backup's vSphere --credentials, mount's --cache SIZE) the
     S3 option is spelled --s3-credentials, --s3-cache (both spellings elsewhere)."""
+    taken = set(sp._option_string_actions)
     g = sp.add_argument_group("a store in a bucket (s3://BUCKET/PREFIX)",
                               "secrets only from BLOCKVAULT_S3_ACCESS_KEY_ID / BLOCKVAULT_S3_SECRET_ACCESS_KEY "
-                              "(or AWS_*, ~/.aws) or --credentials FILE, never on the command line")
-    taken = set(sp._option_string_actions)
+                              f"(or AWS_*, ~/.aws) or {'--s3' if '--credentials' in taken else '-'}-credentials "
+                              "FILE, never on the command line")
+    spelled = {}
 
     def opt(name, **kw):
         names = [f"--s3-{name}"] + ([f"--{name}"] if f"--{name}" not in taken else [])
+        spelled[name] = names[-1]
         g.add_argument(*names[::-1], dest=f"s3_{name.replace('-', '_')}", **kw)
     opt("endpoint", metavar="URL", help="the S3 endpoint, e.g. http://127.0.0.1:7480 (default: "
         "BLOCKVAULT_S3_ENDPOINT, else AWS)")
@@ -38,15 +48,16 @@ def add_s3_options(sp) -> None:
     opt("credentials", metavar="FILE", help="a file of 'key = value' lines: access_key_id, secret_access_key, "
         "region, endpoint (mode 0600)")
     opt("ca-file", metavar="FILE", help="PEM certificates to verify the endpoint's TLS with")
+    sp.set_defaults(s3_spelled=spelled)   # a usage error names --s3-credentials where that is the option
 
 
 def s3_settings(args):
     """The S3Settings of the command's options (None for a local store)."""
     return s3_settings_of(getattr(args, "store", "") or "", args.s3_endpoint, args.s3_credentials,
-                          args.s3_ca_file, args.s3_cache)
+                          args.s3_ca_file, args.s3_cache, spelled=getattr(args, "s3_spelled", None))
 
 
-def s3_settings_of(store: str, endpoint, credentials, ca_file, cache, option_prefix: str = "--"):
+def s3_settings_of(store: str, endpoint, credentials, ca_file, cache, option_prefix: str = "--", spelled=None):
     """The S3Settings of one store's options (None for a local store, where giving any
     of them is a usage error naming the option as the user spelled it)."""
     from chunkstore.s3settings import S3Settings, is_store_url
@@ -55,7 +66,8 @@ def s3_settings_of(store: str, endpoint, credentials, ca_file, cache, option_pre
         for opt, value in given.items():
             if value:
                 from engine.errors import UsageError
-                raise UsageError(f"{option_prefix}{opt} is for a store in a bucket (s3://BUCKET/PREFIX); "
+                name = (spelled or {}).get(opt, f"{option_prefix}{opt}")
+                raise UsageError(f"{name} is for a store in a bucket (s3://BUCKET/PREFIX); "
                                  f"{store} is a local directory")
         return None
     return S3Settings.resolve(endpoint, credentials, ca_file)

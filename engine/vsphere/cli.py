@@ -32,6 +32,11 @@ examples:
   blockvault vsphere backup /backup/store --server vc.lab --thumbprint AA:BB:... --vm web01
   blockvault vsphere list /backup/store --vm web01
   blockvault vsphere restore /backup/store web01@3 --server vc.lab --thumbprint AA:BB:... --name web01-dr
+  blockvault vsphere backup s3://backups/vms --endpoint https://rgw.lab:443 --server vc.lab --thumbprint AA:BB:... --vm web01
+
+STORE is a directory or s3://BUCKET/PREFIX, as for every blockvault command; for a store in a bucket
+the S3 options are --endpoint, --cache, --s3-credentials and --s3-ca-file (--credentials and --ca-file
+are vCenter's here).
 
 Without --thumbprint or --ca-file the server certificate is checked against the system's CAs;
 --insecure skips the check (labs only).
@@ -69,9 +74,26 @@ def _connect(args):
     return Connection(Endpoint.parse(args.server), creds, tls, timeout=args.timeout)
 
 
-def _open_store(path: str):
-    from engine.repository import Repository
-    return Repository.open(path)
+def _open_store(args):
+    """STORE as every verb opens it (engine/cli/common.py): a directory, or
+    s3://BUCKET/PREFIX with the bucket options (and whatever else the shared
+    store options grow, e.g. keys)."""
+    from engine.cli.common import open_repo
+    return open_repo(args)
+
+
+def _check_store_options(args) -> None:
+    """The store's options, checked before credentials or a connection: an S3
+    option with a local STORE (or, for ``vms``, without --store) is a usage error."""
+    from engine.cli.common import store_kwargs
+    if not args.store:
+        given = [name for name in ("endpoint", "cache", "credentials", "ca_file") if getattr(args, f"s3_{name}", None)]
+        if given:
+            from engine.errors import UsageError
+            raise UsageError(f"--{given[0].replace('_', '-')} is for the store given with --store "
+                             "s3://BUCKET/PREFIX; add --store or leave it out")
+        return
+    store_kwargs(args)
 
 
 # -- commands -----------------------------------------------------------------------
@@ -85,7 +107,7 @@ def cmd_backup(args) -> int:
     options = BackupOptions(mode=args.mode, transport=args.transport, vddk_library=args.vddk_library,
                             vddk_transports=args.vddk_transports, quiesce=args.quiesce, cbt_sample=args.cbt_sample,
                             workers=args.threads, wait=args.wait, on_event=_steps, at=args.time)
-    with _progress(args, f"backup {args.vm}") as progress, _open_store(args.store) as repo, \
+    with _progress(args, f"backup {args.vm}") as progress, _open_store(args) as repo, \
             _connect(args) as conn:
         vm = find_vm(conn, args.vm)
         result = backup_vm(repo, conn, vm, options, on_plan=progress.set_total, on_progress=progress.advance)
@@ -109,6 +131,7 @@ def cmd_restore(args) -> int:
     from engine.vsphere.vmcatalog import parse_vm_ref
     check_vm_restore(args.store, args.backup)
     parse_vm_ref(args.backup)  # a malformed id is a usage error before credentials or a connection
+    _check_store_options(args)
 
     started = time.monotonic()
     options = RestoreOptions(name=args.name, datacenter=args.datacenter, datastore=args.datastore,
@@ -116,7 +139,7 @@ def cmd_restore(args) -> int:
                              transport=args.transport, vddk_library=args.vddk_library,
                              vddk_transports=args.vddk_transports, tmp_dir=args.tmp_dir, workers=args.threads,
                              on_event=_steps)
-    with _progress(args, f"restore {args.backup}") as progress, _open_store(args.store) as repo, \
+    with _progress(args, f"restore {args.backup}") as progress, _open_store(args) as repo, \
             _connect(args) as conn:
         result = restore_vm(repo, conn, args.backup, options, on_start=progress.set_total,
                             on_progress=progress.advance)
@@ -139,11 +162,12 @@ def cmd_vms(args) -> int:
     if args.store:  # refused before connecting, like every command that takes a store
         from chunkstore.store import refuse_url
         refuse_url(args.store)
+    _check_store_options(args)
     with _connect(args) as conn:
         vms = list_vms(conn)
     last: dict[str, dict] = {}
     if args.store:
-        with _open_store(args.store) as repo:
+        with _open_store(args) as repo:
             catalog = VmCatalog(repo.store)  # opens its database: before the read transaction
             with repo.store.read_txn() as txn:
                 for s in vms:
@@ -171,7 +195,7 @@ def cmd_vms(args) -> int:
 def cmd_list(args) -> int:
     from engine.vsphere.vmcatalog import VmCatalog, vm_backup_name
 
-    with _open_store(args.store) as repo:
+    with _open_store(args) as repo:
         catalog = VmCatalog(repo.store)  # opens its database: before the read transaction
         with repo.store.read_txn() as txn:
             records = list(catalog.for_vm(txn, vm_backup_name(args.vm)) if args.vm else catalog.all(txn))
@@ -219,7 +243,10 @@ def _transport_options(sp) -> None:
 
 
 def register(sub) -> None:
-    """Add the ``vsphere`` command group to blockvault's subparsers."""
+    """Add the ``vsphere`` command group to blockvault's subparsers.  STORE is
+    engine/cli/common.py's (add_store_arg): engine/cli/__init__.py add_store_options
+    then gives every vsphere verb the store options the other verbs have."""
+    from engine.cli.common import add_store_arg, add_store_option
     group = sub.add_parser("vsphere", help="back up and recover vSphere VMs (CBT, snapshots, pyvmomi)",
                            description="Back up whole vSphere VMs with Changed Block Tracking; recreate them.",
                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,7 +258,7 @@ def register(sub) -> None:
 
     sp = cmd("backup", cmd_backup, "back up every disk of a VM as the next point VM@N",
              "blockvault vsphere backup /backup/store --server vc.lab --thumbprint AA:BB:.. --vm web01")
-    sp.add_argument("store", metavar="STORE")
+    add_store_arg(sp)
     sp.add_argument("--vm", required=True, help="VM name, moref (vm-42) or inventory path (DC/vm/folder/name)")
     sp.add_argument("--mode", choices=("auto", "full", "incremental", "differential"), default="auto",
                     help="auto (default): incremental when the store has an earlier backup of the VM, else full; "
@@ -253,7 +280,7 @@ def register(sub) -> None:
 
     sp = cmd("restore", cmd_restore, "recreate a VM from a backup (disaster recovery) as a new VM",
              "blockvault vsphere restore /backup/store web01@3 --server vc.lab --thumbprint AA:BB:.. --name web01-dr")
-    sp.add_argument("store", metavar="STORE")
+    add_store_arg(sp)
     sp.add_argument("backup", metavar="VM@N",
                     help="VM backup id: web01@3, web01@latest, web01@-1 (the one before the latest), "
                          "web01@2026-11-30 (the last of that day)")
@@ -273,9 +300,9 @@ def register(sub) -> None:
 
     sp = cmd("vms", cmd_vms, "list the server's VMs with their CBT state (and last backup, with --store)",
              "blockvault vsphere vms --server vc.lab --thumbprint AA:BB:.. --store /backup/store")
-    sp.add_argument("--store", help="show each VM's latest backup in this store")
+    add_store_option(sp)
     _server_options(sp)
 
     sp = cmd("list", cmd_list, "list the VM backups of a store", "blockvault vsphere list /backup/store --vm web01")
-    sp.add_argument("store", metavar="STORE")
+    add_store_arg(sp)
     sp.add_argument("--vm", help="only this VM")
