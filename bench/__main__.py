@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--s3" in argv:  # local against Ceph RGW, with the endpoint's own limit: bench/s3.py
         from bench import s3
         return s3.main([a for a in argv if a != "--s3"])
+    if "--encryption" in argv:  # encrypted against plaintext stores and peers: bench/encryption.py
+        from bench import encryption
+        return encryption.main([a for a in argv if a != "--encryption"])
     if "--lifecycle" in argv:  # its own run and options: bench/lifecycle.py
         from bench import lifecycle
         return lifecycle.main([a for a in argv if a != "--lifecycle"])

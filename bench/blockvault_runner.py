@@ -72,8 +72,9 @@ class Blockvault(ToolRunner):
 
     def __init__(self, root: str, chunk_size: int, *, command: Sequence[str] = ("blockvault",),
                  digest: str | None = None, compression_level: int | None = None,
-                 disk: str = "bench", timeout: float | None = None):
+                 disk: str = "bench", timeout: float | None = None, env: dict[str, str] | None = None):
         super().__init__(root, timeout=timeout)
+        self.env = env  # None: this process's environment (an encrypted store's key source, else)
         self.chunk_size = chunk_size
         self.name = f"blockvault-{chunk_label(chunk_size)}"
         self.command = list(command)
@@ -92,7 +93,7 @@ class Blockvault(ToolRunner):
         if not shutil.which(self.command[0]):
             return f"{self.command[0]} is not on PATH"
         try:
-            r = subprocess.run(self._cli("--help"), capture_output=True, text=True, timeout=120)
+            r = subprocess.run(self._cli("--help"), capture_output=True, text=True, timeout=120, env=self.env)
         except (OSError, subprocess.SubprocessError) as e:
             return f"{' '.join(self._cli('--help'))} failed: {e}"
         if r.returncode != 0:
@@ -101,7 +102,7 @@ class Blockvault(ToolRunner):
         return None
 
     def version(self) -> str | None:
-        v = tool_version(self._cli("--version"))
+        v = tool_version(self._cli("--version"), env=self.env)
         if v:
             return v
         try:
@@ -122,7 +123,7 @@ class Blockvault(ToolRunner):
             args += ["--digest", self.digest]
         if self.compression_level is not None:
             args += ["--compression-level", str(self.compression_level)]
-        return run_measured([self._cli(*args)], timeout=self.timeout)
+        return run_measured([self._cli(*args)], timeout=self.timeout, env=self.env)
 
     def _backup(self, night: Night, image: str, mode: str) -> Measured:
         args = ["backup", self.repo, os.path.abspath(image), "--disk", self.disk, "--mode", mode]
@@ -130,7 +131,7 @@ class Blockvault(ToolRunner):
             args += ["--changed-areas", night.changed_areas]
         elif mode == "differential":
             args += ["--changed-areas", night.since_full_areas]
-        return run_measured([self._cli(*args, "--json")], timeout=self.timeout)
+        return run_measured([self._cli(*args, "--json")], timeout=self.timeout, env=self.env)
 
     def _parse_backup(self, m: Measured, rec: StepRecord) -> None:
         doc = parse_json_output(m.stdout)
@@ -154,7 +155,7 @@ class Blockvault(ToolRunner):
             return self._skip(rec, "not initialised")
         settle()
         m = run_measured([self._cli("list", self.repo, "--disk", self.disk, "--json")],
-                         timeout=self.timeout)
+                         timeout=self.timeout, env=self.env)
         self._record(rec, m)
         if m.ok:
             try:
@@ -174,7 +175,7 @@ class Blockvault(ToolRunner):
             raise LookupError(f"no backup of T{night}")
         target = os.path.join(target_dir, "disk.img")
         m = run_measured([self._cli("restore", self.repo, backup_id, target, "--json")],
-                         timeout=self.timeout)
+                         timeout=self.timeout, env=self.env)
         if m.ok:
             try:
                 self._restore_reports[night] = parse_json_output(m.stdout)
@@ -189,7 +190,7 @@ class Blockvault(ToolRunner):
         return rec
 
     def _verify(self) -> Measured:
-        m = run_measured([self._cli("verify", self.repo, "--json")], timeout=self.timeout)
+        m = run_measured([self._cli("verify", self.repo, "--json")], timeout=self.timeout, env=self.env)
         if m.ok:
             try:
                 doc = parse_json_output(m.stdout)
@@ -210,7 +211,7 @@ class Blockvault(ToolRunner):
             self._skip(rec, "not initialised")
             return
         settle()
-        m = run_measured([self._cli("stats", self.repo, "--json")], timeout=self.timeout)
+        m = run_measured([self._cli("stats", self.repo, "--json")], timeout=self.timeout, env=self.env)
         self._record(rec, m)
         if m.ok:
             try:

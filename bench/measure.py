@@ -224,10 +224,10 @@ def disk_usage(path: str) -> int:
     return total
 
 
-def tool_version(argv: Sequence[str]) -> str | None:
+def tool_version(argv: Sequence[str], env: dict[str, str] | None = None) -> str | None:
     """First line a command prints about its version, or None if it cannot run."""
     try:
-        r = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+        r = subprocess.run(list(argv), capture_output=True, text=True, timeout=60, env=env)
     except (OSError, subprocess.SubprocessError):
         return None
     text = (r.stdout or r.stderr).strip()
