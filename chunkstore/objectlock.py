@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 
+from chunkstore import safefs
 from chunkstore.errors import NotAStoreError, ObjectMissing
 
 STORE_LOCK_KEY = "store-lock.json"
@@ -61,12 +62,8 @@ def read_remote(bucket) -> dict | None:
 
 
 def write_cache(cache: str, doc: dict) -> None:
-    path = os.path.join(cache, CACHE_LOCK_FILE)
-    with open(path + ".tmp", "wb") as f:
-        f.write(encode(doc["lease_bucket"], doc["days"]))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    safefs.write_durably(os.path.join(cache, CACHE_LOCK_FILE), encode(doc["lease_bucket"], doc["days"]),
+                         "object-lock file")
 
 
 def read_cache(cache: str) -> dict | None:

@@ -24,7 +24,7 @@ import socket
 import time
 
 from chunkstore import objectlock, safefs
-from chunkstore.config import CONFIG_FILE, StoreConfig, fsync_dir
+from chunkstore.config import CONFIG_FILE, StoreConfig
 from chunkstore.errors import (ConfigMismatchError, LeaseHeld, NotAStoreError, ObjectMissing, StoreExistsError)
 from chunkstore.s3settings import S3Location, S3Settings, parse_store_url
 
@@ -151,15 +151,7 @@ def read_cache_file(cache: str) -> dict | None:
 
 def write_cache_file(cache: str, url: str, endpoint: str | None, host_id: str) -> None:
     body = json.dumps({"url": url, "endpoint": endpoint or "", "host_id": host_id}, indent=1) + "\n"
-    tmp = os.path.join(cache, CACHE_FILE + ".tmp")
-    fd = safefs.create_file(tmp, "cache file") if not os.path.exists(tmp) else os.open(tmp, os.O_WRONLY | os.O_TRUNC)
-    try:
-        os.write(fd, body.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, os.path.join(cache, CACHE_FILE))
-    fsync_dir(cache)
+    safefs.write_durably(os.path.join(cache, CACHE_FILE), body.encode(), "cache file")
 
 
 def remote_config(bucket) -> bytes:
@@ -410,18 +402,7 @@ def prepare_attach(url: str, cache: str | None, settings: S3Settings | None, tak
     try:
         for sub in ("packs", "index"):
             safefs.make_dir(os.path.join(cache, sub), "store directory")
-        tmp = os.path.join(cache, CONFIG_FILE + ".tmp")
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        fd = safefs.create_file(tmp, "store config")
-        try:
-            os.write(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, os.path.join(cache, CONFIG_FILE))
+        safefs.write_durably(os.path.join(cache, CONFIG_FILE), body, "store config")
         BucketSlots(cache, bucket).replace_all(slot_bodies)   # an encrypted store's key slots
         write_cache_file(cache, location.url, settings.endpoint, host_id)
         if lock:

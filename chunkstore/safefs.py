@@ -72,6 +72,30 @@ def create_file(path: str, what: str, mode: int = FILE_MODE, flags: int = os.O_W
     return fd
 
 
+def write_durably(path: str, body: bytes, what: str) -> None:
+    """Put ``body`` at ``path`` whole or not at all: a new 0600 file under a
+    temporary name (a link or a leftover of that name is removed, never written
+    through), fsync'ed, renamed over ``path``, and the directory fsync'ed."""
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.tmp")
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = create_file(tmp, what)
+    try:
+        os.write(fd, body)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def make_dir(path: str, what: str, mode: int = DIR_MODE) -> None:
     """The directory ``path``, made with ``mode`` if missing; a link (or a
     file) where it should be is refused, never followed."""

@@ -140,19 +140,7 @@ def _write_once(directory: str, name: str, body: bytes) -> None:
     final = os.path.join(directory, name)
     if os.path.lexists(final):
         raise StoreError(f"key slot {final} exists already (a slot is written once)")
-    tmp = os.path.join(directory, f".{name}.tmp")
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    fd = safefs.create_file(tmp, "key slot")
-    try:
-        os.write(fd, body)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, final)
-    fsync_dir(directory)
+    safefs.write_durably(final, body, "key slot")
 
 
 def slots_of(store) -> LocalSlots:
