@@ -30,7 +30,7 @@ from chunkstore.config import DEFAULT_COMPRESSION_LEVEL
 from bench import report
 from bench.blockvault_runner import Blockvault
 from bench.limits import combine, limit_seconds, measure_limits
-from bench.measure import STEP_FIELDS, ToolRunner, rss_floor
+from bench.measure import STEP_FIELDS, ToolRunner, fresh_dirs, log, rss_floor
 from bench.peers import PEERS, TarZstd
 from bench.units import MiB, chunk_label, format_size, parse_size
 from bench.workload import Night, Workload, WorkloadConfig
@@ -104,10 +104,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     return a
-
-
-def log(t0: float, msg: str) -> None:
-    print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def machine() -> dict:
@@ -246,12 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         return lifecycle.main([a for a in argv if a != "--lifecycle"])
     args = parse_args(argv)
     t0 = time.perf_counter()
-    out = os.path.abspath(args.out)
-    work = os.path.abspath(args.work or os.path.join(out, "work"))
-    os.makedirs(out, exist_ok=True)
-    if os.path.exists(work):
-        shutil.rmtree(work)
-    os.makedirs(work)
+    out, work = fresh_dirs(args.out, args.work)
     image = os.path.join(work, "disk.img")
     nights = args.nights
     restore_nights = sorted({1, nights})

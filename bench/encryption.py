@@ -49,7 +49,7 @@ import time
 from bench import crypto_ids
 from bench.blockvault_runner import Blockvault
 from bench.encryption_report import STEPS, markdown, summarise
-from bench.measure import ToolRunner, rss_floor, run_measured
+from bench.measure import ToolRunner, fresh_dirs, log, rss_floor, run_measured
 from bench.peers import Borg, Restic
 from bench.units import chunk_label, format_size, parse_size
 from bench.workload import Workload, WorkloadConfig
@@ -215,10 +215,6 @@ def make_tools(args, root: str) -> list[ToolRunner]:
     return tools
 
 
-def log(t0: float, msg: str) -> None:
-    print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
 def _said(rec) -> str:
     if not rec.ok:
         return f"FAILED: {rec.error}"
@@ -282,11 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.blockvault is None:
         compile_tree()
     t0 = time.perf_counter()
-    out = os.path.abspath(args.out)
-    work = os.path.abspath(args.work or os.path.join(out, "work"))
-    os.makedirs(out, exist_ok=True)
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
+    out, work = fresh_dirs(args.out, args.work)
     doc: dict = {
         "schema": 1, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": ["python", "-m", "bench", "--encryption", *argv], "quick": args.quick,

@@ -33,7 +33,7 @@ import time
 
 from bench.lifecycle_tools import BlockvaultLife, BorgLife, LifecycleTool, ResticLife, step_dict
 from bench.lifecycle_report import check_results, markdown, targets
-from bench.measure import rss_floor
+from bench.measure import fresh_dirs, log, rss_floor
 from bench.retention_models import MODELS
 from bench.units import format_size, parse_size
 from bench.workload import Night, Workload, WorkloadConfig, scan_image
@@ -92,10 +92,6 @@ def compile_tree() -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for pkg in ("chunkstore", "engine", "native"):
         compileall.compile_dir(os.path.join(root, pkg), quiet=1, workers=0)
-
-
-def log(t0: float, msg: str) -> None:
-    print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def night_time(args: argparse.Namespace, n: int) -> _dt.datetime:
@@ -179,11 +175,7 @@ def main(argv: list[str]) -> int:
     if args.blockvault is None:  # this tree's code (the default command)
         compile_tree()
     t0 = time.perf_counter()
-    out = os.path.abspath(args.out)
-    work = os.path.abspath(args.work or os.path.join(out, "work"))
-    os.makedirs(out, exist_ok=True)
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
+    out, work = fresh_dirs(args.out, args.work)
     disks = [f"d{k}" for k in range(1, args.disks + 1)]
     bv = BlockvaultLife(os.path.join(work, "blockvault"), disks, command=args.command, timeout=args.timeout)
     big = BlockvaultLife(os.path.join(work, "blockvault-scaled"), disks, command=args.command,

@@ -445,3 +445,31 @@ class ToolRunner:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def log(t0: float, msg: str) -> None:
+    """One progress line of a bench mode on stderr, stamped with the seconds since ``t0``."""
+    print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def same_bytes(a: str, b: str) -> bool:
+    """Whether two files hold the same bytes (a restore against its image)."""
+    if not os.path.exists(a) or os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(16 << 20), fb.read(16 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def fresh_dirs(out: str, work: str | None) -> tuple[str, str]:
+    """(OUT, WORK) as absolute paths: OUT made if missing, WORK (default OUT/work) made anew."""
+    out = os.path.abspath(out)
+    work = os.path.abspath(work or os.path.join(out, "work"))
+    os.makedirs(out, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    return out, work

@@ -40,6 +40,7 @@ import time
 import numpy as np
 
 from bench.core_backup import make_image
+from bench.measure import same_bytes
 from chunkstore.config import parse_size
 from engine.backup import backup_image
 from engine.repository import Repository
@@ -75,18 +76,6 @@ def change_chunks(path: str, chunk_size: int, share: float, seed: int = 9) -> in
     finally:
         os.close(fd)
     return len(picks)
-
-
-def same(a: str, b: str) -> bool:
-    if os.path.getsize(a) != os.path.getsize(b):
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(16 * MiB), fb.read(16 * MiB)
-            if x != y:
-                return False
-            if not x:
-                return True
 
 
 def copy_durably(src: str, dst: str, sparse: str = "always") -> None:
@@ -142,24 +131,24 @@ def main(argv: list[str] | None = None) -> int:
                 out = os.path.join(work, "full.img")
                 t, _r = timed(lambda: restore_backup(repo, p1, out, force=True))
                 times["full"].append(t)
-                identical &= same(out, ref[p1])
+                identical &= same_bytes(out, ref[p1])
                 copy_durably(ref[p2], target)
                 t, r = timed(lambda: rollback_backup(repo, p1, make_rollback_target(target), base_ref=p2))
                 times["from"].append(t)
                 stats["from"] = r.rollback.as_dict() | {"chunks_written": r.chunks_written}
-                identical &= same(target, ref[p1])
+                identical &= same_bytes(target, ref[p1])
                 t, r = timed(lambda: rollback_backup(repo, p2, make_rollback_target(target), compare=True))
                 times["compare"].append(t)
                 stats["compare"] = r.rollback.as_dict() | {"chunks_written": r.chunks_written}
-                identical &= same(target, ref[p2])
+                identical &= same_bytes(target, ref[p2])
                 copy_durably(ref[p1], target, sparse="never")
                 t, r = timed(lambda: rollback_backup(repo, p2, make_rollback_target(target), compare=True))
                 times["compare_dense"].append(t)
                 stats["compare_dense"] = r.rollback.as_dict() | {"chunks_written": r.chunks_written}
-                identical &= same(target, ref[p2])
+                identical &= same_bytes(target, ref[p2])
                 t, _r = timed(lambda: restore_backup(repo, p2, out, force=True))
                 times["full2"].append(t)
-                identical &= same(out, ref[p2])
+                identical &= same_bytes(out, ref[p2])
         med = {k: statistics.median(v) for k, v in times.items()}
         result = {
             "size": size, "allocated": allocated, "chunk_size": cs, "rounds": args.rounds,

@@ -38,7 +38,7 @@ import uuid
 
 import numpy as np
 
-from bench.measure import run_measured
+from bench.measure import fresh_dirs, log, run_measured, same_bytes
 from bench.s3_endpoint import client as s3_client
 from bench.s3_endpoint import measure as endpoint_measure
 from bench.units import parse_size
@@ -70,10 +70,6 @@ def parse_args(argv):
     return a
 
 
-def log(t0: float, msg: str) -> None:
-    print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
 def make_image(path: str, data_bytes: int, seed: int) -> None:
     """``data_bytes`` of random 1 MiB runs in a sparse image 4/3 as large (a quarter holes)."""
     rng = np.random.default_rng(seed)
@@ -98,16 +94,6 @@ def change(path: str, chunk: int, share: float, seed: int) -> None:
                 f.write(rng.bytes(4096))
 
 
-def same(a: str, b: str) -> bool:
-    if not os.path.exists(a) or os.path.getsize(a) != os.path.getsize(b):
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(8 * MiB), fb.read(8 * MiB)
-            if x != y:
-                return False
-            if not x:
-                return True
 
 
 class Runner:
@@ -159,11 +145,7 @@ def endpoint_limit(cluster, threads: int, total: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
-    out = os.path.abspath(args.out)
-    work = os.path.abspath(args.work or os.path.join(out, "work"))
-    os.makedirs(out, exist_ok=True)
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
+    out, work = fresh_dirs(args.out, args.work)
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from s3cluster import CephCluster, free_port_base, missing_message   # the tests' cluster, one recipe
     if missing_message():
@@ -224,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         for where, store, extra in (("local", local, ()), ("s3", url, ("--cache", cache_a))):
             target = os.path.join(work, f"restore-{where}.img")
             run("restore", where, "restore", store, "d@1", target, *extra, moved=data)
-            restored[where] = same(target, snap1)
+            restored[where] = same_bytes(target, snap1)
             if os.path.exists(target):
                 os.unlink(target)
         # the same restore with restore's earlier default of two threads per core (4 here): before/after,
@@ -233,14 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         for step, threads in (("restore@4thr", ["--threads", "4"]), ("restore#2", []),
                               ("restore@4thr#2", ["--threads", "4"])):
             run(step, "s3", "restore", url, "d@1", target, "--cache", cache_a, *threads, moved=data)
-            restored[f"s3 {step}"] = same(target, snap1)
+            restored[f"s3 {step}"] = same_bytes(target, snap1)
             if os.path.exists(target):
                 os.unlink(target)
         time.sleep(3.5)   # host A's lease (TTL 3 s) expires: host B may take over
         run("attach", "s3", "attach", url, "--cache", cache_b, "--take-over", moved=up2)
         target = os.path.join(work, "restore-b.img")
         run("restore@B", "s3", "restore", url, "d@2", target, "--cache", cache_b, moved=data)
-        restored["s3 after attach"] = same(target, snap2)
+        restored["s3 after attach"] = same_bytes(target, snap2)
         if os.path.exists(target):
             os.unlink(target)
         url2 = f"s3://{url[5:].split('/')[0]}/copy"
@@ -249,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         run("copy", "local>s3", "copy", local, url2, "--all", moved=up2, env=cenv)
         target = os.path.join(work, "restore-c.img")
         run("restore@copy", "s3", "restore", url2, "d@2", target, env=cenv)
-        restored["s3 copy"] = same(target, snap2)
+        restored["s3 copy"] = same_bytes(target, snap2)
         if os.path.exists(target):
             os.unlink(target)
         log(t0, "endpoint limit ...")
