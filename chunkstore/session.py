@@ -231,7 +231,7 @@ class WriteSession:
         if self._closed:
             raise StoreError("write session is closed")
         if self._failure is not None:
-            self._raise_failure("write session failed earlier")
+            self._raise_failure("write session failed earlier, nothing committed")
 
     def _raise_failure(self, context: str) -> None:
         """Report the session's first failure, whichever thread asks.

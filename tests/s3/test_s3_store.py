@@ -209,9 +209,10 @@ def test_radosgw_killed_mid_backup_commits_nothing_and_gc_reclaims_the_partial_u
     first = cli(s3env, "backup", s3_store_url, img, "--disk", "seed", "--cache", cache)
     assert first.returncode == 0, first.stderr
     before = pack_objects(ceph, s3_store_url)
-    write_at(img, 0, r.bytes(1 << 20))
+    # 512 MiB of new data (16 packs): 128 MiB took radosgw 0.2 s, and the backup could be done
+    # (exiting, poll() still None) by the time the test had seen its second pack
     for i in range(0, 1 << 30, 8 << 20):
-        write_at(img, i, r.bytes(1 << 20))
+        write_at(img, i, r.bytes(4 << 20))
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "backup", s3_store_url, img, "--disk", "d",
                              "--cache", cache], cwd=REPO_ROOT, env=s3env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
